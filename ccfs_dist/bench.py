@@ -52,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import seeds
 from .augment import normalize
 from .cli import add_timeout_arg
 from .config import load_config
@@ -177,7 +178,7 @@ def _first_set(cfg, data, per_class):
         d = load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size)
         return d.images, d.labels
     labels = data.train.labels.numpy()
-    return data.train.fetch(random_per_class(labels, per_class, cfg["seed"] + 3))
+    return data.train.fetch(random_per_class(labels, per_class, seeds.bench_first_set(cfg["seed"])))
 
 
 # --------------------------------------------------------------------------------------- training
@@ -398,11 +399,11 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
     out = {}
 
     s0 = _first_set(cfg, data, n_distilled)
-    filt = _build(cfg, data, cfg["seed"] + 1000)
+    filt = _build(cfg, data, seeds.bench_filter(cfg["seed"]))
     if "filter_train" in phases:
         rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=n_distilled)
         out["filter_train"] = bench_training(acc, cfg, data, kd_teacher, *s0, rec, steps=steps, repeats=repeats,
-                                             compile_arg=compile_arg, desc="bench filter", seed=cfg["seed"] + 1000)
+                                             compile_arg=compile_arg, desc="bench filter", seed=seeds.bench_filter(cfg["seed"]))
 
     pool = np.arange(len(data.train))
     preds = None
@@ -420,16 +421,16 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
         arrays = (preds["index"], preds["label"], preds["pred"], -preds["true_logit"].astype(np.float64),
                   teacher_ok[preds["index"]])
         out["select"] = bench_select(acc, arrays, budgets[0], ccfs=c, num_classes=data.num_classes,
-                                     seed=cfg["seed"] + 1, repeats=repeats)
+                                     seed=seeds.bench_selection(cfg["seed"]), repeats=repeats)
     if "select_1k" in phases and selection_n > 0:
         out["select_1k"] = bench_select(acc, make_pool(selection_n, selection_classes, cfg["seed"]), selection_k,
                                         ccfs=c, num_classes=selection_classes, seed=cfg["seed"], repeats=repeats)
 
     if "eval_train" in phases:
-        final = data.train.fetch(random_per_class(data.train.labels.numpy(), c["ipc"], cfg["seed"] + 11))
+        final = data.train.fetch(random_per_class(data.train.labels.numpy(), c["ipc"], seeds.random_baseline(cfg["seed"])))
         rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
         out["eval_train"] = bench_training(acc, cfg, data, kd_teacher, *final, rec, steps=steps, repeats=repeats,
-                                           compile_arg=compile_arg, desc="bench eval", seed=cfg["seed"] + 500)
+                                           compile_arg=compile_arg, desc="bench eval", seed=seeds.bench_eval(cfg["seed"]))
 
     import accelerate
     return {

@@ -67,6 +67,7 @@ DEFAULTS = {
         "channels_last": False,
         "compile": False,          # torch.compile the student and the teacher's forward in filter / evaluation training
         "checkpoint_every": 10,    # save the training state every this many epochs (0: never); resumable mid-training
+        "min_batch_per_rank": 256, # split one training over the ranks (DDP) only if each gets >= this many samples a step
     },
     "aug": {
         "scale_min": 0.08,         # RandomResizedCrop minimum area scale
@@ -201,7 +202,7 @@ def validate(cfg):
         section, name = key.split(".")
         if cfg[section][name] <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {cfg[section][name]}")
-    for key in ("eval.runs", "score.batch_size", "teacher.batch_size", "distill.batch_classes",
+    for key in ("eval.runs", "score.batch_size", "train.min_batch_per_rank", "teacher.batch_size", "distill.batch_classes",
                 "scores.runs", "scores.epochs", "scores.batch_size"):
         section, name = key.split(".")
         if cfg[section][name] < 1:

@@ -1,7 +1,9 @@
 """The CCFS pipeline: config -> data -> teacher -> distilled set -> curriculum phases -> evaluation.
 
-This module owns the run directory. Each step writes its artifacts atomically (rank 0) and is skipped
-on `resume` when its final artifact exists, so a killed run continues from the last finished step.
+This module owns the run directory. Each step writes its artifacts atomically (rank 0; a training: the
+rank that ran it) and is skipped on `resume` when its final artifact exists, so a killed run continues
+from the last finished step, with any number of processes. The trainings (teacher, score runs, filters,
+evaluation models) are jobs dealt to ranks by the plan (plan.py); the rest runs on every rank alike.
 
     S_0 = distilled
     for each phase j with budget k_j:
@@ -19,20 +21,21 @@ import numpy as np
 import torch
 import yaml
 
-from . import io
+from . import io, seeds
 from .config import flatten, dump_config
 from .data import Split, load_distilled, load_real, write_image_folder
 from .difficulty import load_score_file, to_hardness
 from .dist import gather_rows
 from .distill import recover
 from .errors import CCFSError, ConfigError, DataError
-from .evaluate import evaluate_run, random_per_class, summarize
-from .models import build_model, load_checkpoint, state_dict_of
+from .evaluate import random_per_class, summarize
+from .jobs import Trainings, build, run_stage, set_stem
+from .models import load_checkpoint
+from .plan import describe, eval_sets, make_plan
 from .report import write_report
 from .scorer import accuracy, score
-from .scores import DYNAMICS, compute_scores
+from .scores import DYNAMICS, compute_score_files
 from .selection import phase_budgets, select
-from .train import recipe, train_model
 
 
 class Run:
@@ -91,12 +94,6 @@ class Run:
         self.acc.wait_for_everyone()
 
 
-def build(cfg, data, seed):
-    """A freshly initialised model, identical on every rank."""
-    torch.manual_seed(seed)
-    return build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
-
-
 def load_given_teacher(cfg, data):
     """The teacher named by teacher.checkpoint (checked before the run dir is touched), else None."""
     if not cfg["teacher"]["checkpoint"]:
@@ -108,20 +105,12 @@ def load_given_teacher(cfg, data):
 
 
 def get_teacher(run, cfg, data, given):
+    """The teacher: given, or trained by the start stage's teacher job (read back from teacher.pt)."""
     if given is not None:
         return given, {"source": cfg["teacher"]["checkpoint"]}
-    teacher = build(cfg, data, cfg["seed"])
-    if run.done("teacher.pt"):
-        return load_checkpoint(teacher, run.path("teacher.pt")).eval(), {"source": "resumed"}
-    t = cfg["teacher"]
-    teacher, stats = train_model(
-        run.acc, teacher, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-        epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-        warmup_epochs=t["warmup_epochs"], scale_min=cfg["aug"]["scale_min"], flip=cfg["aug"]["flip"],
-        seed=cfg["seed"], channels_last=cfg["train"]["channels_last"], desc="teacher",
-        checkpoint=run.path("teacher_state.pt"), checkpoint_every=cfg["train"]["checkpoint_every"])
-    run.write(io.save_torch, run.path("teacher.pt"), state_dict_of(teacher))
-    return teacher, {"source": "trained", **stats}
+    teacher = load_checkpoint(build(cfg, data, seeds.teacher(cfg["seed"])), run.path("teacher.pt")).eval()
+    stats = run.path("teacher.json")
+    return teacher, io.read_json(stats) if os.path.exists(stats) else {"source": "resumed"}
 
 
 def make_distilled(run, cfg, data, teacher, per_class):
@@ -136,10 +125,10 @@ def make_distilled(run, cfg, data, teacher, per_class):
     images, labels, order = [], [], []
     for gid in range(rank, len(items), world):                 # item gid is seeded by gid: any world size
         b, c = items[gid]
-        gen = torch.Generator(device=run.acc.device).manual_seed(cfg["seed"] * 100003 + gid)
+        gen = torch.Generator(device=run.acc.device).manual_seed(seeds.distill_batch(cfg["seed"], gid))
         init = None
         if d["init"] == "real":
-            one = random_per_class(labels_np, 1, cfg["seed"] * 100003 + gid)
+            one = random_per_class(labels_np, 1, seeds.distill_batch(cfg["seed"], gid))
             init = data.train.fetch(one[np.argsort(labels_np[one])])[0][chunks[c]]
         x = recover(teacher, chunks[c].to(run.acc.device), mean=data.mean, std=data.std,
                     image_size=data.image_size, channels=data.channels, iterations=d["iterations"], lr=d["lr"],
@@ -188,9 +177,12 @@ def get_hardness_source(cfg, data):
     return to_hardness(scores, method), method
 
 
-def computed_hardness(run, cfg, data, method):
-    """Scores the run computes itself (after the run dir is open), as hardness."""
-    scores, method = compute_scores(run.acc, cfg, data, method, run.path(f"scores_{method}.npy"))
+def computed_hardness(run, cfg, data, method, trainings):
+    """Scores the run computes itself, as hardness: from the start stage's score runs (or the scores file
+    an interrupted run left)."""
+    path = run.path(f"scores_{method}.npy")
+    runs = None if run.done(f"scores_{method}.npy") else trainings.score_runs()
+    scores = compute_score_files(run.acc, cfg, data, {method: path}, runs=runs)[method]
     return to_hardness(scores, method)
 
 
@@ -204,26 +196,17 @@ def check_budget(cfg, data):
     return float(counts.mean())
 
 
-def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, method, teacher_ok, prev_filter,
-              class_size):
-    """One curriculum phase: train a filter on `synthetic`, score the pool, select k per class."""
+def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
+    """The collective part of phase j, after its filter was trained (a job of the plan): score the pool
+    with the filter (every rank a share of the global batches), select k per class."""
     c = cfg["ccfs"]
     pdir = f"phase_{j}"
-    per_class = len(synthetic[0]) / data.num_classes
-    filt = build(cfg, data, cfg["seed"] + 1000 * j)
-    if run.done(pdir, "steps.json"):                                # filter trained before an interruption
-        load_checkpoint(filt, run.path(pdir, "filter.pt"))
-        steps = io.read_json(run.path(pdir, "steps.json"))
-    else:
-        if c["warm_start"] and prev_filter is not None:
-            filt.load_state_dict(state_dict_of(prev_filter))
-        rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)
-        filt, tstats = train_model(run.acc, filt, *synthetic, mean=data.mean, std=data.std,
-                                   teacher=teacher if cfg["train"]["kd"] else None, seed=cfg["seed"] + 1000 * j,
-                                   desc=f"phase {j} filter", checkpoint=run.path(pdir, "filter_state.pt"), **rec)
-        steps = {"train": {k2: tstats[k2] for k2 in ("seconds", "images_per_s", "epochs", "batch_size")}}
-        run.write(io.save_torch, run.path(pdir, "filter.pt"), state_dict_of(filt))
-        run.write(io.write_json, run.path(pdir, "steps.json"), steps)
+    if run.done(pdir, "metrics.json"):
+        run.log(f"phase {j}: resumed")
+        return (np.load(run.path(pdir, "selected.npy"), allow_pickle=False),
+                io.read_json(run.path(pdir, "metrics.json")))
+    filt = load_checkpoint(build(cfg, data, seeds.filter_model(cfg["seed"], j)), run.path(pdir, "filter.pt"))
+    steps = io.read_json(run.path(pdir, "steps.json"))
     filter_acc = accuracy(run.acc, filt, data.test, mean=data.mean, std=data.std)
 
     pool = np.setdiff1d(np.arange(len(data.train)), selected)
@@ -241,7 +224,7 @@ def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, meth
     h = to_hardness(preds["true_logit"], "logits") if hardness is None else hardness[preds["index"]]
     sel = select(preds["index"], preds["label"], preds["pred"], h, k, coarse=c["coarse"], fine=c["fine"],
                  balance=c["balance"], teacher_correct=teacher_ok[preds["index"]] if teacher_ok is not None else None,
-                 num_classes=data.num_classes, seed=cfg["seed"] + j)
+                 num_classes=data.num_classes, seed=seeds.selection(cfg["seed"], j))
     select_s = time.perf_counter() - t0
     if sel.total_short:
         run.log(f"warning: phase {j}: the pool ran out: {int(sel.total_short)} images short of the quota")
@@ -249,7 +232,7 @@ def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, meth
         run.log(f"warning: phase {j}: {int(sel.filled_from_fallback.sum())} images came from the fallback tiers "
                 f"(too few coarse candidates in {int((sel.filled_from_fallback > 0).sum())} classes)")
     metrics = {
-        "phase": j, "k": k, "pool_size": int(len(pool)), "synthetic_size": int(len(synthetic[0])),
+        "phase": j, "k": k, "pool_size": int(len(pool)), "synthetic_size": int(synthetic_size),
         "filter_test_acc": filter_acc,
         "pool_misclassification_rate": float((preds["pred"] != preds["label"]).mean()),
         "candidates_per_class": sel.candidates_per_class.tolist(), "selected_per_class": sel.per_class.tolist(),
@@ -266,13 +249,15 @@ def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, meth
     run.log(f"phase {j}: filter test acc {filter_acc:.4f}, pool {len(pool)}, misclassified "
             f"{metrics['pool_misclassification_rate']:.3f}, selected {len(sel.indices)} "
             f"(train {steps['train']['images_per_s']:.0f} img/s, score {steps['score']['images_per_s']:.0f} img/s)")
-    return sel.indices, metrics, filt
+    return sel.indices, metrics
 
 
 def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     """Run the whole pipeline into `out_dir`; returns the summary dict (also written to summary.json).
 
     Every input is checked before the run directory is touched, so a mistake never costs earlier outputs.
+    The trainings are the jobs of the plan (plan.py, jobs.py); between its stages every rank runs the
+    same collective steps (distillation, scoring, selection) on the artifacts the jobs wrote.
     """
     run = Run(accelerator, out_dir, resume)
     run.check(cfg, overwrite)
@@ -287,9 +272,15 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.open(cfg, overwrite)
     run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
+    start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
+                                            num_classes=data.num_classes, class_size=class_size)
+    for line in describe([start, *phase_stages, final]):
+        run.log(f"plan: {line}")
+    trainings = Trainings(run, cfg, data, class_size)
 
+    run_stage(run, start, trainings)                                    # teacher, score runs
     if c["difficulty"] in DYNAMICS:
-        hardness = computed_hardness(run, cfg, data, method)
+        hardness = computed_hardness(run, cfg, data, method, trainings)
     teacher, teacher_stats = get_teacher(run, cfg, data, given_teacher)
     teacher = teacher.to(accelerator.device).eval()
     teacher_acc = accuracy(accelerator, teacher, data.test, mean=data.mean, std=data.std)
@@ -303,20 +294,16 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         tp, _ = score(accelerator, teacher, data.train, np.arange(len(data.train)),
                       mean=data.mean, std=data.std, batch_size=cfg["score"]["batch_size"], desc="teacher score")
         teacher_ok = tp["pred"] == tp["label"]
+    trainings.teacher = teacher
+    trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
 
     synthetic = (distilled.images, distilled.labels)
     selected = np.empty(0, dtype=np.int64)
-    phases, prev = [], None
-    for j, k in enumerate(budgets, 1):
-        if run.done(f"phase_{j}", "metrics.json"):
-            new = np.load(run.path(f"phase_{j}", "selected.npy"), allow_pickle=False)
-            metrics = io.read_json(run.path(f"phase_{j}", "metrics.json"))
-            if c["warm_start"]:
-                prev = load_checkpoint(build(cfg, data, 0), run.path(f"phase_{j}", "filter.pt"))
-            run.log(f"phase {j}: resumed ({len(new)} selected)")
-        else:
-            new, metrics, prev = run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, method,
-                                           teacher_ok, prev, class_size)
+    phases = []
+    for (j, k), stage in zip(enumerate(budgets, 1), phase_stages):
+        trainings.synthetic = synthetic
+        run_stage(run, stage, trainings)                                # filter j (and baseline evaluations)
+        new, metrics = finish_phase(run, cfg, data, j, k, len(synthetic[0]), selected, hardness, method, teacher_ok)
         phases.append(metrics)
         selected = np.concatenate([selected, new])
         images, labels = data.train.fetch(new, accelerator=run.acc)   # streamed: each rank reads a share
@@ -324,7 +311,9 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.write(io.write_json, run.path("selected_indices.json"),
               {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": np.sort(selected).tolist()})
 
-    evaluation = evaluate_all(run, cfg, data, teacher, distilled, synthetic, n_distilled, class_size)
+    trainings.sets["ccfs"] = synthetic
+    run_stage(run, final, trainings)                                    # evaluations
+    evaluation = gather_evaluation(run, cfg, trainings)
     summary = {
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
         "processes": accelerator.num_processes, "teacher_test_acc": teacher_acc, "teacher": teacher_stats,
@@ -337,33 +326,24 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     return summary
 
 
-def evaluate_all(run, cfg, data, teacher, distilled, synthetic, n_distilled, class_size):
-    """CCFS's final set against distilled + random real, and random real only, at the same IPC."""
-    c, e = cfg["ccfs"], cfg["eval"]
-    labels = data.train.labels.numpy()
-    sets = {"ccfs": synthetic}
-    if e["baselines"]:
-        top_up = data.train.fetch(random_per_class(labels, c["ipc"] - n_distilled, cfg["seed"] + 7),
-                                  accelerator=run.acc)
-        sets["distilled+random"] = (torch.cat([distilled.images, top_up[0]]), torch.cat([distilled.labels, top_up[1]]))
-        sets["random"] = data.train.fetch(random_per_class(labels, c["ipc"], cfg["seed"] + 11), accelerator=run.acc)
-    rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+def baseline_sets(run, cfg, data, distilled, n_distilled):
+    """The evaluation sets CCFS is compared with, at the same IPC: distilled + random real, random real."""
+    if not cfg["eval"]["baselines"]:
+        return {}
+    ipc, seed, labels = cfg["ccfs"]["ipc"], cfg["seed"], data.train.labels.numpy()
+    top_up = data.train.fetch(random_per_class(labels, ipc - n_distilled, seeds.top_up_baseline(seed)),
+                              accelerator=run.acc)
+    return {"distilled+random": (torch.cat([distilled.images, top_up[0]]), torch.cat([distilled.labels, top_up[1]])),
+            "random": data.train.fetch(random_per_class(labels, ipc, seeds.random_baseline(seed)), accelerator=run.acc)}
+
+
+def gather_evaluation(run, cfg, trainings):
+    """Every set's evaluation runs, read back from the jobs' artifacts: {set: mean ± std over runs}."""
     results = {}
-    for name, (x, y) in sets.items():
-        stem = name.replace("+", "_")
-        runs = []
-        for r in range(e["runs"]):                                   # each run is a resumable step
-            part = os.path.join("eval", f"{stem}_run{r}.json")
-            if run.done(part):
-                runs.append(io.read_json(run.path(part)))
-                continue
-            runs.append(evaluate_run(run.acc, x, y, data=data, model_cfg=cfg["model"], recipe=rec,
-                                     teacher=teacher if cfg["train"]["kd"] else None, seed=cfg["seed"] + 500 + r,
-                                     desc=f"eval {name} {r + 1}/{e['runs']}",
-                                     checkpoint=run.path("eval", f"{stem}_run{r}_state.pt")))
-            run.write(io.write_json, run.path(part), runs[-1])
+    for name in eval_sets(cfg):
+        runs = [io.read_json(trainings.artifact("eval", name, r)) for r in range(cfg["eval"]["runs"])]
         results[name] = summarize(runs)
-        run.write(io.write_json, run.path(f"eval_{stem}.json"), results[name])
+        run.write(io.write_json, run.path(f"eval_{set_stem(name)}.json"), results[name])
     return results
 
 

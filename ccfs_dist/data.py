@@ -3,6 +3,7 @@
 Each real training sample has a stable global index: its row in `RealData.train`, which follows the
 canonical order of its source (torchvision order for CIFAR, ImageFolder order for image folders).
 """
+import math
 import os
 import pickle
 import re
@@ -51,8 +52,11 @@ class Split:
         return self.images.index_select(0, idx), self.labels[idx]
 
     def batches(self, index, batch_size, rank, world, device):
-        """Yield this rank's contiguous share of `index` as (uint8 images, labels, global ids) on `device`.
+        """Yield this rank's share of `index` as (uint8 images, labels, global ids) on `device`.
 
+        `index` is cut into global batches of `batch_size` (the last may be shorter), dealt whole to the
+        ranks in contiguous runs: a sample is scored in the same batch whatever the process count, so its
+        numbers do not depend on it (a kernel's arithmetic can depend on the batch it runs in).
         On a GPU the whole split is moved there first when it takes less than half the free memory, so
         batches are gathered on the device instead of copied from the host one at a time.
         """
@@ -60,9 +64,9 @@ class Split:
         if device.type == "cuda" and images.numel() < 0.5 * torch.cuda.mem_get_info(device)[0]:
             images, labels = images.to(device), labels.to(device)
         index = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        lo, hi = rank_slice(len(index), rank, world)
-        for start in range(lo, hi, batch_size):
-            ids = index[start:min(start + batch_size, hi)]
+        lo, hi = rank_slice(math.ceil(len(index) / batch_size), rank, world)
+        for b in range(lo, hi):
+            ids = index[b * batch_size:(b + 1) * batch_size]
             rows = ids.to(images.device)
             # index_select copies whole rows: ~30x faster than images[rows] (the generic indexing kernel)
             yield images.index_select(0, rows).to(device), labels[rows].to(device), ids.to(device)

@@ -149,3 +149,72 @@ def gather_rows(accelerator, tensors):
         gathered = accelerator.gather(padded).cpu().reshape((len(counts), longest) + tuple(value.shape[1:]))
         out[key] = torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
     return out
+
+
+class _Autocast(torch.nn.Module):
+    """`module` whose forward runs under the accelerator's autocast and returns float32 (what
+    Accelerator.prepare does to a model under mixed precision), for a training that is not prepared."""
+
+    def __init__(self, module, autocast):
+        super().__init__()
+        self.module, self._autocast = module, autocast
+
+    def forward(self, *args, **kwargs):
+        with self._autocast():
+            return self.module(*args, **kwargs).float()
+
+
+class Local:
+    """A one-process view of `accelerator`, for a training that runs whole on this rank.
+
+    It has the Accelerator's interface as train_model, evaluate_run, the scorer and TrainingDynamics use it
+    (prepare, backward, autocast, unwrap_model, gather, wait_for_everyone, ...), with no collective: the
+    model is not wrapped in DDP, gathers return this rank's rows, and this rank writes the job's artifacts
+    (is_main_process). Every training of the pipeline, also with one process, runs through it unless it
+    is split over the ranks: that is what makes a training's result the same on whichever rank it runs.
+    """
+    num_processes, process_index, local_process_index = 1, 0, 0
+    is_main_process = is_local_main_process = True
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.device = accelerator.device
+        self.mixed_precision = accelerator.mixed_precision
+        self.scaler = accelerator.scaler
+
+    def prepare(self, model, optimizer):
+        from accelerate.optimizer import AcceleratedOptimizer
+        if self.mixed_precision != "no":
+            model = _Autocast(model, self.acc.autocast)
+        return model, AcceleratedOptimizer(optimizer, device_placement=False, scaler=self.scaler)
+
+    def unwrap_model(self, model, keep_fp32_wrapper=True):
+        return model.module if isinstance(model, _Autocast) else model
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def autocast(self):
+        return self.acc.autocast()
+
+    def gather(self, tensor):
+        return tensor
+
+    def wait_for_everyone(self):
+        pass
+
+    def free_memory(self):
+        pass
+
+
+def broadcast_state(accelerator, module, src=0):
+    """Give every rank rank `src`'s parameters and buffers of `module` (in place): after a split training
+    every rank then holds exactly the state that is saved (DDP keeps parameters in step, but each rank's
+    forward passes update its own BatchNorm running statistics)."""
+    if accelerator.num_processes == 1:
+        return module
+    import torch.distributed
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            torch.distributed.broadcast(tensor.data, src=src)
+    return module

@@ -71,7 +71,7 @@ def score(accelerator, model, split, index, *, mean, std, batch_size=512, channe
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
     start = time.perf_counter()
     batches = split.batches(index, batch_size, rank, world, device)
-    total = math.ceil(len(index) / world / batch_size)
+    total = math.ceil(math.ceil(len(index) / batch_size) / world)
     # no bar for a few batches: setting one up costs as much as a small batch
     for x, y, ids in tqdm(batches, desc=desc, total=total, leave=False,
                           disable=not accelerator.is_main_process or total < PROGRESS_MIN_BATCHES):

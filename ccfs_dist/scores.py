@@ -5,8 +5,9 @@
     training_dynamics(accelerator, cfg, data) -> ({"forgetting", "loss", "el2n": float32 array}, info)
 
 Training-dynamics scores (forgetting, loss, el2n) come from `scores.runs` models trained with
-different seeds on the full real training set, with `train_model` (distributed like filter training:
-every rank trains on its share of each global batch). One training session yields all three.
+different seeds on the full real training set, with `train_model`. Each run trains whole on one rank
+(runs dealt to ranks), unless the plan's rule splits one training over the ranks (plan.split_training):
+then every rank trains on its share of each global batch. One training session yields all three.
 Checkpoint scores (margin, logits) are one scoring pass of a given model (`scores.checkpoint`,
 default the teacher's) with the distributed scorer.
 
@@ -14,7 +15,8 @@ How correctness is observed (Toneva et al. 2019, "An empirical study of example 
 on the training forward pass itself, i.e. on the augmented view, before the optimizer step, each
 time the sample appears in a minibatch. That is the paper's definition and costs nothing (no extra
 pass over the data). `train_model` hands every rank's rows and detached logits to `on_batch`; each
-rank keeps its observations of the epoch and they are gathered once per epoch (`dist.gather_rows`).
+rank keeps its observations of the epoch and they are gathered once per epoch (`dist.gather_rows`;
+a run trained whole on one rank gathers nothing).
 
 One observation per sample per epoch: the training loop wraps its last batch around, so a sample
 may be presented twice in an epoch; the LAST presentation in the epoch counts (order: step, then
@@ -41,15 +43,14 @@ with method, data set, N, runs, epochs, model, seeds and the sha256 fingerprint 
 (`difficulty.labels_fingerprint`), both written atomically by rank 0.
 """
 import os
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import io
+from . import io, seeds
 from .difficulty import HARDER_IS_HIGHER, labels_fingerprint, load_score_file
-from .dist import gather_rows
+from .dist import Local, gather_rows
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .scorer import score
@@ -58,7 +59,6 @@ from .train import train_model
 DYNAMICS = ("forgetting", "loss", "el2n")          # from training runs; ccfs.difficulty may name these
 CHECKPOINT = ("margin", "logits")                  # one scoring pass of a given model
 METHODS = DYNAMICS + CHECKPOINT
-SEED_OFFSET = 100                                  # run r trains with seed cfg.seed + 100 + r
 _KEY_STRIDE = 1 << 24                              # > any local batch size: orders observations in an epoch
 
 
@@ -69,7 +69,7 @@ def el2n_epoch(scores_cfg):
 
 
 def seeds_of(cfg):
-    return [cfg["seed"] + SEED_OFFSET + r for r in range(cfg["scores"]["runs"])]
+    return [seeds.score_run(cfg["seed"], r) for r in range(cfg["scores"]["runs"])]
 
 
 def gaussian_last_weights(epochs, sigma, truncate=4.0):
@@ -174,33 +174,61 @@ def _log(accelerator, message):
         print(message, flush=True)
 
 
-def training_dynamics(accelerator, cfg, data):
-    """Train cfg.scores.runs models on data.train; return ({method: float32 scores}, info)."""
+def dynamics_run(accelerator, cfg, data, r):
+    """Training run `r` of the training-dynamics scores: ({method: float64 array}, info). `accelerator` is a
+    dist.Local for a run trained whole on one rank, or the Accelerator for one split over the ranks."""
     s, t, a = cfg["scores"], cfg["train"], cfg["aug"]
-    epochs, at = s["epochs"], el2n_epoch(s)
-    weights = gaussian_last_weights(epochs, s["loss_sigma"])
-    sums = {m: np.zeros(len(data.train)) for m in DYNAMICS}
-    accuracy, start = [], time.perf_counter()
-    for r, seed in enumerate(seeds_of(cfg)):
-        torch.manual_seed(seed)
-        model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
-        rec = TrainingDynamics(accelerator, data.train.labels, epochs, at, weights)
-        train_model(accelerator, model, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-                    epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
-                    weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
-                    scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
-                    desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
-                    on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
-        result = rec.result()
+    epochs, seed = s["epochs"], seeds.score_run(cfg["seed"], r)
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
+    rec = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
+                           gaussian_last_weights(epochs, s["loss_sigma"]))
+    _, stats = train_model(accelerator, model, data.train.images, data.train.labels, mean=data.mean, std=data.std,
+                           epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
+                           weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
+                           scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
+                           desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
+                           on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
+    info = {"seconds": stats["seconds"], "accuracy": float(rec.previous.mean()),
+            "never_learned": int((~rec.learned).sum()), "events": int(rec.events.sum())}
+    _log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
+                      f"{info['accuracy']:.4f}, never learned {info['never_learned']}, forgetting events {info['events']}")
+    return rec.result(), info
+
+
+def combine_runs(runs):
+    """[(result, info) of run 0, 1, ...] -> ({method: float32 scores}, info): the mean over runs."""
+    sums = {m: np.zeros(len(runs[0][0][m])) for m in DYNAMICS}
+    for result, _ in runs:                               # in run order: the same sums on any process count
         for m in DYNAMICS:
             sums[m] += result[m]
-        accuracy.append(float(rec.previous.mean()))
-        _log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
-                          f"{accuracy[-1]:.4f}, never learned {int((~rec.learned).sum())}, "
-                          f"forgetting events {int(rec.events.sum())}")
-    scores = {m: (sums[m] / s["runs"]).astype(np.float32) for m in DYNAMICS}
-    info = {"seconds": time.perf_counter() - start, "last_epoch_train_accuracy": accuracy}
+    scores = {m: (sums[m] / len(runs)).astype(np.float32) for m in DYNAMICS}
+    info = {"seconds": sum(i["seconds"] for _, i in runs), "last_epoch_train_accuracy": [i["accuracy"] for _, i in runs]}
     return scores, info
+
+
+def training_dynamics(accelerator, cfg, data):
+    """Train cfg.scores.runs models on data.train; return ({method: float32 scores}, info).
+
+    Each run trains whole on one rank (runs dealt round-robin; their results all-gathered) unless the
+    plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks.
+    """
+    from .plan import split_training
+    s = cfg["scores"]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1 or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
+        return combine_runs([dynamics_run(accelerator if world > 1 else Local(accelerator), cfg, data, r)
+                             for r in range(s["runs"])])
+    mine = [(r, *dynamics_run(Local(accelerator), cfg, data, r)) for r in range(rank, s["runs"], world)]
+    n = len(data.train)
+    local = {"run": torch.tensor([r for r, _, _ in mine], dtype=torch.int64),
+             "info": torch.tensor([[i["seconds"], i["accuracy"]] for _, _, i in mine], dtype=torch.float64).reshape(-1, 2),
+             **{m: torch.from_numpy(np.stack([res[m] for _, res, _ in mine])) if mine
+                else torch.empty((0, n), dtype=torch.float64) for m in DYNAMICS}}
+    got = gather_rows(accelerator, local)
+    order = torch.argsort(got["run"]).tolist()
+    return combine_runs([({m: got[m][i].numpy() for m in DYNAMICS},
+                          {"seconds": float(got["info"][i, 0]), "accuracy": float(got["info"][i, 1])}) for i in order])
 
 
 def checkpoint_path(cfg):
@@ -275,8 +303,10 @@ def _reusable(path, method, cfg, data):
     return scores
 
 
-def compute_score_files(accelerator, cfg, data, paths, reuse=True):
+def compute_score_files(accelerator, cfg, data, paths, reuse=True, runs=None):
     """Compute (or, with `reuse`, load where present) the scores {method: out_path}; rank 0 writes them.
+    `runs`: the training-dynamics runs' [(result, info), ...] when they were trained already (the curriculum
+    deals them to ranks as jobs of its plan), else they are trained here (training_dynamics).
 
     Training-dynamics methods share one training session. Returns {method: float64 scores}, identical
     on every rank and equal to what `difficulty.load_score_file` reads back from the written files.
@@ -293,10 +323,10 @@ def compute_score_files(accelerator, cfg, data, paths, reuse=True):
     computed, info = {}, {}
     if any(m in DYNAMICS for m in todo):
         s = cfg["scores"]
-        _log(accelerator, f"scores: training {s['runs']} x {s['epochs']} epochs of {cfg['model']['name']} on "
+        _log(accelerator, f"scores: {'trained' if runs is not None else 'training'} {s['runs']} x {s['epochs']} epochs of {cfg['model']['name']} on "
                           f"{len(data.train)} {data.name} samples for {', '.join(m for m in todo if m in DYNAMICS)} "
                           f"({accelerator.num_processes} process(es))")
-        dyn, info = training_dynamics(accelerator, cfg, data)
+        dyn, info = combine_runs(runs) if runs is not None else training_dynamics(accelerator, cfg, data)
         computed.update(dyn)
     if any(m in CHECKPOINT for m in todo):
         computed.update(checkpoint_scores(accelerator, cfg, data))

@@ -1,8 +1,11 @@
 """Train a model on a small cached image set: the teacher, each phase's filter, and evaluation models.
 
-The set is held as a uint8 tensor on the device and augmented in batches on the device. Every rank
-draws the same epoch permutation and trains on its share of each global batch; Accelerate's DDP
-averages the gradients, so the recipe (global batch size, lr) does not depend on the process count.
+The set is held as a uint8 tensor on the device and augmented in batches on the device. A training runs
+whole on one rank when `accelerator` is a dist.Local (the plan's rule, plan.split_training), else it is
+split: every rank draws the same epoch permutation and trains on its share of each global batch;
+Accelerate's DDP averages the gradients, so the recipe (global batch size, lr) does not depend on the
+process count; on CUDA BatchNorm becomes SyncBatchNorm (global batch statistics), and at the end every
+rank receives rank 0's parameters and buffers, the state that is saved.
 The augmentation (crop box and flip of every sample) is drawn for all global batches of an epoch at
 once from a generator seeded alike on every rank, and each rank takes its slice of each batch: a sample
 sees the same augmented view whatever the process count (on the CPU the boxes equal those of drawing
@@ -25,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import seeds
 from .augment import Augment, apply_boxes, crop_boxes, normalize
-from .dist import rank_slice
+from .dist import broadcast_state, rank_slice
 from .io import save_torch
 
 AUG_CHUNK_BYTES = 32 * 2**20   # float32 augmented images held at once per rank (several batches when small)
@@ -115,6 +119,9 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     augment = Augment(mean, std, images.shape[-1], scale_min=scale_min, flip=flip)
     height, width = images.shape[2], images.shape[3]
 
+    split = world > 1                    # a data-parallel training (else `accelerator` is a dist.Local)
+    if split and device.type == "cuda":  # global BatchNorm statistics (torch has no CPU SyncBatchNorm)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -135,10 +142,11 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     teacher_autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
 
     order_gen = torch.Generator().manual_seed(seed)                       # same on every rank
-    aug_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 1)   # same on every rank
+    aug_gen = torch.Generator(device=device).manual_seed(seeds.augmentation(seed))   # same on every rank
     first_epoch = 0
     if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        # to the CPU first: under torchrun accelerator.device can be "cpu:0", which torch.load refuses
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         accelerator.unwrap_model(ddp_model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -198,6 +206,8 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     _sync(device)
     seconds = time.perf_counter() - start
     model = accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)
+    if split:
+        broadcast_state(accelerator, model)      # every rank holds rank 0's buffers: the state that is saved
     accelerator.free_memory()
     accelerator.wait_for_everyone()
     if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):

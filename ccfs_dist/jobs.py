@@ -1,0 +1,132 @@
+"""The trainings of a run as jobs of its plan (plan.py): each is seeded by seeds.py, trains with the
+accelerator it is given (a dist.Local when it runs whole on one rank), and writes its own artifact into
+the run directory, atomically, last of all; a job whose artifact exists is skipped on resume.
+
+    teacher        teacher.json (its training stats), teacher.pt
+    score_run r    scores_runs/run<r>.npz  (the run's per-sample forgetting, loss, el2n)
+    filter j       phase_<j>/filter.pt, phase_<j>/steps.json
+    eval set r     eval/<set>_run<r>.json
+
+Trainings keep their mid-training state in <artifact stem>_state.pt (train.checkpoint_every), which
+loads on any rank, so a resumed run continues a killed training wherever the new plan puts it.
+"""
+import os
+
+import numpy as np
+import torch
+
+from . import io, seeds
+from .dist import Local
+from .evaluate import evaluate_run
+from .models import build_model, load_checkpoint, state_dict_of
+from .scores import DYNAMICS, dynamics_run
+from .train import recipe, train_model
+
+
+def build(cfg, data, seed):
+    """A freshly initialised model, identical on every rank."""
+    torch.manual_seed(seed)
+    return build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
+
+
+def set_stem(name):
+    return name.replace("+", "_")
+
+
+class Trainings:
+    """What the jobs need (filled in by the curriculum as the run goes on) and how each one runs."""
+
+    def __init__(self, run, cfg, data, class_size):
+        self.run, self.cfg, self.data, self.class_size = run, cfg, data, class_size
+        self.teacher = None          # after the start stage
+        self.synthetic = None        # S_{j-1} during phase j
+        self.sets = {}               # evaluation sets: the baselines after the start stage, ccfs at the end
+
+    def artifact(self, kind, *key):
+        """The file whose existence means the job (kind, key) is finished."""
+        if kind == "teacher":
+            return self.run.path("teacher.pt")
+        if kind == "score_run":
+            return self.run.path("scores_runs", f"run{key[0]}.npz")
+        if kind == "filter":
+            return self.run.path(f"phase_{key[0]}", "steps.json")
+        return self.run.path("eval", f"{set_stem(key[0])}_run{key[1]}.json")
+
+    def finished(self, job):
+        if job.kind == "score_run" and self.run.done(f"scores_{self.cfg['ccfs']['difficulty']}.npy"):
+            return True                          # the scores themselves exist: no run is needed
+        if job.kind == "filter" and self.run.done(f"phase_{job.key[0]}", "metrics.json"):
+            return True
+        return self.run.resume and os.path.exists(self.artifact(job.kind, *job.key))
+
+    def do(self, job):
+        """Run `job` on this rank (whole) or with every rank (job.split); its writer writes the artifact."""
+        acc = self.run.acc if job.split else Local(self.run.acc)
+        getattr(self, "train_" + job.kind)(acc, *job.key)
+
+    def train_teacher(self, acc):
+        cfg, data, t = self.cfg, self.data, self.cfg["teacher"]
+        seed = seeds.teacher(cfg["seed"])
+        model, stats = train_model(
+            acc, build(cfg, data, seed), data.train.images, data.train.labels, mean=data.mean, std=data.std,
+            epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
+            warmup_epochs=t["warmup_epochs"], scale_min=cfg["aug"]["scale_min"], flip=cfg["aug"]["flip"],
+            seed=seed, channels_last=cfg["train"]["channels_last"], desc="teacher",
+            checkpoint=self.run.path("teacher_state.pt"), checkpoint_every=cfg["train"]["checkpoint_every"])
+        if acc.is_main_process:
+            io.write_json(self.run.path("teacher.json"), {"source": "trained", **stats})
+            io.save_torch(self.run.path("teacher.pt"), state_dict_of(model))
+
+    def train_score_run(self, acc, r):
+        result, info = dynamics_run(acc, self.cfg, self.data, r)
+        if acc.is_main_process:
+            io.write_npz(self.artifact("score_run", r), **result,
+                         info=np.array([info["seconds"], info["accuracy"]]))
+
+    def score_runs(self):
+        """[(result, info), ...] of every score run, read back from their artifacts (after the start stage)."""
+        runs = []
+        for r in range(self.cfg["scores"]["runs"]):
+            with np.load(self.artifact("score_run", r), allow_pickle=False) as f:
+                runs.append(({m: f[m] for m in DYNAMICS}, {"seconds": float(f["info"][0]),
+                                                           "accuracy": float(f["info"][1])}))
+        return runs
+
+    def train_filter(self, acc, j):
+        cfg, data, run = self.cfg, self.data, self.run
+        pdir, seed = f"phase_{j}", seeds.filter_model(cfg["seed"], j)
+        filt = build(cfg, data, seed)
+        if cfg["ccfs"]["warm_start"] and j > 1:              # from phase j-1's filter, as saved
+            load_checkpoint(filt, run.path(f"phase_{j - 1}", "filter.pt"))
+        per_class = len(self.synthetic[0]) / data.num_classes
+        rec = recipe(cfg, ipc=cfg["ccfs"]["ipc"], class_size=self.class_size, per_class=per_class)
+        filt, stats = train_model(acc, filt, *self.synthetic, mean=data.mean, std=data.std,
+                                  teacher=self.teacher if cfg["train"]["kd"] else None, seed=seed,
+                                  desc=f"phase {j} filter", checkpoint=run.path(pdir, "filter_state.pt"), **rec)
+        if acc.is_main_process:
+            io.save_torch(run.path(pdir, "filter.pt"), state_dict_of(filt))
+            io.write_json(run.path(pdir, "steps.json"),
+                          {"train": {k: stats[k] for k in ("seconds", "images_per_s", "epochs", "batch_size")}})
+
+    def train_eval(self, acc, name, r):
+        cfg, data, c = self.cfg, self.data, self.cfg["ccfs"]
+        x, y = self.sets[name]
+        stem = set_stem(name)
+        result = evaluate_run(acc, x, y, data=data, model_cfg=cfg["model"],
+                              recipe=recipe(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
+                              teacher=self.teacher if cfg["train"]["kd"] else None,
+                              seed=seeds.eval_run(cfg["seed"], r), desc=f"eval {name} {r + 1}/{cfg['eval']['runs']}",
+                              checkpoint=self.run.path("eval", f"{stem}_run{r}_state.pt"))
+        if acc.is_main_process:
+            io.write_json(self.artifact("eval", name, r), result)
+
+
+def run_stage(run, stage, trainings):
+    """This rank's jobs of `stage`: the split ones (with every rank, in the same order), then its own;
+    then every rank waits for all, so each job's artifact can be read by any rank."""
+    for job in stage.jobs_of(run.acc.process_index):
+        if trainings.finished(job):
+            run.log(f"{job.name}: resumed")
+        else:
+            trainings.do(job)
+    run.acc.wait_for_everyone()

@@ -1,0 +1,141 @@
+"""Which rank runs which training, and when: a pure function of (config, process count, data sizes).
+
+A run is a fixed sequence of stages; in each, every rank first runs the stage's split trainings together
+(data-parallel, in order), then its own list of whole trainings, alone; then all ranks meet and the
+curriculum does the stage's collective part (distillation, scoring, selection, gathering results):
+
+    start     teacher, difficulty-score runs               -> teacher accuracy, distillation, teacher scoring
+    phase j   filter j; baseline evaluation runs            -> filter accuracy, pool scoring, selection
+    final     CCFS evaluation runs; baseline runs left over -> results read back from the eval/ artifacts
+
+A training is split over the ranks only when each would get at least `train.min_batch_per_rank`
+samples per step (split_training); otherwise it runs whole on one rank with the single-process recipe.
+Whole trainings are dealt by their cost (images processed): longest first to the least-loaded rank;
+the baseline evaluations, which need only the teacher and the distilled set, go to whichever stage and
+rank adds the least to the run's wall time (a rank is otherwise idle while another trains a filter).
+Every training is seeded by seeds.py and writes its own artifact, so where it runs changes nothing but
+the wall time, and a resumed run (with any process count) skips the trainings whose artifacts exist.
+"""
+import math
+from dataclasses import dataclass, field
+
+from .scores import DYNAMICS
+from .selection import phase_budgets
+from .train import recipe
+
+KD_COST = 4 / 3          # a KD step adds the teacher's forward pass (about a third of forward + backward)
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str            # teacher | score_run | filter | eval
+    key: tuple           # score_run: (r,); filter: (phase,); eval: (set name, run)
+    cost: float          # images processed (epochs x steps x batch size), x KD_COST with a teacher
+    split: bool = False  # data-parallel over all ranks (else whole on one rank)
+
+    @property
+    def name(self):
+        return " ".join([self.kind, *map(str, self.key)])
+
+
+@dataclass
+class Stage:
+    name: str                                   # start | phase <j> | final
+    split: list = field(default_factory=list)   # jobs every rank runs together, in order
+    local: list = field(default_factory=list)   # local[rank]: the jobs that rank runs alone, in order
+
+    def jobs_of(self, rank):
+        return self.split + self.local[rank]
+
+    def loads(self):
+        """Estimated work per rank: its whole jobs plus its share of the split ones."""
+        shared = sum(j.cost for j in self.split) / max(1, len(self.local))
+        return [shared + sum(j.cost for j in jobs) for jobs in self.local]
+
+
+def split_training(batch_size, world, min_batch_per_rank):
+    """True when one training of global batch `batch_size` is split over `world` ranks (DDP)."""
+    return world > 1 and batch_size // world >= min_batch_per_rank
+
+
+def training_cost(n, epochs, batch_size, kd):
+    return epochs * math.ceil(n / batch_size) * batch_size * (KD_COST if kd else 1.0)
+
+
+def eval_sets(cfg):
+    return ["ccfs"] + (["distilled+random", "random"] if cfg["eval"]["baselines"] else [])
+
+
+def make_plan(cfg, world, *, n_train, num_classes, class_size):
+    """[Stage, ...] of a run with `world` processes (see the module doc). Identical on every rank."""
+    c, t, minimum = cfg["ccfs"], cfg["train"], cfg["train"]["min_batch_per_rank"]
+    stages = [Stage("start", local=[[] for _ in range(world)])]
+    start = []
+    if not cfg["teacher"]["checkpoint"]:
+        te = cfg["teacher"]
+        start.append(Job("teacher", (), training_cost(n_train, te["epochs"], te["batch_size"], False),
+                         split_training(te["batch_size"], world, minimum)))
+    if c["difficulty"] in DYNAMICS:
+        s = cfg["scores"]
+        for r in range(s["runs"]):
+            start.append(Job("score_run", (r,), training_cost(n_train, s["epochs"], s["batch_size"], False),
+                             split_training(s["batch_size"], world, minimum)))
+    _deal(stages[0], start)
+
+    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])
+    per_class = c["ipc"] - sum(budgets)
+    for j, k in enumerate(budgets, 1):
+        rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)
+        job = Job("filter", (j,), training_cost(per_class * num_classes, rec["epochs"], rec["batch_size"], t["kd"]),
+                  split_training(rec["batch_size"], world, minimum))
+        stages.append(Stage(f"phase {j}", local=[[] for _ in range(world)]))
+        _deal(stages[-1], [job])
+        per_class += k
+
+    rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+    cost = training_cost(c["ipc"] * num_classes, rec["epochs"], rec["batch_size"], t["kd"])
+    split = split_training(rec["batch_size"], world, minimum)
+    runs = range(cfg["eval"]["runs"])
+    stages.append(Stage("final", local=[[] for _ in range(world)]))
+    _deal(stages[-1], [Job("eval", ("ccfs", r), cost, split) for r in runs])
+    background = [Job("eval", (name, r), cost, split) for name in eval_sets(cfg)[1:] for r in runs]
+    if split:
+        stages[-1].split.extend(background)
+    else:
+        _fill(stages[1:], background)
+    return stages
+
+
+def _deal(stage, jobs):
+    """Split jobs into stage.split; whole ones longest first (ties: in order) to the least-loaded rank."""
+    stage.split.extend(j for j in jobs if j.split)
+    whole = sorted((j for j in jobs if not j.split), key=lambda j: -j.cost)
+    for job in whole:
+        loads = stage.loads()
+        stage.local[loads.index(min(loads))].append(job)
+
+
+def _fill(stages, jobs):
+    """Place each job (all of equal standing) where it adds least to the sum of the stages' longest loads;
+    ties: the lower resulting load, then the earlier stage, then the lower rank."""
+    for job in jobs:
+        best = None
+        for s, stage in enumerate(stages):
+            loads = stage.loads()
+            for r, load in enumerate(loads):
+                grows = max(max(loads), load + job.cost) - max(loads)
+                key = (grows, load + job.cost, s, r)
+                if best is None or key < best[0]:
+                    best = (key, stage, r)
+        best[1].local[best[2]].append(job)
+
+
+def describe(stages):
+    """Lines showing the plan, one per stage and rank (logged at the start of a run)."""
+    lines = []
+    for stage in stages:
+        together = ", ".join(j.name for j in stage.split)
+        parts = [f"{stage.name}:"] + ([f"all ranks [{together}]"] if together else [])
+        parts += [f"rank {r} [{', '.join(j.name for j in jobs)}]" for r, jobs in enumerate(stage.local) if jobs]
+        lines.append(" ".join(parts))
+    return lines

@@ -1,0 +1,70 @@
+"""Every random stream of a run, named, as a function of the run's `seed` (never of the rank or the
+process count): a job seeded from this table gives the same result on whichever rank it runs.
+
+The values are those the pipeline has always used (changing one changes every result).
+"""
+
+
+def teacher(seed):
+    """Initial weights and the epoch order of the teacher's training."""
+    return seed
+
+
+def filter_model(seed, phase):
+    """Initial weights and training order of phase `phase`'s filter (1-based)."""
+    return seed + 1000 * phase
+
+
+def eval_run(seed, run):
+    """Initial weights and training order of evaluation model `run` (0-based) of every set."""
+    return seed + 500 + run
+
+
+def score_run(seed, run):
+    """Training run `run` (0-based) of the training-dynamics difficulty scores."""
+    return seed + 100 + run
+
+
+def selection(seed, phase):
+    """Tie-breaking / random fine selection of phase `phase`."""
+    return seed + phase
+
+
+def top_up_baseline(seed):
+    """The random real images of the distilled + random baseline."""
+    return seed + 7
+
+
+def random_baseline(seed):
+    """The random real images of the random-only baseline (and the benchmark's evaluation set)."""
+    return seed + 11
+
+
+def distill_batch(seed, gid):
+    """Recovery batch `gid` of the base distiller (its noise, jitter and crops; its real start images)."""
+    return seed * 100003 + gid
+
+
+def augmentation(seed):
+    """The crop boxes and flips of a training seeded `seed` (train.train_model)."""
+    return seed * 1000 + 1
+
+
+def bench_first_set(seed):
+    """The benchmark's stand-in for the distilled set (random real images)."""
+    return seed + 3
+
+
+def bench_filter(seed):
+    """The benchmark's filter training."""
+    return seed + 1000
+
+
+def bench_selection(seed):
+    """The benchmark's selection pass."""
+    return seed + 1
+
+
+def bench_eval(seed):
+    """The benchmark's evaluation training."""
+    return seed + 500
