@@ -76,36 +76,42 @@ def _flag_value(argv, flag):
     return None
 
 
-def cpu_processes_requested():
-    """N when we were started by `accelerate launch --cpu --num_processes N` (N > 1) without MPI, else 1.
+def cpu_launch_requested():
+    """(processes on this machine, machines, this machine's rank) when we were started by
+    `accelerate launch --cpu --num_processes N [--num_machines M --machine_rank R]` without MPI and
+    N > 1, else None. N counts the processes of all machines (Accelerate's meaning), N / M run here.
 
     Accelerate's launcher starts a single process in that case (multi-CPU needs mpirun) but sets
-    MASTER_ADDR; the requested count is read from the launcher's command line (Linux /proc).
+    MASTER_ADDR; the requested counts are read from the launcher's command line (Linux /proc).
     """
     env = os.environ
     if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
-        return 1
+        return None
     if any(k in env for k in ("LOCAL_RANK", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
-        return 1
+        return None
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
             parent = f.read().decode(errors="replace").split("\0")
     except OSError:
-        return 1
+        return None
     if not any("accelerate" in a for a in parent):
-        return 1
-    value = _flag_value(parent, "--num_processes")
-    machines = _flag_value(parent, "--num_machines") or "1"
-    return int(value) if value and value.isdigit() and machines == "1" else 1
+        return None
+    values = [_flag_value(parent, flag) for flag in ("--num_processes", "--num_machines", "--machine_rank")]
+    total, machines, machine_rank = (int(v) if v and v.isdigit() else d for v, d in zip(values, (1, 1, 0)))
+    if total <= 1 or total % machines:
+        return None
+    return total // machines, machines, machine_rank
 
 
 def relaunch_cpu_processes(script_argv):
-    """Replace this process by `torchrun --nproc_per_node N` over the same script when N CPU processes
-    were asked for but Accelerate started only one (see cpu_processes_requested)."""
-    n = cpu_processes_requested()
-    if n <= 1:
+    """Replace this process by `torchrun --nproc_per_node N/M --nnodes M --node_rank R` over the same
+    script when CPU processes were asked for but Accelerate started only one (see cpu_launch_requested)."""
+    asked = cpu_launch_requested()
+    if asked is None:
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+    per_machine, machines, machine_rank = asked
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(per_machine),
+           "--nnodes", str(machines), "--node_rank", str(machine_rank),
            "--master_addr", os.environ["MASTER_ADDR"], "--master_port", os.environ.get("MASTER_PORT", "29500"),
            *script_argv]
     sys.stdout.flush()

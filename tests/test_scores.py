@@ -165,7 +165,9 @@ def test_planted_label_noise_ranks_hardest(quick_scores, planted, method):
 
 
 def test_one_and_two_processes_agree(tmp_path, launch, accelerator):
-    """Same seeds, 1 vs 2 processes, ConvNet with per-sample normalisation (see the worker).
+    """Same seeds, 1 vs 2 processes (see the worker). whole: each run on one rank (the default rule), so
+    the scores are bitwise equal. frozen, train: every run split over the ranks, ConvNet with per-sample
+    normalisation:
 
     frozen (lr 0): the distributed bookkeeping alone; every rank sees the same augmented views (drawn
     for the global batch), so the scores must be equal (measured: bitwise).
@@ -184,6 +186,8 @@ def test_one_and_two_processes_agree(tmp_path, launch, accelerator):
     assert int(one["world"]) == 1 and int(two["world"]) == 2
     mask = one["planted"]
     assert np.array_equal(mask, two["planted"])
+    for method in DYNAMICS:                                   # runs dealt whole to ranks: the same numbers
+        np.testing.assert_array_equal(one[f"whole_{method}"], two[f"whole_{method}"])
     np.testing.assert_array_equal(one["frozen_forgetting"], two["frozen_forgetting"])
     for method in ("loss", "el2n"):
         np.testing.assert_allclose(one[f"frozen_{method}"], two[f"frozen_{method}"], rtol=1e-5, atol=1e-6)
@@ -327,7 +331,7 @@ def test_scores_config_section():
             load_config(None, [override])
 
 
-@pytest.mark.skipif("compute_scores" not in inspect.getsource(curriculum),
+@pytest.mark.skipif("compute_score" not in inspect.getsource(curriculum),
                     reason="curriculum.get_hardness_source does not call scores.compute_scores yet")
 def test_ccfs_run_with_computed_forgetting(tmp_path, capsys):
     out = str(tmp_path / "run")

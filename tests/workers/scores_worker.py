@@ -2,12 +2,15 @@
 
 Usage: scores_worker.py OUT.npz   (run directly or under `accelerate launch`)
 
-Two recipes, both with a ConvNet whose normalisation is per sample (instancenorm), so that 1- and
-N-process training compute the same function of the same inputs (BatchNorm would use per-rank batch
-statistics: a different computation, not only a different rounding):
+Two recipes split every run over the ranks (train.min_batch_per_rank=1), both with a ConvNet whose
+normalisation is per sample (instancenorm), so that 1- and N-process training compute the same function
+of the same inputs (BatchNorm would use per-rank batch statistics: a different computation, not only a
+different rounding):
   frozen  lr 0: the weights never move, every observation is the initial model on an augmented view;
           only the distributed bookkeeping (observe, gather, last presentation per epoch) is tested.
   train   a real short training run: 1- and N-process runs differ by floating-point reduction order only.
+The third, whole, is the default rule (runs of batch 128 are not split): each run trains whole on one
+rank, with BatchNorm; 1 and N processes give the same scores, bitwise.
 """
 import sys
 
@@ -22,9 +25,11 @@ from ccfs_dist.scores import training_dynamics
 
 NOISE_FRACTION = 0.05
 COMMON = ["model.width=16", "model.depth=2", "model.norm=instancenorm", "scores.runs=2", "scores.batch_size=128"]
+SPLIT = ["train.min_batch_per_rank=1"]        # every run data-parallel over the ranks
 RECIPES = {
-    "frozen": COMMON + ["scores.epochs=6", "scores.el2n_epoch=3"],
-    "train": COMMON + ["scores.epochs=20", "scores.lr=0.1"],
+    "frozen": COMMON + SPLIT + ["scores.epochs=6", "scores.el2n_epoch=3"],
+    "train": COMMON + SPLIT + ["scores.epochs=20", "scores.lr=0.1"],
+    "whole": COMMON + ["scores.epochs=6", "model.norm=batchnorm"],   # the default rule: each run on one rank
 }
 
 

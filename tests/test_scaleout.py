@@ -1,0 +1,178 @@
+"""The process count changes the wall time, never the result (plan.py, jobs.py, dist.Local).
+
+With OMP_NUM_THREADS=1 in every process, the default config (the digits demo, with shorter trainings so
+that CI stays quick: see SETTINGS) gives byte-identical selected_indices.json, phase_*/selected.npy and
+eval_*.json with 1 process, 2 processes, 2 "nodes" x 1 process on localhost, and after SIGKILL of one
+rank of a 2-process run at 4 points and --resume (with 2 processes, and at one point with 1). No training of this
+config is split over ranks (its batches are below train.min_batch_per_rank per rank), so bitwise is
+the right comparison; a split training is tested on its own (every rank ends with the same state).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, accelerate_launch, free_port
+from ccfs_dist.config import load_config
+from ccfs_dist.plan import make_plan, split_training
+
+SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
+KILL = os.path.join(ROOT, "tests", "workers", "kill_worker.py")
+SPLIT = os.path.join(ROOT, "tests", "workers", "split_worker.py")
+# the default config with fewer epochs / iterations (the same pipeline: forgetting scores computed in the
+# run, 3 phases, baselines); 3-epoch checkpoints so that a kill lands after one
+SETTINGS = ["teacher.epochs=6", "distill.iterations=20", "train.epochs=12", "scores.epochs=4", "scores.runs=2",
+            "eval.runs=2", "train.checkpoint_every=3", "model.width=16"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+COMPARED = ["selected_indices.json", "phase_1/selected.npy", "phase_2/selected.npy", "phase_3/selected.npy",
+            "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json"]
+
+
+def one_process(out, extra=()):
+    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out), *SETTINGS, *extra], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def two_processes(out, extra=()):
+    return accelerate_launch([SCRIPT, "--out", str(out), *SETTINGS, *extra], processes=2)
+
+
+def artifacts(out):
+    return {name: (out / name).read_bytes() for name in COMPARED}
+
+
+def assert_same(out, reference):
+    got = artifacts(out)
+    differ = [name for name in COMPARED if got[name] != reference[name]]
+    assert not differ, f"differ from the 1-process run: {differ}"
+    leftovers = [p.name for p in out.rglob("*_state.pt")]
+    assert not leftovers, leftovers
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    one_process(out)
+    return artifacts(out)
+
+
+# --------------------------------------------------------------------------- the plan (a pure function)
+
+SIZES = {"n_train": 1437, "num_classes": 10, "class_size": 143.7}
+
+
+def plan_jobs(stages):
+    return [(s.name, job.name, rank) for s in stages for rank, jobs in enumerate(s.local) for job in jobs]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_plan_deals_every_training_once_whole(world):
+    cfg = load_config(None, ["ccfs.difficulty=forgetting"])
+    stages = make_plan(cfg, world, **SIZES)
+    assert stages == make_plan(cfg, world, **SIZES)                   # deterministic
+    assert [s.name for s in stages] == ["start", "phase 1", "phase 2", "phase 3", "final"]
+    names = [name for _, name, _ in plan_jobs(stages)]
+    expected = (["teacher"] + [f"score_run {r}" for r in range(3)] + [f"filter {j}" for j in (1, 2, 3)]
+                + [f"eval {s} {r}" for s in ("ccfs", "distilled+random", "random") for r in range(3)])
+    assert sorted(names) == sorted(expected)
+    assert all(not s.split for s in stages)                           # batches of 32-128: nothing split
+    where = {name: (stage, rank) for stage, name, rank in plan_jobs(stages)}
+    assert where["teacher"][0] == "start" and all(where[f"filter {j}"][0] == f"phase {j}" for j in (1, 2, 3))
+    assert all(where[f"eval ccfs {r}"][0] == "final" for r in range(3))
+    if world == 1:
+        assert {rank for _, _, rank in plan_jobs(stages)} == {0}
+    else:                                      # the ranks work side by side: no rank idles through the start
+        assert all(s.local[r] for s in stages[:1] for r in range(min(world, 4)))
+        busy = sum(max(s.loads()) for s in stages)
+        assert busy < 0.75 * sum(sum(s.loads()) for s in stages)       # well below the serial sum
+
+
+def test_plan_splits_a_training_only_with_enough_samples_per_rank():
+    assert not split_training(128, 1, 1)
+    assert split_training(128, 2, 64) and not split_training(128, 4, 64)
+    cfg = load_config(None, ["ccfs.difficulty=forgetting", "train.min_batch_per_rank=64"])
+    start = make_plan(cfg, 2, **SIZES)[0]
+    assert [j.name for j in start.split] == ["teacher", "score_run 0", "score_run 1", "score_run 2"]
+    assert all(not jobs for jobs in start.local)
+    assert not make_plan(cfg, 4, **SIZES)[0].split                  # 32 per rank: whole again
+
+
+# --------------------------------------------------------------------------- same result on any count
+
+
+def test_two_processes_match_one(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = two_processes(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(out / "summary.json"))["processes"] == 2
+    assert_same(out, reference)
+
+
+def test_two_nodes_match_one(reference, tmp_path):
+    """Two `accelerate launch --cpu --num_machines 2 --machine_rank 0|1` commands, one process each,
+    sharing the run directory (as nodes share a file system)."""
+    out, port = tmp_path / "run", str(free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_machines", "2", "--machine_rank",
+         str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--num_processes", "2",
+         "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--out", str(out), *SETTINGS],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert json.load(open(out / "summary.json"))["processes"] == 2
+    assert_same(out, reference)
+
+
+# --------------------------------------------------------------------------- kill one rank, resume
+
+
+def killed(out, point):
+    proc = accelerate_launch([KILL, point, "--out", str(out), *SETTINGS], processes=2)
+    assert proc.returncode != 0, "the run was not killed"
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("point, processes", [("teacher", 2), ("distillation", 2), ("scoring", 2), ("evaluation", 1)])
+def test_killed_rank_resumes_to_the_same_result(point, processes, reference, tmp_path):
+    """SIGKILL of one rank, then --resume. At "evaluation" rank 1 is killed in the middle of the CCFS
+    evaluation model it trains and the run resumes with 1 process: that plan gives the training to rank 0,
+    which continues it from rank 1's checkpoint."""
+    out = tmp_path / "run"
+    killed(out, point)
+    if point == "teacher":
+        assert (out / "teacher_state.pt").exists() and not (out / "teacher.pt").exists()
+    if point == "distillation":
+        assert (out / "teacher.pt").exists() and not (out / "distilled").exists()
+    if point == "scoring":
+        assert (out / "phase_1" / "metrics.json").exists() and (out / "phase_2" / "filter.pt").exists()
+        assert not (out / "phase_2" / "predictions.npz").exists()
+    if point == "evaluation":
+        assert (out / "eval" / "ccfs_run1_state.pt").exists() and not (out / "eval_ccfs.json").exists()
+    if processes == 2:
+        proc = two_processes(out, extra=["--resume"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        one_process(out, extra=["--resume"])
+    assert_same(out, reference)
+
+
+# --------------------------------------------------------------------------- a split training
+
+
+def test_split_training_ends_identical_on_every_rank(tmp_path):
+    """DDP keeps the parameters in step, but each rank's forward passes update its own BatchNorm running
+    statistics (on the CPU torch has no SyncBatchNorm): they differ before the closing broadcast, and
+    every rank holds rank 0's state after it."""
+    out = tmp_path / "split.npz"
+    proc = accelerate_launch([SPLIT, str(out)], processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    assert int(got["world"]) == 2
+    assert not np.array_equal(got["before"][0], got["before"][1])
+    np.testing.assert_array_equal(got["after"][0], got["after"][1])
+    np.testing.assert_array_equal(got["after"][0], got["before"][0])

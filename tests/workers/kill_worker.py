@@ -1,0 +1,64 @@
+"""`ccfs run` in which one rank SIGKILLs itself at a chosen point (the others are then stopped by torchrun).
+
+Usage (under accelerate launch): kill_worker.py POINT [ccfs run args ...]; POINT is one of KILLS:
+  teacher       rank 0 (the teacher's rank in the 2-process plan), after the teacher's 4th epoch
+                (its 3-epoch checkpoint exists)
+  distillation  rank 1, after its first recovery batch (nothing of the distilled set is written)
+  scoring       rank 1, when phase 2's pool scoring starts (phase 1 finished, filter 2 trained)
+  evaluation    rank 1, after the 4th epoch of the CCFS evaluation model it trains
+"""
+import os
+import signal
+import sys
+
+from ccfs_dist import curriculum, evaluate, jobs
+from ccfs_dist.cli import main
+from ccfs_dist.dist import relaunch_cpu_processes
+
+KILLS = {"teacher": 0, "distillation": 1, "scoring": 1, "evaluation": 1}
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killing_training(real, prefix):
+    def train(*args, desc="", on_epoch_end=None, **kwargs):
+        def hook(epoch, model):
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
+            if epoch == 3:
+                die()
+        return real(*args, desc=desc, on_epoch_end=hook if desc.startswith(prefix) else on_epoch_end, **kwargs)
+    return train
+
+
+def killing_recover(real):
+    def recover(*args, **kwargs):
+        out = real(*args, **kwargs)
+        die()
+        return out
+    return recover
+
+
+def killing_score(real):
+    def score(*args, desc="", **kwargs):
+        if desc == "phase 2 score":
+            die()
+        return real(*args, desc=desc, **kwargs)
+    return score
+
+
+if __name__ == "__main__":
+    relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
+    point = sys.argv[1]
+    if int(os.environ.get("RANK", "0")) == KILLS[point]:
+        if point == "teacher":
+            jobs.train_model = killing_training(jobs.train_model, "teacher")
+        elif point == "distillation":
+            curriculum.recover = killing_recover(curriculum.recover)
+        elif point == "scoring":
+            curriculum.score = killing_score(curriculum.score)
+        else:
+            evaluate.train_model = killing_training(evaluate.train_model, "eval ccfs")
+    sys.exit(main(["run", *sys.argv[2:]]))
