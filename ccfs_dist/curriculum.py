@@ -277,8 +277,10 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
     trainings = Trainings(run, cfg, data, class_size)
+    wall, lap = {}, Lap()
 
     run_stage(run, start, trainings)                                    # teacher, score runs
+    wall["teacher + scores"] = lap()
     if c["difficulty"] in DYNAMICS:
         hardness = computed_hardness(run, cfg, data, method, trainings)
     teacher, teacher_stats = get_teacher(run, cfg, data, given_teacher)
@@ -296,6 +298,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         teacher_ok = tp["pred"] == tp["label"]
     trainings.teacher = teacher
     trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
+    wall["distill"] = lap()
 
     synthetic = (distilled.images, distilled.labels)
     selected = np.empty(0, dtype=np.int64)
@@ -308,22 +311,37 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         selected = np.concatenate([selected, new])
         images, labels = data.train.fetch(new, accelerator=run.acc)   # streamed: each rank reads a share
         synthetic = (torch.cat([synthetic[0], images]), torch.cat([synthetic[1], labels]))
+        wall[f"phase {j}"] = lap()
     run.write(io.write_json, run.path("selected_indices.json"),
               {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": np.sort(selected).tolist()})
 
     trainings.sets["ccfs"] = synthetic
     run_stage(run, final, trainings)                                    # evaluations
     evaluation = gather_evaluation(run, cfg, trainings)
+    wall["evaluation"] = lap()
     summary = {
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
         "processes": accelerator.num_processes, "teacher_test_acc": teacher_acc, "teacher": teacher_stats,
         "distilled_per_class": n_distilled, "teacher_acc_on_distilled": distilled_acc,
-        "phases": phases, "evaluation": evaluation,
+        "phases": phases, "evaluation": evaluation, "wall_seconds": wall,
     }
     run.write(io.write_json, run.path("summary.json"), summary)
     run.log(format_table(summary))
     run.write(write_report, out_dir, data=data)
     return summary
+
+
+class Lap:
+    """Wall seconds since the previous call (since creation the first time), for summary.json's
+    wall_seconds: per step of the pipeline, including the wait for the slowest rank."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def __call__(self):
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return round(seconds, 3)
 
 
 def baseline_sets(run, cfg, data, distilled, n_distilled):

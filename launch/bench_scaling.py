@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Wall time of whole CCFS runs with 1 and 2 processes, back to back, and a cost model for many devices.
+
+    python launch/bench_scaling.py                         # both workloads, then the cost model
+    python launch/bench_scaling.py --workloads default     # the default run (configs/default.yaml) only
+    python launch/bench_scaling.py --model-only --rates R.json
+
+Workloads: `default` (configs/default.yaml as it is) and `cifar` (CIFAR-shaped: 32x32 RGB, 10 classes,
+generated images written as an image folder, a ConvNet-D3; see CIFAR). Each runs `python launch/ccfs.py`
+and then `accelerate launch --cpu --num_processes 2 launch/ccfs.py`, both with OMP_NUM_THREADS=1, and
+prints the wall seconds of every step (summary.json's wall_seconds), the whole command, the ratio, and
+whether the results are byte-identical. The load average is printed before and after: other work on
+the machine shifts both numbers.
+
+The cost model (plan.py's plan of a run on W devices, each training costed in images processed at the
+rates measured in the 1-process `cifar` run) predicts the paper's CIFAR-10 IPC 500 and CIFAR-100 IPC 50
+pipelines on 1 / 8 / 16 devices; see BENCHMARKS.md for what it assumes.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
+COMPARED = ["selected_indices.json", "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json"]
+CIFAR = {"classes": 10, "train_per_class": 200, "test_per_class": 50, "size": 32}
+CIFAR_OVERRIDES = ["teacher.epochs=10", "distill.iterations=100", "distill.jitter=4", "train.epochs=30",
+                   "scores.epochs=10", "aug.scale_min=0.08", "aug.flip=true", "ccfs.ipc=20"]
+PAPER = {   # (config, overrides, sizes): the paper's recipes with computed forgetting scores (5 runs x 200 epochs)
+    "CIFAR-10 IPC 500": ("configs/cifar10_ipc500.yaml", {"n_train": 50000, "num_classes": 10, "class_size": 5000}),
+    "CIFAR-100 IPC 50": ("configs/cifar100_ipc50.yaml", {"n_train": 50000, "num_classes": 100, "class_size": 500}),
+}
+PAPER_OVERRIDES = ["ccfs.difficulty=forgetting", "scores.runs=5", "scores.epochs=200", "data.root=unused"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workloads", default="default,cifar", help="comma-separated: default, cifar")
+    p.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
+    p.add_argument("--rates", default=None, help="JSON of measured rates for the cost model (default: from the "
+                                                 "cifar run, else the cifar rates in BENCHMARKS.md must be given)")
+    p.add_argument("--model-only", action="store_true", help="only the cost model (needs --rates)")
+    return p.parse_args(argv)
+
+
+def make_cifar_like(folder):
+    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class)."""
+    import torch
+    from ccfs_dist.data import write_image_folder
+    c = CIFAR
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
+        n = per_class * c["classes"]
+        labels = torch.arange(n) % c["classes"]
+        # class-dependent mean colour + noise: learnable, so the filters misclassify only part of the pool
+        base = (labels[:, None, None, None].float() * 23 % 256)
+        images = (base + 64 * torch.randn((n, 3, c["size"], c["size"]), generator=g)).clamp(0, 255).to(torch.uint8)
+        write_image_folder(os.path.join(folder, split), images, labels, [f"c{i}" for i in range(c["classes"])])
+    return folder
+
+
+def run(out, processes, args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if processes == 1:
+        cmd = [sys.executable, SCRIPT, "--out", out, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--out", out, *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "summary.json")) as f:
+        return seconds, json.load(f)
+
+
+def same_results(a, b):
+    return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in COMPARED)
+
+
+def bench(name, folder, args):
+    print(f"\n== {name}: load average {os.getloadavg()[0]:.2f} before", flush=True)
+    one_dir, two_dir = os.path.join(folder, f"{name}_1"), os.path.join(folder, f"{name}_2")
+    one_s, one = run(one_dir, 1, args)
+    two_s, two = run(two_dir, 2, args)
+    print(f"{'step':<22}{'1 process s':>13}{'2 processes s':>15}{'ratio':>8}")
+    for step, s1 in one["wall_seconds"].items():
+        s2 = two["wall_seconds"][step]
+        print(f"{step:<22}{s1:>13.1f}{s2:>15.1f}{s2 / max(s1, 1e-9):>8.2f}")
+    print(f"{'whole command':<22}{one_s:>13.1f}{two_s:>15.1f}{two_s / one_s:>8.2f}")
+    print(f"results byte-identical: {same_results(one_dir, two_dir)}; load average {os.getloadavg()[0]:.2f} after")
+    return one
+
+
+def rates_of(summary):
+    """Images per second measured in a 1-process run: CE training (teacher), KD training (filters), scoring."""
+    phases = summary["phases"]
+    kd_images = sum(p["train"]["images_per_s"] * p["train"]["seconds"] for p in phases)
+    score_images = sum(p["score"]["images_per_s"] * p["score"]["seconds"] for p in phases)
+    return {"train": summary["teacher"]["images_per_s"],
+            "train_kd": kd_images / sum(p["train"]["seconds"] for p in phases),
+            "score": score_images / sum(p["score"]["seconds"] for p in phases)}
+
+
+def predict(cfg, world, sizes, rates):
+    """Predicted wall seconds of a run on `world` devices: per stage, the most loaded rank's trainings
+    (plan.py) at the measured rates, plus the collective steps split W ways (distillation at the CE
+    training rate, scoring of the pool at the scoring rate)."""
+    from ccfs_dist.plan import KD_COST, make_plan
+    from ccfs_dist.selection import phase_budgets
+    stages = make_plan(cfg, world, **sizes)
+
+    def seconds(job):
+        kd = job.kind in ("filter", "eval") and cfg["train"]["kd"]
+        return job.cost / (KD_COST if kd else 1.0) / rates["train_kd" if kd else "train"]
+
+    total = 0.0
+    for stage in stages:
+        shared = sum(seconds(j) for j in stage.split) / world
+        total += shared + max(sum(seconds(j) for j in jobs) for jobs in stage.local)
+    c, d = cfg["ccfs"], cfg["distill"]
+    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])
+    n, classes = sizes["n_train"], sizes["num_classes"]
+    items = (c["ipc"] - sum(budgets)) * math.ceil(classes / d["batch_classes"])
+    total += math.ceil(items / world) * d["iterations"] * min(classes, d["batch_classes"]) / rates["train"]
+    pool, picked = n, 0
+    for k in budgets:
+        total += (pool - picked) / world / rates["score"]
+        picked += k * classes
+    total += n / world / rates["score"]                       # the teacher's pass over the pool
+    return total
+
+
+def cost_model(rates):
+    from ccfs_dist.config import load_config
+    print(f"\n== cost model (rates, images/s: train {rates['train']:.0f}, KD train {rates['train_kd']:.0f}, "
+          f"score {rates['score']:.0f})")
+    print(f"{'pipeline':<20}{'1 device h':>12}{'8 devices h':>13}{'speed-up':>10}{'16 devices h':>14}{'speed-up':>10}")
+    for name, (path, sizes) in PAPER.items():
+        cfg = load_config(os.path.join(ROOT, path), PAPER_OVERRIDES)
+        one, eight, sixteen = (predict(cfg, w, sizes, rates) for w in (1, 8, 16))
+        print(f"{name:<20}{one / 3600:>12.1f}{eight / 3600:>13.1f}{one / eight:>10.2f}{sixteen / 3600:>14.1f}"
+              f"{one / sixteen:>10.2f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.model_only:
+        if not args.rates:
+            sys.exit("error: --model-only needs --rates (a JSON with train, train_kd, score images/s)")
+        cost_model(json.load(open(args.rates)))
+        return 0
+    folder = args.out or tempfile.mkdtemp(prefix="bench_scaling_")
+    rates = json.load(open(args.rates)) if args.rates else None
+    for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+        if name == "default":
+            bench(name, folder, [])
+        elif name == "cifar":
+            data = make_cifar_like(os.path.join(folder, "cifar_like"))
+            one = bench(name, folder, ["data.source=imagefolder", f"data.root={data}", *CIFAR_OVERRIDES])
+            rates = rates or rates_of(one)
+        else:
+            sys.exit(f"error: --workloads: unknown workload {name!r} (default, cifar)")
+    if rates:
+        print(f"rates: {json.dumps({k: round(v, 1) for k, v in rates.items()})}")
+        cost_model(rates)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
