@@ -224,3 +224,23 @@ def broadcast_state(accelerator, module, src=0):
         for tensor in list(module.parameters()) + list(module.buffers()):
             torch.distributed.broadcast(tensor.data, src=src)
     return module
+
+
+PATIENT_TIMEOUT = datetime.timedelta(days=7)
+
+
+@functools.cache
+def _patient_group():
+    import torch.distributed
+    return torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+
+
+def wait_for_all(accelerator):
+    """A barrier for ranks that wait while another trains (a teacher can take hours): on a gloo group of
+    its own whose timeout is PATIENT_TIMEOUT, not the collectives' --timeout. Every rank must call it at
+    the same points (the first call creates the group). A rank that dies still ends the others (their
+    launcher stops them)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed
+    torch.distributed.barrier(group=_patient_group())

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import io, seeds
-from .dist import Local
+from .dist import Local, wait_for_all
 from .evaluate import evaluate_run
 from .models import build_model, load_checkpoint, state_dict_of
 from .scores import DYNAMICS, dynamics_run
@@ -129,4 +129,4 @@ def run_stage(run, stage, trainings):
             run.log(f"{job.name}: resumed")
         else:
             trainings.do(job)
-    run.acc.wait_for_everyone()
+    wait_for_all(run.acc)

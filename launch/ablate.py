@@ -2,7 +2,7 @@
 """The paper's ablations (CCFS Tables 6-8) as a grid of ordinary CCFS runs.
 
     python launch/ablate.py --config configs/default.yaml --out runs/ablate --seeds 0,1,2 eval.runs=1
-    accelerate launch launch/ablate.py ...                     (every cell distributed like `ccfs run`)
+    accelerate launch launch/ablate.py ...                     (cells dealt to the ranks, each run whole)
 
 The config's own settings are the centre of the grid; each axis varies one thing around it:
   combos  coarse x fine: misclassified|correct x simple|hard|random                 (Table 6)
@@ -16,7 +16,10 @@ data.distilled, so a cell trains only its filters and evaluation models. The see
 random fine selection, evaluation models and the random baselines; teacher and distilled set stay fixed.
 
 Each cell is a normal run directory OUT/cells/<name>/ and is skipped when its summary.json exists (so
-an interrupted grid resumes cell by cell; an unfinished cell resumes from its last finished step).
+an interrupted grid resumes cell by cell; an unfinished cell resumes from its last finished step). Under
+`accelerate launch` the base run and the scores are made by all ranks together, then the cells are dealt
+round-robin to the ranks and each runs whole on its rank with the single-process recipe (the same result
+as with one process); the tables are read back from the cells' summary.json files.
 Only the centre cell of each IPC and seed evaluates the baselines (distilled + random real, random
 real); its name ends in -baselines. Tables (mean ± std over seeds of the final-epoch CCFS test
 accuracy) are printed and written to OUT/ablation.md and OUT/ablation.json.
@@ -216,7 +219,7 @@ def main(argv=None):
               "difficulty": c["difficulty"]}
 
     from ccfs_dist.curriculum import run_ccfs
-    from ccfs_dist.dist import make_accelerator
+    from ccfs_dist.dist import Local, make_accelerator, wait_for_all
     wanted = grid(args, centre)
     acc = make_accelerator(cfg["train"]["mixed_precision"])
     scores = resolve_scores(args, acc, cfg, centre)
@@ -237,20 +240,28 @@ def main(argv=None):
     base = make_base(acc, args, per_class)
     log(acc, f"ablation: {len(cells)} cells in {os.path.join(args.out, 'cells')}")
 
-    results = []
+    # cells are independent runs: each runs whole on one rank (dist.Local), dealt round-robin in grid order
+    local = Local(acc)
     for i, (name, s) in enumerate(cells.items(), 1):
         out = os.path.join(args.out, "cells", name)
+        if (i - 1) % acc.num_processes != acc.process_index:
+            continue
         if os.path.exists(os.path.join(out, "summary.json")):
-            log(acc, f"[{i}/{len(cells)}] {name}: done, skipped")
-            summary = io.read_json(os.path.join(out, "summary.json"))
-        else:
-            log(acc, f"[{i}/{len(cells)}] {name}: running")
-            cell_cfg = load_config(args.config, args.overrides + base + [
-                f"seed={s['seed']}", f"ccfs.ipc={s['ipc']}", f"ccfs.alpha={s['alpha']}", f"ccfs.coarse={s['coarse']}",
-                f"ccfs.fine={s['fine']}", f"ccfs.phases={s['phases']}", f"ccfs.difficulty={scores[s['difficulty']]}",
-                f"eval.baselines={'true' if s['baselines'] else 'false'}"])
-            os.makedirs(out, exist_ok=True)
-            summary = run_ccfs(acc, cell_cfg, out, resume=True)
+            print(f"[{i}/{len(cells)}] {name}: done, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(cells)}] {name}: running" + (f" on rank {acc.process_index}" if acc.num_processes > 1
+                                                        else ""), flush=True)
+        cell_cfg = load_config(args.config, args.overrides + base + [
+            f"seed={s['seed']}", f"ccfs.ipc={s['ipc']}", f"ccfs.alpha={s['alpha']}", f"ccfs.coarse={s['coarse']}",
+            f"ccfs.fine={s['fine']}", f"ccfs.phases={s['phases']}", f"ccfs.difficulty={scores[s['difficulty']]}",
+            f"eval.baselines={'true' if s['baselines'] else 'false'}"])
+        os.makedirs(out, exist_ok=True)
+        run_ccfs(local, cell_cfg, out, resume=True)
+    wait_for_all(acc)
+
+    results = []
+    for name, s in cells.items():                 # read back from the cells' run directories
+        summary = io.read_json(os.path.join(args.out, "cells", name, "summary.json"))
         ev = summary["evaluation"]
         results.append({**s, "name": name, "ccfs": ev["ccfs"]["mean"], "teacher": summary["teacher_test_acc"],
                         **{k: ev[k]["mean"] for k in SET_LABELS if k in ev},

@@ -74,3 +74,20 @@ def test_help_and_bad_grid(tmp_path, capsys):
     with pytest.raises(CCFSError, match="--combos"):          # checked before any work starts
         ablate_main(["--out", str(tmp_path / "x"), "--combos", "wrong-simple", "--scores", "logits"] + TINY)
     assert not (tmp_path / "x").exists()
+
+
+def test_cells_dealt_to_two_processes_give_the_one_process_tables(tmp_path, launch):
+    """Under accelerate launch the cells run whole, one per rank at a time: the same cells and tables."""
+    grid = ["--combos", "misclassified-simple,correct-random", "--phases", "2", "--scores", "logits", "--seeds",
+            "0"] + TINY
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert ablate(["--out", str(one)] + grid).returncode == 0
+    proc = launch([SCRIPT, "--out", str(two)] + grid, processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "running on rank 1" in proc.stdout
+    cells = sorted(os.listdir(one / "cells"))
+    assert sorted(os.listdir(two / "cells")) == cells
+    for c in cells:
+        for name in ("selected_indices.json", "eval_ccfs.json"):
+            assert (one / "cells" / c / name).read_bytes() == (two / "cells" / c / name).read_bytes(), (c, name)
+    assert json.load(open(two / "ablation.json")) == json.load(open(one / "ablation.json"))
