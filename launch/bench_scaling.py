@@ -47,6 +47,9 @@ def parse_args(argv):
     p.add_argument("--rates", default=None, help="JSON of measured rates for the cost model (default: from the "
                                                  "cifar run, else the cifar rates in BENCHMARKS.md must be given)")
     p.add_argument("--model-only", action="store_true", help="only the cost model (needs --rates)")
+    p.add_argument("--split-sweep", action="store_true", help="only the measurement behind train.min_batch_per_rank: "
+                   "one training whole vs split over 2 processes, per global batch size")
+    p.add_argument("--sweep-worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -151,8 +154,65 @@ def cost_model(rates):
               f"{one / sixteen:>10.2f}")
 
 
+SWEEP_BATCHES = (32, 64, 128, 256, 512, 1024)
+
+
+def split_sweep_worker(out):
+    """Under 2 processes: seconds per step of one training whole on rank 0 (rank 1 idle) and split over both
+    (DDP), per global batch size, ConvNet-D3 on CIFAR-shaped images; rank 0 writes them to `out` (JSON)."""
+    import torch
+    from ccfs_dist.dist import Local, make_accelerator, wait_for_all
+    from ccfs_dist.models import build_model
+    from ccfs_dist.train import train_model
+    acc = make_accelerator()
+    steps, rows = 12, []
+    for batch in SWEEP_BATCHES:
+        images = torch.randint(0, 256, (batch * steps // 2, 3, 32, 32), dtype=torch.uint8)
+        labels = torch.arange(len(images)) % 10
+        times = {}
+        for mode in ("warm-up", "whole", "split"):
+            if mode == "split" or acc.is_main_process:
+                torch.manual_seed(0)
+                model = build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, 10, 3, 32)
+                _, stats = train_model(acc if mode == "split" else Local(acc), model, images, labels,
+                                       mean=(0.5,) * 3, std=(0.25,) * 3, epochs=2, batch_size=batch, lr=0.01)
+                times[mode] = stats["seconds"] / stats["steps"]
+            wait_for_all(acc)
+        rows.append({"batch": batch, "per_rank": batch // acc.num_processes, "whole_s": times.get("whole"),
+                     "split_s": times["split"]})
+    if acc.is_main_process:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+    wait_for_all(acc)
+
+
+def split_sweep():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "sweep.json")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.abspath(__file__), "--sweep-worker",
+               out]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"error: the split sweep failed:\n{proc.stderr[-3000:]}")
+        rows = json.load(open(out))
+    print(f"\n== one training whole on one rank vs split over 2 (DDP), ConvNet-D3 32x32, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    print(f"{'global batch':>13}{'per rank':>10}{'whole ms/step':>15}{'split ms/step':>15}{'speed-up':>10}")
+    for r in rows:
+        print(f"{r['batch']:>13}{r['per_rank']:>10}{1000 * r['whole_s']:>15.1f}{1000 * r['split_s']:>15.1f}"
+              f"{r['whole_s'] / r['split_s']:>10.2f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sweep_worker:
+        split_sweep_worker(args.sweep_worker)
+        return 0
+    if args.split_sweep:
+        split_sweep()
+        return 0
     if args.model_only:
         if not args.rates:
             sys.exit("error: --model-only needs --rates (a JSON with train, train_kd, score images/s)")
@@ -176,4 +236,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ccfs_dist.dist import exit_process, relaunch_cpu_processes
+    relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
+    sys.exit(exit_process(main()))
