@@ -285,7 +285,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from ccfs_dist.dist import relaunch_cpu_processes
+    from ccfs_dist.relaunch import relaunch_cpu_processes
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
     from ccfs_dist.dist import exit_process
     try:

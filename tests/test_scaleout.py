@@ -176,3 +176,31 @@ def test_split_training_ends_identical_on_every_rank(tmp_path):
     assert not np.array_equal(got["before"][0], got["before"][1])
     np.testing.assert_array_equal(got["after"][0], got["after"][1])
     np.testing.assert_array_equal(got["after"][0], got["before"][0])
+
+
+LOCAL_BF16 = """
+import torch
+from ccfs_dist.dist import Local, make_accelerator
+from ccfs_dist.models import build_model
+from ccfs_dist.train import train_model
+acc = make_accelerator("bf16")
+local = Local(acc)
+torch.manual_seed(0)
+model = build_model({"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}, 10, 3, 16)
+seen = []
+model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+images, labels = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8), torch.arange(64) % 10
+trained, stats = train_model(local, model, images, labels, mean=(0.5,) * 3, std=(0.25,) * 3, epochs=1,
+                             batch_size=32, lr=0.01)
+wrapped, _ = local.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+print(type(trained).__name__, seen[0], wrapped(images[:2].float()).dtype, stats["steps"])
+"""
+
+
+def test_local_training_keeps_mixed_precision():
+    """A training run whole on one rank (dist.Local, never Accelerator.prepare) still runs its forward
+    under the accelerator's autocast, returns float32 logits, and hands back the bare model."""
+    proc = subprocess.run([sys.executable, "-c", LOCAL_BF16], env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ConvNet", "torch.bfloat16", "torch.float32", "2"]
