@@ -192,7 +192,8 @@ def dynamics_run(accelerator, cfg, data, r):
     info = {"seconds": stats["seconds"], "accuracy": float(rec.previous.mean()),
             "never_learned": int((~rec.learned).sum()), "events": int(rec.events.sum())}
     _log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
-                      f"{info['accuracy']:.4f}, never learned {info['never_learned']}, forgetting events {info['events']}")
+                      f"{info['accuracy']:.4f}, never learned {info['never_learned']}, "
+                      f"forgetting events {info['events']}")
     return rec.result(), info
 
 
@@ -203,7 +204,8 @@ def combine_runs(runs):
         for m in DYNAMICS:
             sums[m] += result[m]
     scores = {m: (sums[m] / len(runs)).astype(np.float32) for m in DYNAMICS}
-    info = {"seconds": sum(i["seconds"] for _, i in runs), "last_epoch_train_accuracy": [i["accuracy"] for _, i in runs]}
+    info = {"seconds": sum(i["seconds"] for _, i in runs),
+            "last_epoch_train_accuracy": [i["accuracy"] for _, i in runs]}
     return scores, info
 
 
@@ -213,22 +215,24 @@ def training_dynamics(accelerator, cfg, data):
     Each run trains whole on one rank (runs dealt round-robin; their results all-gathered) unless the
     plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks.
     """
-    from .plan import split_training
+    from .plan import split_training          # here: plan.py imports this module
     s = cfg["scores"]
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1 or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
         return combine_runs([dynamics_run(accelerator if world > 1 else Local(accelerator), cfg, data, r)
                              for r in range(s["runs"])])
-    mine = [(r, *dynamics_run(Local(accelerator), cfg, data, r)) for r in range(rank, s["runs"], world)]
-    n = len(data.train)
-    local = {"run": torch.tensor([r for r, _, _ in mine], dtype=torch.int64),
-             "info": torch.tensor([[i["seconds"], i["accuracy"]] for _, _, i in mine], dtype=torch.float64).reshape(-1, 2),
-             **{m: torch.from_numpy(np.stack([res[m] for _, res, _ in mine])) if mine
-                else torch.empty((0, n), dtype=torch.float64) for m in DYNAMICS}}
+    mine = {r: dynamics_run(Local(accelerator), cfg, data, r) for r in range(rank, s["runs"], world)}
+    local = {"run": torch.tensor(list(mine), dtype=torch.int64),
+             "info": torch.tensor([[i["seconds"], i["accuracy"]] for _, i in mine.values()],
+                                  dtype=torch.float64).reshape(-1, 2)}
+    for m in DYNAMICS:
+        local[m] = (torch.from_numpy(np.stack([result[m] for result, _ in mine.values()])) if mine
+                    else torch.empty((0, len(data.train)), dtype=torch.float64))
     got = gather_rows(accelerator, local)
-    order = torch.argsort(got["run"]).tolist()
-    return combine_runs([({m: got[m][i].numpy() for m in DYNAMICS},
-                          {"seconds": float(got["info"][i, 0]), "accuracy": float(got["info"][i, 1])}) for i in order])
+    runs = [({m: got[m][i].numpy() for m in DYNAMICS},
+             {"seconds": float(got["info"][i, 0]), "accuracy": float(got["info"][i, 1])})
+            for i in torch.argsort(got["run"]).tolist()]                     # in run order
+    return combine_runs(runs)
 
 
 def checkpoint_path(cfg):

@@ -3,9 +3,11 @@
 With OMP_NUM_THREADS=1 in every process, the default config (the digits demo, with shorter trainings so
 that CI stays quick: see SETTINGS) gives byte-identical selected_indices.json, phase_*/selected.npy and
 eval_*.json with 1 process, 2 processes, 2 "nodes" x 1 process on localhost, and after SIGKILL of one
-rank of a 2-process run at 4 points and --resume (with 2 processes, and at one point with 1). No training of this
-config is split over ranks (its batches are below train.min_batch_per_rank per rank), so bitwise is
-the right comparison; a split training is tested on its own (every rank ends with the same state).
+rank of a 2-process run at 4 points and --resume (with 2 processes, and at one point with 1). No training
+of this config is split over ranks (its batches are below train.min_batch_per_rank per rank), so bitwise
+is the right comparison. A split training cannot be bitwise across process counts (gradient reduction
+order; per-rank BatchNorm statistics on the CPU), so it is tested on its own: every rank ends with the
+same parameters and buffers.
 """
 import json
 import os
