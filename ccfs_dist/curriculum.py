@@ -108,7 +108,8 @@ def get_teacher(run, cfg, data, given):
     """The teacher: given, or trained by the start stage's teacher job (read back from teacher.pt)."""
     if given is not None:
         return given, {"source": cfg["teacher"]["checkpoint"]}
-    teacher = load_checkpoint(build(cfg, data, seeds.teacher(cfg["seed"])), run.path("teacher.pt")).eval()
+    path = io.wait_for(run.path("teacher.pt"))                         # written by the teacher's rank
+    teacher = load_checkpoint(build(cfg, data, seeds.teacher(cfg["seed"])), path).eval()
     stats = run.path("teacher.json")
     return teacher, io.read_json(stats) if os.path.exists(stats) else {"source": "resumed"}
 
@@ -205,8 +206,8 @@ def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, metho
         run.log(f"phase {j}: resumed")
         return (np.load(run.path(pdir, "selected.npy"), allow_pickle=False),
                 io.read_json(run.path(pdir, "metrics.json")))
+    steps = io.read_json(io.wait_for(run.path(pdir, "steps.json")))      # written last by the filter's rank
     filt = load_checkpoint(build(cfg, data, seeds.filter_model(cfg["seed"], j)), run.path(pdir, "filter.pt"))
-    steps = io.read_json(run.path(pdir, "steps.json"))
     filter_acc = accuracy(run.acc, filt, data.test, mean=data.mean, std=data.std)
 
     pool = np.setdiff1d(np.arange(len(data.train)), selected)
@@ -359,7 +360,7 @@ def gather_evaluation(run, cfg, trainings):
     """Every set's evaluation runs, read back from the jobs' artifacts: {set: mean ± std over runs}."""
     results = {}
     for name in eval_sets(cfg):
-        runs = [io.read_json(trainings.artifact("eval", name, r)) for r in range(cfg["eval"]["runs"])]
+        runs = [io.read_json(io.wait_for(trainings.artifact("eval", name, r))) for r in range(cfg["eval"]["runs"])]
         results[name] = summarize(runs)
         run.write(io.write_json, run.path(f"eval_{set_stem(name)}.json"), results[name])
     return results

@@ -60,3 +60,17 @@ def save_torch(path, obj):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def wait_for(path, seconds=120.0, poll=0.25):
+    """Return `path` once it exists. An artifact another node renamed into place just before a barrier can
+    show up late on a shared file system (NFS caches directory lookups for up to a minute); a file still
+    missing after `seconds` is a RuntimeError naming it."""
+    import time
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {seconds:.0f} s after the rank that writes it "
+                               f"finished; is the run directory on storage every node sees?")
+        time.sleep(poll)
+    return path

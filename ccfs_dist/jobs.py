@@ -87,7 +87,7 @@ class Trainings:
         """[(result, info), ...] of every score run, read back from their artifacts (after the start stage)."""
         runs = []
         for r in range(self.cfg["scores"]["runs"]):
-            with np.load(self.artifact("score_run", r), allow_pickle=False) as f:
+            with np.load(io.wait_for(self.artifact("score_run", r)), allow_pickle=False) as f:
                 runs.append(({m: f[m] for m in DYNAMICS}, {"seconds": float(f["info"][0]),
                                                            "accuracy": float(f["info"][1])}))
         return runs

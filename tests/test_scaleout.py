@@ -206,3 +206,16 @@ def test_local_training_keeps_mixed_precision():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ConvNet", "torch.bfloat16", "torch.float32", "2"]
+
+
+def test_reading_another_ranks_artifact_waits_for_it(tmp_path):
+    """io.wait_for: an artifact renamed into place on another node can show up late (NFS lookup cache)."""
+    import threading
+    from ccfs_dist import io
+    path = tmp_path / "eval" / "ccfs_run0.json"
+    timer = threading.Timer(0.3, lambda: io.write_json(path, {"final": 0.5}))
+    timer.start()
+    assert io.read_json(io.wait_for(str(path), seconds=30, poll=0.05)) == {"final": 0.5}
+    timer.join()
+    with pytest.raises(RuntimeError, match="did not appear within 0 s"):
+        io.wait_for(str(tmp_path / "missing.json"), seconds=0.2, poll=0.05)
