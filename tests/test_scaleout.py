@@ -166,6 +166,22 @@ def test_killed_rank_resumes_to_the_same_result(point, processes, reference, tmp
 # --------------------------------------------------------------------------- a split training
 
 
+def test_run_with_split_and_whole_trainings(tmp_path):
+    """train.min_batch_per_rank=64 splits the batch-128 trainings (teacher, score runs) over the 2 ranks and
+    keeps the batch-32 ones (filters, evaluation) whole: the collectives of split jobs and the dealing of
+    whole ones in one run. The result is not compared with 1 process (a split training depends on the
+    process count); the run must finish with every artifact."""
+    out = tmp_path / "run"
+    proc = two_processes(out, extra=["train.min_batch_per_rank=64"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plan: start: all ranks [teacher, score_run 0, score_run 1]" in proc.stdout
+    assert "plan: final: rank 0 [eval ccfs 0" in proc.stdout
+    summary = json.load(open(out / "summary.json"))
+    assert summary["processes"] == 2 and summary["teacher"]["source"] == "trained"
+    assert all(0 <= r["mean"] <= 1 for r in summary["evaluation"].values())
+    assert len(json.load(open(out / "selected_indices.json"))["idx_selected"]) == 16 * 10
+
+
 def test_split_training_ends_identical_on_every_rank(tmp_path):
     """DDP keeps the parameters in step, but each rank's forward passes update its own BatchNorm running
     statistics (on the CPU torch has no SyncBatchNorm): they differ before the closing broadcast, and
