@@ -137,7 +137,9 @@ class Local:
         self.acc = accelerator
         self.device = accelerator.device
         self.mixed_precision = accelerator.mixed_precision
-        self.scaler = accelerator.scaler
+        # fp16: a loss scaler of its own, starting fresh, so that the training does not inherit the scale
+        # that earlier trainings on this rank left in the accelerator's (its result would depend on them)
+        self.scaler = torch.amp.GradScaler(self.device.type) if accelerator.scaler is not None else None
 
     def prepare(self, model, optimizer):
         from accelerate.optimizer import AcceleratedOptimizer
