@@ -3,7 +3,8 @@
 With OMP_NUM_THREADS=1 in every process, the default config (the digits demo, with shorter trainings so
 that CI stays quick: see SETTINGS) gives byte-identical selected_indices.json, phase_*/selected.npy and
 eval_*.json with 1 process, 2 processes, 2 "nodes" x 1 process on localhost, and after SIGKILL of one
-rank of a 2-process run at 4 points and --resume (with 2 processes, and at one point with 1). No training
+rank of a 2-process run at 4 points and --resume (with 2 processes, or with 1; and a killed 1-process run
+resumed with 2). No training
 of this config is split over ranks (its batches are below train.min_batch_per_rank per rank), so bitwise
 is the right comparison. A split training cannot be bitwise across process counts (gradient reduction
 order; per-rank BatchNorm statistics on the CPU), so it is tested on its own: every rank ends with the
@@ -133,19 +134,22 @@ def test_two_nodes_match_one(reference, tmp_path):
 # --------------------------------------------------------------------------- kill one rank, resume
 
 
-def killed(out, point):
-    proc = accelerate_launch([KILL, point, "--out", str(out), *SETTINGS], processes=2)
+def killed(out, point, processes=2):
+    args = [KILL, point, "--out", str(out), *SETTINGS]
+    proc = (accelerate_launch(args, processes=2) if processes == 2 else
+            subprocess.run([sys.executable, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600))
     assert proc.returncode != 0, "the run was not killed"
     assert not (out / "summary.json").exists()
 
 
-@pytest.mark.parametrize("point, processes", [("teacher", 2), ("distillation", 2), ("scoring", 2), ("evaluation", 1)])
-def test_killed_rank_resumes_to_the_same_result(point, processes, reference, tmp_path):
-    """SIGKILL of one rank, then --resume. At "evaluation" rank 1 is killed in the middle of the CCFS
-    evaluation model it trains and the run resumes with 1 process: that plan gives the training to rank 0,
-    which continues it from rank 1's checkpoint."""
+@pytest.mark.parametrize("point, killed_with, resumed_with", [
+    ("teacher", 2, 2), ("distillation", 2, 2), ("scoring", 2, 2), ("evaluation", 2, 1), ("evaluation", 1, 2)])
+def test_killed_rank_resumes_to_the_same_result(point, killed_with, resumed_with, reference, tmp_path):
+    """SIGKILL of one rank, then --resume. At "evaluation" the rank training CCFS evaluation model 2 is
+    killed in its middle: of 2 processes (rank 1), resumed with 1, whose plan gives the training to rank 0;
+    of 1 process, resumed with 2, whose plan gives it to rank 1. Either continues from the checkpoint."""
     out = tmp_path / "run"
-    killed(out, point)
+    killed(out, point, killed_with)
     if point == "teacher":
         assert (out / "teacher_state.pt").exists() and not (out / "teacher.pt").exists()
     if point == "distillation":
@@ -155,7 +159,7 @@ def test_killed_rank_resumes_to_the_same_result(point, processes, reference, tmp
         assert not (out / "phase_2" / "predictions.npz").exists()
     if point == "evaluation":
         assert (out / "eval" / "ccfs_run1_state.pt").exists() and not (out / "eval_ccfs.json").exists()
-    if processes == 2:
+    if resumed_with == 2:
         proc = two_processes(out, extra=["--resume"])
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:

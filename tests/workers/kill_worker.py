@@ -1,11 +1,13 @@
 """`ccfs run` in which one rank SIGKILLs itself at a chosen point (the others are then stopped by torchrun).
 
-Usage (under accelerate launch): kill_worker.py POINT [ccfs run args ...]; POINT is one of KILLS:
+Usage (under accelerate launch, or alone: then its one process is the one killed):
+kill_worker.py POINT [ccfs run args ...]; POINT is one of KILLS:
   teacher       rank 0 (the teacher's rank in the 2-process plan), after the teacher's 4th epoch
                 (its 3-epoch checkpoint exists)
   distillation  rank 1, after its first recovery batch (nothing of the distilled set is written)
   scoring       rank 1, when phase 2's pool scoring starts (phase 1 finished, filter 2 trained)
-  evaluation    rank 1, after the 4th epoch of the CCFS evaluation model it trains
+  evaluation    rank 1, after the 4th epoch of CCFS evaluation model 2 (the one rank 1 trains in the
+                2-process plan)
 """
 import os
 import signal
@@ -52,7 +54,8 @@ def killing_score(real):
 if __name__ == "__main__":
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
     point = sys.argv[1]
-    if int(os.environ.get("RANK", "0")) == KILLS[point]:
+    victim = KILLS[point] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if int(os.environ.get("RANK", "0")) == victim:
         if point == "teacher":
             jobs.train_model = killing_training(jobs.train_model, "teacher")
         elif point == "distillation":
@@ -60,5 +63,5 @@ if __name__ == "__main__":
         elif point == "scoring":
             curriculum.score = killing_score(curriculum.score)
         else:
-            evaluate.train_model = killing_training(evaluate.train_model, "eval ccfs")
+            evaluate.train_model = killing_training(evaluate.train_model, "eval ccfs 2/")
     sys.exit(main(["run", *sys.argv[2:]]))
