@@ -18,6 +18,10 @@ DEFAULTS = {
         "test_root": None,         # webdataset: the test index JSON (written by `ccfs shards`)
         "image_size": None,        # imagefolder, tiny-imagenet, webdataset: resize + center-crop to this size
         "distilled": None,         # folder of distilled images (one sub-folder per class); None: run the base distiller
+        "mean": None,              # per-channel normalisation mean in [0, 1] units; None: the source's default
+                                   # (cifar10/cifar100/tiny-imagenet: the official CCFS constants, docs/official.md;
+                                   # digits/imagefolder: computed from the training split)
+        "std": None,               # per-channel normalisation std; None: the source's default, as data.mean
     },
     "model": {
         "name": "convnet",         # convnet | resnet18 (CIFAR stem) | resnet18_imagenet | any torchvision classifier name
@@ -32,6 +36,9 @@ DEFAULTS = {
         "lr": 0.1,
         "weight_decay": 5e-4,
         "warmup_epochs": 0,
+        "crop": None,              # None: the `aug` section (RandomResizedCrop); "pad": RandomCrop(size, padding) +
+                                   # flip, the SRe2L squeeze recipe that trained the official CIFAR teachers
+        "padding": 4,              # crop "pad": zero padding on each side before the random crop
     },
     "distill": {                   # SRe2L / CDA recovery against the frozen teacher
         "iterations": 500,
@@ -53,14 +60,21 @@ DEFAULTS = {
         "balance": True,           # select per class (True) or globally over the pool (False)
         "teacher_correct": True,   # coarse candidates must also be classified correctly by the teacher
         "warm_start": False,       # start phase j's filter from phase j-1's weights
+        "compat": "none",          # none | official: reproduce the official code's picks exactly (set-order ties,
+                                   # short classes take fewer, int(ipc * alpha), selection order); docs/official.md
     },
     "train": {                     # recipe for filter and evaluation models
         "epochs": None,            # None: paper rule by ratio ipc/class size (<=10%: 500, <=20%: 250, else 200)
-        "batch_size": None,        # None: paper rule by synthetic images per class (<500: 32, <1000: 64, else 128)
+        "batch_size": None,        # None: official rule by the current set's ratio to the training set
+                                   # (< 10 %: 32, < 20 %: 64, else 128)
         "lr": 0.1,
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "warmup_epochs": 0,
+        "warmup_start": None,      # lr factor at the first warm-up step; None: 1/warmup steps ((i+1)/W ramp);
+                                   # official: 0.01 (LinearLR start_factor), reaching 1 after warmup_epochs
+        "schedule_step": "batch",  # batch | epoch: advance warm-up + cosine per optimizer step, or once per epoch
+                                   # (official: per epoch, cosine over epochs - warmup_epochs)
         "kd": True,                # knowledge distillation from the teacher (else cross-entropy on labels)
         "temperature": 20.0,
         "mixed_precision": "no",   # no | fp16 | bf16
@@ -90,6 +104,8 @@ DEFAULTS = {
     "eval": {
         "runs": 3,                 # evaluation models per set
         "baselines": True,         # also evaluate distilled+random and random-only sets
+        "best_after": 0.8,         # official protocol: best test accuracy over every epoch e (0-based) with
+                                   # e > best_after * epochs, reported beside the final-epoch headline
     },
 }
 
@@ -99,6 +115,10 @@ NULLABLE = {
     "data.test_root": str,
     "data.image_size": int,
     "data.distilled": str,
+    "data.mean": list,
+    "data.std": list,
+    "teacher.crop": str,
+    "train.warmup_start": float,
     "teacher.checkpoint": str,
     "ccfs.difficulty_method": str,
     "train.epochs": int,
@@ -110,6 +130,9 @@ NULLABLE = {
 CHOICES = {
     "data.source": ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "webdataset"),
     "model.norm": ("batchnorm", "instancenorm", "none"),
+    "teacher.crop": ("pad",),
+    "ccfs.compat": ("none", "official"),
+    "train.schedule_step": ("batch", "epoch"),
     "distill.init": ("noise", "real"),
     "ccfs.coarse": ("misclassified", "correct"),
     "ccfs.fine": ("simple", "hard", "random"),
@@ -208,6 +231,20 @@ def validate(cfg):
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[section][name]}")
     if cfg["score"]["num_workers"] < 0:
         raise ConfigError(f"config key 'score.num_workers' must be at least 0, got {cfg['score']['num_workers']}")
+    for key in ("data.mean", "data.std"):
+        values = cfg["data"][key.split(".")[1]]
+        if values is not None and (not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in values)):
+            raise ConfigError(f"config key '{key}' must be a list of numbers (one per channel), got {values!r}")
+    if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
+        raise ConfigError(f"config key 'data.std' must hold positive numbers, got {cfg['data']['std']}")
+    t = cfg["train"]
+    if t["warmup_start"] is not None and not 0.0 < t["warmup_start"] <= 1.0:
+        raise ConfigError(f"config key 'train.warmup_start' must lie in (0, 1], got {t['warmup_start']}")
+    if cfg["teacher"]["padding"] < 0:
+        raise ConfigError(f"config key 'teacher.padding' must be at least 0, got {cfg['teacher']['padding']}")
+    if not 0.0 <= cfg["eval"]["best_after"] < 1.0:
+        raise ConfigError(f"config key 'eval.best_after' must lie in [0, 1), got {cfg['eval']['best_after']}")
     s = cfg["scores"]
     if s["el2n_epoch"] is not None and not 1 <= s["el2n_epoch"] <= s["epochs"]:
         raise ConfigError(f"config key 'scores.el2n_epoch' must lie in 1..scores.epochs ({s['epochs']}), "

@@ -31,8 +31,8 @@ from .models import build_model, load_checkpoint, state_dict_of
 from .report import write_report
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_scores
-from .selection import phase_budgets, select
-from .train import recipe, train_model
+from .selection import phase_budgets, select, select_official
+from .train import recipe, teacher_recipe, train_model
 
 
 class Run:
@@ -113,13 +113,9 @@ def get_teacher(run, cfg, data, given):
     teacher = build(cfg, data, cfg["seed"])
     if run.done("teacher.pt"):
         return load_checkpoint(teacher, run.path("teacher.pt")).eval(), {"source": "resumed"}
-    t = cfg["teacher"]
     teacher, stats = train_model(
         run.acc, teacher, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-        epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-        warmup_epochs=t["warmup_epochs"], scale_min=cfg["aug"]["scale_min"], flip=cfg["aug"]["flip"],
-        seed=cfg["seed"], channels_last=cfg["train"]["channels_last"], desc="teacher",
-        checkpoint=run.path("teacher_state.pt"), checkpoint_every=cfg["train"]["checkpoint_every"])
+        seed=cfg["seed"], desc="teacher", checkpoint=run.path("teacher_state.pt"), **teacher_recipe(cfg))
     run.write(io.save_torch, run.path("teacher.pt"), state_dict_of(teacher))
     return teacher, {"source": "trained", **stats}
 
@@ -154,6 +150,21 @@ def make_distilled(run, cfg, data, teacher, per_class):
     allx = gather_rows(run.acc, local)
     key = np.lexsort((allx["batch"].numpy(), allx["labels"].numpy()))
     return allx["images"][key], allx["labels"][key]
+
+
+def get_teacher_predictions(run, cfg, data, teacher):
+    """The teacher's prediction on every training sample (global index order), kept in
+    teacher_predictions.npz (index, label, pred) so that the teacher-correct rule can be checked or
+    re-applied from the run directory alone."""
+    path = run.path("teacher_predictions.npz")
+    if run.done("teacher_predictions.npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return {key: f[key] for key in f.files}
+    tp, _ = score(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
+                  batch_size=cfg["score"]["batch_size"], desc="teacher score")
+    tp = {key: tp[key] for key in ("index", "label", "pred")}
+    run.write(io.write_npz, path, **tp)
+    return tp
 
 
 def load_given_distilled(cfg, data, per_class):
@@ -226,12 +237,15 @@ def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, meth
         run.write(io.write_json, run.path(pdir, "steps.json"), steps)
     filter_acc = accuracy(run.acc, filt, data.test, mean=data.mean, std=data.std)
 
+    official = c["compat"] == "official"
+    # the official code scores every training sample (selected ones too: they shape its candidate set)
     pool = np.setdiff1d(np.arange(len(data.train)), selected)
+    scored = np.arange(len(data.train)) if official else pool
     if run.done(pdir, "predictions.npz") and "score" in steps:      # scored before an interruption
         with np.load(run.path(pdir, "predictions.npz"), allow_pickle=False) as f:
             preds = {key: f[key] for key in f.files}
     else:
-        preds, sstats = score(run.acc, filt, data.train, pool, mean=data.mean, std=data.std,
+        preds, sstats = score(run.acc, filt, data.train, scored, mean=data.mean, std=data.std,
                               batch_size=cfg["score"]["batch_size"], channels_last=cfg["train"]["channels_last"],
                               desc=f"phase {j} score")
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
@@ -239,11 +253,18 @@ def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, meth
         run.write(io.write_json, run.path(pdir, "steps.json"), steps)
     t0 = time.perf_counter()
     h = to_hardness(preds["true_logit"], "logits") if hardness is None else hardness[preds["index"]]
-    sel = select(preds["index"], preds["label"], preds["pred"], h, k, coarse=c["coarse"], fine=c["fine"],
-                 balance=c["balance"], teacher_correct=teacher_ok[preds["index"]] if teacher_ok is not None else None,
-                 num_classes=data.num_classes, seed=cfg["seed"] + j)
+    rule = dict(coarse=c["coarse"], fine=c["fine"], balance=c["balance"], num_classes=data.num_classes,
+                teacher_correct=teacher_ok[preds["index"]] if teacher_ok is not None else None, seed=cfg["seed"] + j)
+    if official:
+        sel = select_official(preds["index"], preds["label"], preds["pred"], h, k, selected=selected, **rule)
+    else:
+        sel = select(preds["index"], preds["label"], preds["pred"], h, k, **rule)
     select_s = time.perf_counter() - t0
-    if sel.total_short:
+    in_pool = ~np.isin(preds["index"], selected) if official else slice(None)
+    if sel.total_short and official:
+        run.log(f"note: phase {j}: {int(sel.total_short)} images fewer than the quota (ccfs.compat: official takes "
+                f"fewer where a class has fewer candidates than k)")
+    elif sel.total_short:
         run.log(f"warning: phase {j}: the pool ran out: {int(sel.total_short)} images short of the quota")
     if sel.filled_from_fallback.sum():
         run.log(f"warning: phase {j}: {int(sel.filled_from_fallback.sum())} images came from the fallback tiers "
@@ -251,9 +272,10 @@ def run_phase(run, cfg, data, teacher, j, k, synthetic, selected, hardness, meth
     metrics = {
         "phase": j, "k": k, "pool_size": int(len(pool)), "synthetic_size": int(len(synthetic[0])),
         "filter_test_acc": filter_acc,
-        "pool_misclassification_rate": float((preds["pred"] != preds["label"]).mean()),
+        "pool_misclassification_rate": float((preds["pred"] != preds["label"])[in_pool].mean()),
         "candidates_per_class": sel.candidates_per_class.tolist(), "selected_per_class": sel.per_class.tolist(),
         "filled_from_fallback": int(sel.filled_from_fallback.sum()), "short": int(sel.total_short),
+        "compat": c["compat"],
         "mean_hardness_selected": float(h[np.isin(preds["index"], sel.indices)].mean()) if len(sel.indices) else None,
         "difficulty": method,
         "train": steps["train"], "score": steps["score"], "select_seconds": select_s,
@@ -279,7 +301,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     c = cfg["ccfs"]
     data = load_real(cfg["data"], num_workers=cfg["score"]["num_workers"])
     class_size = check_budget(cfg, data)
-    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])
+    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
     n_distilled = c["ipc"] - sum(budgets)
     hardness, method = get_hardness_source(cfg, data)
     given_teacher = load_given_teacher(cfg, data)
@@ -298,11 +320,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     distilled_acc = (accuracy(accelerator, teacher, distilled, mean=data.mean, std=data.std)
                      if len(distilled) else None)
 
-    teacher_ok = None
-    if c["teacher_correct"]:
-        tp, _ = score(accelerator, teacher, data.train, np.arange(len(data.train)),
-                      mean=data.mean, std=data.std, batch_size=cfg["score"]["batch_size"], desc="teacher score")
-        teacher_ok = tp["pred"] == tp["label"]
+    tp = get_teacher_predictions(run, cfg, data, teacher)
+    teacher_ok = tp["pred"] == tp["label"] if c["teacher_correct"] else None
 
     synthetic = (distilled.images, distilled.labels)
     selected = np.empty(0, dtype=np.int64)
@@ -321,15 +340,17 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         selected = np.concatenate([selected, new])
         images, labels = data.train.fetch(new, accelerator=run.acc)   # streamed: each rank reads a share
         synthetic = (torch.cat([synthetic[0], images]), torch.cat([synthetic[1], labels]))
+    # ccfs.compat official: idx_selected in selection order, as the official code writes it
+    order = selected if c["compat"] == "official" else np.sort(selected)
     run.write(io.write_json, run.path("selected_indices.json"),
-              {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": np.sort(selected).tolist()})
+              {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": order.tolist()})
 
     evaluation = evaluate_all(run, cfg, data, teacher, distilled, synthetic, n_distilled, class_size)
     summary = {
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
         "processes": accelerator.num_processes, "teacher_test_acc": teacher_acc, "teacher": teacher_stats,
         "distilled_per_class": n_distilled, "teacher_acc_on_distilled": distilled_acc,
-        "phases": phases, "evaluation": evaluation,
+        "phases": phases, "evaluation": evaluation, "best_after": cfg["eval"]["best_after"],
     }
     run.write(io.write_json, run.path("summary.json"), summary)
     run.log(format_table(summary))
@@ -359,7 +380,7 @@ def evaluate_all(run, cfg, data, teacher, distilled, synthetic, n_distilled, cla
                 continue
             runs.append(evaluate_run(run.acc, x, y, data=data, model_cfg=cfg["model"], recipe=rec,
                                      teacher=teacher if cfg["train"]["kd"] else None, seed=cfg["seed"] + 500 + r,
-                                     desc=f"eval {name} {r + 1}/{e['runs']}",
+                                     desc=f"eval {name} {r + 1}/{e['runs']}", best_after=e["best_after"],
                                      checkpoint=run.path("eval", f"{stem}_run{r}_state.pt")))
             run.write(io.write_json, run.path(part), runs[-1])
         results[name] = summarize(runs)
@@ -374,10 +395,16 @@ def format_table(summary):
               "random": "random real only"}
     lines = [f"{summary['data']}  IPC {summary['ipc']}  alpha {summary['alpha']}  phases {summary['budgets']}  "
              f"difficulty {summary['difficulty']}",
-             f"{'set':<34}{'test acc, final epoch':>24}{'best epoch*':>14}"]
+             f"{'set':<34}{'test acc, final epoch':>24}{'official protocol*':>22}"]
     for name, r in ev.items():
         acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-        lines.append(f"{labels[name]:<34}{acc:>24}{100 * r['best_epoch_mean']:>13.2f}%")
+        official = f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}"
+        lines.append(f"{labels[name]:<34}{acc:>24}{official:>22}")
     lines.append(f"{'full data (teacher)':<34}{100 * summary['teacher_test_acc']:>23.2f}%")
-    lines.append("* best epoch is chosen on the test set (as the official code reports); shown for reference only")
+    selected = sum(sum(m["selected_per_class"]) for m in summary["phases"])
+    fallback = sum(m["filled_from_fallback"] for m in summary["phases"])
+    lines.append(f"selected real images from the fallback tiers: {fallback} of {selected} "
+                 f"({100 * fallback / max(1, selected):.1f} %); the rest met the coarse rule")
+    lines.append(f"* best test accuracy over every epoch after {summary.get('best_after', 0.8):.0%} of training "
+                 f"(the official code's figure): selected on the test set, for comparison only")
     return "\n".join(lines)

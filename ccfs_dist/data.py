@@ -22,8 +22,12 @@ from .errors import ConfigError, DataError
 # torchvision's IMG_EXTENSIONS, so sorted-path order equals torchvision ImageFolder order.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# Default normalisation per source (config keys data.mean / data.std override them). These follow the
+# official CCFS code, whose teacher checkpoints were trained with them (SRe2L's squeeze_cifar.py):
+# ccfs_cifar10.py and ccfs_cifar100.py both use the CIFAR-10 mean and the std (0.2023, 0.1994, 0.2010),
+# ccfs_tiny.py uses TINY_MEAN / TINY_STD. docs/official.md lists them beside each set's own statistics.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = CIFAR10_MEAN, CIFAR10_STD
 TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
 
 PROGRESS_MIN_FILES = 1000  # show a progress bar when decoding at least this many files
@@ -94,7 +98,21 @@ def load_real(data_cfg, num_workers=0):
     """Load the real train/test data named by the `data` config section.
 
     `num_workers`: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
+    data.mean / data.std, when set, replace the source's default normalisation.
     """
+    data = _load_source(data_cfg, num_workers)
+    for key in ("mean", "std"):
+        values = data_cfg.get(key)
+        if values is None:
+            continue
+        if len(values) != data.channels:
+            raise ConfigError(f"config key 'data.{key}' has {len(values)} value(s) but the images of source "
+                              f"'{data_cfg['source']}' have {data.channels} channel(s)")
+        setattr(data, key, tuple(float(v) for v in values))
+    return data
+
+
+def _load_source(data_cfg, num_workers):
     source, root, image_size = data_cfg["source"], data_cfg.get("root"), data_cfg.get("image_size")
     if source == "webdataset":
         from .shards import load_shards

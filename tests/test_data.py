@@ -87,7 +87,8 @@ def test_cifar10_order_labels_classes(tmp_path, use_parent):
     assert np.array_equal(data.test.images.numpy(), test.reshape(-1, 3, 32, 32))
     assert data.test.labels.tolist() == [9, 0, 4]
     assert data.classes[0] == "airplane" and data.classes[9] == "truck" and data.num_classes == 10
-    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2470, 0.2435, 0.2616)
+    # the official CCFS / SRe2L constants (issue 14), not the set's own std (0.2470, 0.2435, 0.2616)
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2023, 0.1994, 0.2010)
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
@@ -103,7 +104,12 @@ def test_cifar100_uses_fine_labels(tmp_path):
     assert np.array_equal(data.train.images.numpy(), train.reshape(-1, 3, 32, 32))
     assert data.train.labels.tolist() == [99, 5, 0, 42] and data.test.labels.tolist() == [7, 8]
     assert data.classes == [f"c{i}" for i in range(100)]
-    assert data.mean == (0.5071, 0.4865, 0.4409)
+    # CIFAR-100 is normalised with the CIFAR-10 constants, as ccfs_cifar100.py and SRe2L's squeeze do (issue 14)
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2023, 0.1994, 0.2010)
+    own = load_real(dict(cfg("cifar100", tmp_path), mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762]))
+    assert own.mean == (0.5071, 0.4865, 0.4409) and own.std == (0.2673, 0.2564, 0.2762)
+    with pytest.raises(ConfigError, match="'data.mean' has 1 value"):
+        load_real(dict(cfg("cifar100", tmp_path), mean=[0.5]))
 
 
 def test_cifar_missing_file_names_file_and_folder(tmp_path):
