@@ -1,7 +1,7 @@
 """Run configuration: built-in defaults, a YAML file on top, dotted overrides on top of that.
 
 Every key that may appear is in DEFAULTS; an unknown key or a value of the wrong type is a
-ConfigError naming the key. `None` in DEFAULTS means "derive it" (documented per key in README.md);
+ConfigError naming the key. `None` in DEFAULTS means "derive it" (documented per key in docs/configuration.md);
 keys listed in NULLABLE may be set to a value of the type given there.
 """
 import copy
