@@ -117,7 +117,7 @@ def get_teacher(run, cfg, data, given):
         run.acc, teacher, data.train.images, data.train.labels, mean=data.mean, std=data.std,
         seed=cfg["seed"], desc="teacher", checkpoint=run.path("teacher_state.pt"), **teacher_recipe(cfg))
     run.write(io.save_torch, run.path("teacher.pt"), state_dict_of(teacher))
-    return teacher, {"source": "trained", **stats}
+    return teacher, {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}}
 
 
 def make_distilled(run, cfg, data, teacher, per_class):

@@ -171,10 +171,12 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     _sync(device)
     start = time.perf_counter()
     seen = 0
+    lrs = []                                              # lr at the first step of each epoch trained here
     unwrapped = accelerator.unwrap_model(ddp_model)
     ddp_model.train()
     for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, initial=first_epoch, total=epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
         perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n)).to(device)  # last batch wraps around
         boxes, flips = epoch_boxes(augment, steps_per_epoch * batch_size, height, width, aug_gen, device)
@@ -229,7 +231,7 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return model.eval(), {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                          "epochs": epochs, "batch_size": batch_size, "steps": total}
+                          "epochs": epochs, "batch_size": batch_size, "steps": total, "lrs": lrs}
 
 
 def recipe(cfg, *, ipc, class_size, per_class):
