@@ -37,6 +37,15 @@ def test_int_is_accepted_for_float():
     ("data.source=cifar10", "needs 'data.root'"),
     ("eval.runs=0", "'eval.runs' must be at least 1"),
     ("ccfs.ipc=null", "'ccfs.ipc' may not be null"),
+    ("data.mean=0.5", "'data.mean' must be of type list"),
+    ("data.std=[0.2, x]", "'data.std' must be a list of numbers"),
+    ("data.std=[0.2, 0]", "'data.std' must hold positive numbers"),
+    ("train.warmup_start=0", "'train.warmup_start' must lie in (0, 1]"),
+    ("train.schedule_step=step", "'train.schedule_step' must be one of batch, epoch"),
+    ("ccfs.compat=paper", "'ccfs.compat' must be one of none, official"),
+    ("teacher.crop=resize", "'teacher.crop' must be one of pad"),
+    ("teacher.padding=-1", "'teacher.padding' must be at least 0"),
+    ("eval.best_after=1.0", "'eval.best_after' must lie in [0, 1)"),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
