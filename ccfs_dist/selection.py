@@ -8,9 +8,9 @@ Pure numpy. The curriculum calls `phase_budgets` once per run and `select` once 
         S_j = S_{j-1} ∪ sel.indices
 
 `select` orders the pool by (class, tier, fine key, global index) and takes the first k of each
-class. `select_official` (config ccfs.compat: official) instead reproduces the official code's picks
-exactly: its tie order, its short classes, its output order (see there and docs/official.md). Tier 1 holds the coarse candidates; the later tiers only fill a class whose candidates run
-out (see `select`). Everything is array sorts and per-group ranks: no Python loop over samples or
+class. Tier 1 holds the coarse candidates; the later tiers only fill a class whose candidates run
+out (see `select`). `select_official` (ccfs.compat: official) instead reproduces the official code's
+picks exactly: its tie order, its short classes, its output order (see there and docs/official.md). Everything is array sorts and per-group ranks: no Python loop over samples or
 classes, 0.025-0.06 s for ImageNet-1K (1.28 M samples, 1000 classes) on one CPU core.
 """
 import math
