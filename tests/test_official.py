@@ -113,11 +113,14 @@ def cifar_pool():
 
 @pytest.mark.parametrize("method, fine, balance", [
     ("forgetting", "simple", True), ("forgetting", "hard", True), ("forgetting", "simple", False),
-    ("cscore", "simple", True), ("cscore", "hard", False),
+    ("cscore", "simple", True), ("cscore", "hard", False), ("logits", "simple", True), ("logits", "hard", False),
 ])
 def test_official_mode_matches_the_official_code_on_a_cifar_sized_pool(cifar_pool, method, fine, balance):
     labels, forgetting, cscores, teacher, phase_preds = cifar_pool
-    raw, reverse = (forgetting, True) if method == "forgetting" else (cscores, False)   # as main() sets them
+    # as main() sets them; selection_logits sorts by the filter's true-class logit with reverse=False
+    # (here one logit per sample, rounded to create ties, standing in for the last phase's filter)
+    logits = np.round(np.random.default_rng(2).normal(size=len(labels)), 1)
+    raw, reverse = {"forgetting": (forgetting, True), "cscore": (cscores, False), "logits": (logits, False)}[method]
     expected = official_run(labels, teacher, phase_preds, raw, reverse, 500, 0.1, 3, select_method=fine,
                             balance=balance)
     shuffle = np.random.default_rng(1).permutation(len(labels))          # a gathered, unordered result
@@ -127,7 +130,7 @@ def test_official_mode_matches_the_official_code_on_a_cifar_sized_pool(cifar_poo
     assert len(got) == 450 * 10
     if method == "cscore":
         return          # C-scores are continuous (few ties): there the default rule picks the same samples
-    # the forgetting file is full of ties, so the default rule (ties by index) picks differently here
+    # the forgetting file (and the rounded logits) are full of ties: the default rule (ties by index) differs
     default, selected = [], np.empty(0, dtype=np.int64)
     for k, pred in zip(phase_budgets(500, 0.1, 3), phase_preds):
         pool = np.setdiff1d(np.arange(len(labels)), selected)
