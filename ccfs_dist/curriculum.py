@@ -28,7 +28,7 @@ from .distill import recover
 from .errors import CCFSError, ConfigError, DataError
 from .evaluate import evaluate_run, random_per_class, summarize
 from .models import build_model, load_checkpoint, state_dict_of
-from .report import write_report
+from .report import fallback_line, write_report
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_scores
 from .selection import phase_budgets, select, select_official
@@ -401,10 +401,7 @@ def format_table(summary):
         official = f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}"
         lines.append(f"{labels[name]:<34}{acc:>24}{official:>22}")
     lines.append(f"{'full data (teacher)':<34}{100 * summary['teacher_test_acc']:>23.2f}%")
-    selected = sum(sum(m["selected_per_class"]) for m in summary["phases"])
-    fallback = sum(m["filled_from_fallback"] for m in summary["phases"])
-    lines.append(f"selected real images from the fallback tiers: {fallback} of {selected} "
-                 f"({100 * fallback / max(1, selected):.1f} %); the rest met the coarse rule")
+    lines.append(fallback_line(summary["phases"]))
     lines.append(f"* best test accuracy over every epoch after {summary.get('best_after', 0.8):.0%} of training "
                  f"(the official code's figure): selected on the test set, for comparison only")
     return "\n".join(lines)

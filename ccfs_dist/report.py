@@ -238,6 +238,14 @@ def _pct(v):
     return "–" if v is None else f"{100 * v:.2f}"
 
 
+def fallback_line(phases):
+    """How many of the selected real images came from the fallback tiers rather than the coarse rule."""
+    selected = sum(sum(m["selected_per_class"]) for m in phases)
+    fallback = sum(m["filled_from_fallback"] for m in phases)
+    return (f"selected real images from the fallback tiers: {fallback} of {selected} "
+            f"({100 * fallback / max(1, selected):.1f} %); the rest met the coarse rule")
+
+
 def results_table(summary):
     """Markdown table of CCFS vs baselines (mean ± std of final-epoch test accuracy) and the teacher."""
     lines = ["| set | test acc % (final epoch, mean ± std) | runs | official protocol* % (mean ± std) |",
@@ -270,7 +278,8 @@ def _markdown(run_dir, cfg, summary, phases, figures, notes):
         out += [results_table(summary), "",
                 "Final-epoch test accuracy over the evaluation runs. *The official code's figure: the best test "
                 f"accuracy over every epoch after {summary.get('best_after', 0.8):.0%} of training, selected on "
-                "the test set: for comparison with published numbers only.", ""]
+                "the test set: for comparison with published numbers only.", "",
+                fallback_line(summary["phases"]).capitalize() + ".", ""]
     else:
         out += ["The run has not finished (no summary.json): no evaluation yet.", ""]
     if phases:

@@ -65,6 +65,7 @@ def test_small_run_two_processes(tmp_path, launch):
     proc = launch([SCRIPT, "--out", out] + TINY, processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "CCFS (distilled + selected real)" in proc.stdout and "random real only" in proc.stdout
+    assert "official protocol*" in proc.stdout and "selected real images from the fallback tiers: " in proc.stdout
     check_artifacts(out, processes=2)
 
 
