@@ -218,8 +218,8 @@ class Augment:
                 boxes, flips = self.draw(len(x), x.shape[2], x.shape[3], generator, x.device)
                 return self.apply(x, boxes, flips)
             x = normalize(x, self.mean, self.std)
-        elif not torch.is_floating_point(x):
-            raise TypeError(f"Augment takes uint8 (or normalised float) images, got {x.dtype}")
+        elif not torch.is_floating_point(x) or self.crop == "pad":   # pad: black is known only for uint8
+            raise TypeError(f"Augment takes uint8 (or, crop 'resized', normalised float) images, got {x.dtype}")
         return resized_crop_flip(x, self.size, scale_min=self.scale_min, ratio=self.ratio,
                                  flip=self.flip, generator=generator)
 

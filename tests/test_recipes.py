@@ -130,6 +130,8 @@ def test_teacher_random_crop_is_torchvisions_random_crop():
     views = aug(x[:4], generator=torch.Generator().manual_seed(1))
     assert views.shape == (4, 3, 32, 32) and views.dtype == torch.float32
     assert torch.isclose(views.min(), torch.tensor(-2.0))                 # padded black: (0 - 0.5) / 0.25
+    with pytest.raises(TypeError):
+        aug(x[:4].float())                                                # black is unknown once normalised
 
 
 def test_official_protocol_counts_the_epochs_after_80_percent():
