@@ -398,7 +398,8 @@ def format_table(summary):
              f"{'set':<34}{'test acc, final epoch':>24}{'official protocol*':>22}"]
     for name, r in ev.items():
         acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-        official = f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}"
+        official = ("–" if r.get("official_mean") is None else
+                    f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
         lines.append(f"{labels[name]:<34}{acc:>24}{official:>22}")
     lines.append(f"{'full data (teacher)':<34}{100 * summary['teacher_test_acc']:>23.2f}%")
     lines.append(fallback_line(summary["phases"]))

@@ -48,8 +48,11 @@ def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teache
 
 
 def summarize(runs):
-    """Mean ± std (population) over evaluation runs (each a dict from evaluate_run)."""
+    """Mean ± std (population) over evaluation runs (each a dict from evaluate_run). A run resumed from
+    an older version's JSON has no official figure: then the official mean and std are None."""
     final = [r["final"] for r in runs]
-    official = [r["official"] for r in runs]
+    official = [r.get("official") for r in runs]
+    known = None not in official
     return {"final": final, "official": official, "mean": float(np.mean(final)), "std": float(np.std(final)),
-            "official_mean": float(np.mean(official)), "official_std": float(np.std(official))}
+            "official_mean": float(np.mean(official)) if known else None,
+            "official_std": float(np.std(official)) if known else None}

@@ -251,8 +251,8 @@ def results_table(summary):
     lines = ["| set | test acc % (final epoch, mean ± std) | runs | official protocol* % (mean ± std) |",
              "|---|---|---|---|"]
     for name, r in summary["evaluation"].items():
-        official = (f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}" if "official_mean" in r
-                    else "–")
+        official = ("–" if r.get("official_mean") is None else
+                    f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
         lines.append(f"| {SET_LABELS.get(name, name)} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | "
                      f"{len(r['final'])} | {official} |")
     lines.append(f"| full data (teacher) | {_pct(summary['teacher_test_acc'])} | | |")

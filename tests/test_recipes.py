@@ -152,3 +152,5 @@ def test_official_protocol_counts_the_epochs_after_80_percent():
     s = summarize(runs)
     assert s["official_mean"] == pytest.approx(np.mean([r["official"] for r in runs]))
     assert s["official_std"] == pytest.approx(np.std([r["official"] for r in runs]))
+    old = summarize([{"final": 0.5, "best_epoch": 0.6}, runs[0]])   # a run JSON written before the official figure
+    assert old["mean"] == pytest.approx((0.5 + runs[0]["final"]) / 2) and old["official_mean"] is None
