@@ -131,7 +131,7 @@ def test_official_mode_matches_the_official_code_on_a_cifar_sized_pool(cifar_poo
     if method == "cscore":
         return          # C-scores are continuous (few ties): there the default rule picks the same samples
     # the forgetting file (and the rounded logits) are full of ties: the default rule (ties by index) differs
-    default, selected = [], np.empty(0, dtype=np.int64)
+    selected = np.empty(0, dtype=np.int64)
     for k, pred in zip(phase_budgets(500, 0.1, 3), phase_preds):
         pool = np.setdiff1d(np.arange(len(labels)), selected)
         sel = select(pool, labels[pool], pred[pool], to_hardness(raw, method)[pool], k, fine=fine, balance=balance,
