@@ -1,7 +1,7 @@
 """Batched on-device augmentation: RandomResizedCrop + horizontal flip as one affine grid_sample.
 
     normalize(x_uint8, mean, std) -> float tensor
-    Augment(mean, std, size, scale_min=0.08, flip=True, ratio=(3/4, 4/3))(x, generator=None)
+    Augment(mean, std, size, scale_min=0.08, flip=True, ratio=(3/4, 4/3), crop='resized', padding=4)(x, generator=None)
     resized_crop_flip(x, size, scale_min, ...)   (float, differentiable; used by the base distiller)
     crop_boxes(batch, height, width, ...)        (the random boxes, exposed for tests)
     pad_boxes / pad_crop                         (RandomCrop(size, padding) + flip: the CIFAR teacher's recipe)
