@@ -82,11 +82,13 @@ def test_small_run_one_process_and_run_dir_protection(tmp_path):
 
 def test_small_run_official_compat(tmp_path):
     """ccfs.compat=official: the run selects what the official code selects from the run's own artifacts,
-    in selection order, and trains with the official per-epoch warm-up + cosine schedule."""
+    in selection order, and trains with the official per-epoch warm-up + cosine schedule (and a teacher
+    trained with the squeeze RandomCrop)."""
     from test_official import check_official_run
     out = str(tmp_path / "official")
     proc = run_script(["--out", out] + TINY + ["ccfs.compat=official", "eval.baselines=false", "train.warmup_epochs=1",
-                                               "train.warmup_start=0.01", "train.schedule_step=epoch"])
+                                               "train.warmup_start=0.01", "train.schedule_step=epoch",
+                                               "teacher.crop=pad", "teacher.padding=1"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     picks = check_official_run(out)
     assert len(picks) == len(set(picks)) and picks != sorted(picks)
