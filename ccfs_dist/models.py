@@ -180,5 +180,9 @@ def load_checkpoint(model, path):
         raise DataError(f"checkpoint file '{path}' does not match the model {_model_name(target)}: "
                         f"{'; '.join(parts)}; check model.name / width / depth / norm and the number "
                         f"of classes and channels the checkpoint was trained with")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"checkpoint file '{path}' holds NaN or infinite values in {len(bad)} tensor(s), e.g. "
+                        f"{', '.join(bad[:3])}; expected finite weights (the training that wrote it diverged?)")
     target.load_state_dict(sd, strict=True)
     return model

@@ -301,7 +301,7 @@ def write_named(folder, names, per_class=2, size=8):
                                    ["new000", "new001", "new002"], ["new002", "cat", "1"]])
 def test_distilled_folder_naming_variants(tmp_path, names):
     write_named(tmp_path, names)
-    split = load_distilled(tmp_path, CLASSES, 2, 3, 4)  # stored at 8x8: resized to 4x4
+    split = load_distilled(tmp_path, CLASSES, 2, 3, 4, resize=True)  # stored at 8x8: resized to 4x4 (opt-in)
     assert split.images.shape == (6, 3, 4, 4) and split.labels.tolist() == [0, 0, 1, 1, 2, 2]
     label_of = {"cat": 0, "dog": 1, "eel": 2, "new002": 2, "1": 1}
     for name in names:
