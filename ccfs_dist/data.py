@@ -189,7 +189,8 @@ class _CifarUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"),
                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("_codecs", "encode")}   # protocol 2 pickles of numpy arrays spell their bytes this way
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+               ("_codecs", "encode")}   # protocol 2 pickles written by Python 3 spell bytes this way
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
