@@ -68,7 +68,7 @@ def cmd_scores(args):
     for p in paths.values():
         if os.path.isdir(p):
             raise CCFSError(f"--out '{p}' is a folder; name the .npy file to write")
-        check_writable_folder(os.path.dirname(os.path.abspath(p)), "--out")
+        check_writable_folder(p, "--out", file=True)
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not args.overwrite:
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
@@ -190,6 +190,11 @@ def build_parser():
     return parser
 
 
+def one_line(exc):
+    """The message of `exc` on one line (a message may quote a library's multi-line one)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv=None):
     """Run a subcommand. User mistakes print one `error:` line and return 2. With several processes, any
     other failure prints the rank and the traceback and ends the process at once (status 1), so the
@@ -201,7 +206,7 @@ def main(argv=None):
     try:
         status = args.func(args)
     except CCFSError as exc:
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        print(f"{prefix}error: {one_line(exc)}", file=sys.stderr, flush=True)
         if world > 1:
             os._exit(2)
         return 2

@@ -148,7 +148,8 @@ def load_checkpoint(model, path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"checkpoint file '{path}' could not be loaded ({type(exc).__name__}: {exc}); "
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"checkpoint file '{path}' could not be loaded ({type(exc).__name__}: {first}); "
                         f"it must be a state dict saved with torch.save") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
