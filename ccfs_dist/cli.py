@@ -115,9 +115,19 @@ def verify_shards(args, cfg):
     return 0
 
 
+BENCH_SCRIPT = os.path.join(os.path.dirname(REPO_CONFIGS), "launch", "bench.py")
+
+
 def cmd_bench(args):
-    from .bench import main as bench_main
-    return bench_main(args.args, prog="ccfs bench")
+    """Benchmarks live in launch/, outside the engine's import graph: run the checkout's launch/bench.py."""
+    if not os.path.exists(BENCH_SCRIPT):
+        raise CCFSError(f"`ccfs bench` runs the repository's launch/bench.py, which is not at {BENCH_SCRIPT}; "
+                        f"run it from a checkout of ccfs-dist")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ccfs_bench", BENCH_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.main(args.args, prog="ccfs bench")
 
 
 def cmd_report(args):
@@ -181,7 +191,7 @@ def build_parser():
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (the --out of `ccfs run`)")
     p.set_defaults(func=cmd_report)
 
-    # every argument goes to ccfs_dist.bench (whose parser prints the help), so `ccfs` starts without torch
+    # every argument goes to launch/bench.py (whose parser prints the help), so `ccfs` starts without torch
     p = sub.add_parser("bench", help="per-phase throughput (filter training, scoring, selection, evaluation "
                                      "training) against the compute-only ceiling; `ccfs bench --help`",
                        add_help=False, prefix_chars="+")
