@@ -152,3 +152,14 @@ def test_unreadable_config_paths(tmp_path):
     bad.write_bytes(b"seed: 1 # caf\xe9\n")
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(str(bad))
+
+
+def test_docs_list_every_range_and_every_key():
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "configuration.md")).read()
+    documented = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| must (.+?) \|$", text, flags=re.M))
+    assert documented == {k: str(r) for k, r in RANGES.items()}
+    for key in ("data.distilled_resize", "data.allow_urls", "data.allow_outside"):
+        assert f"| `{key}` |" in text
