@@ -112,6 +112,7 @@ NULLABLE = {
     "scores.checkpoint": str,
 }
 
+
 class Range(NamedTuple):
     """Allowed values of a numeric key: lo..hi, each end included or not; every value must be finite."""
     lo: float
