@@ -171,36 +171,6 @@ def case_checkpoint_inf(tmp_path, finished):
     return [f"teacher.checkpoint={tmp_path}/t.pt"], "NaN or infinite"
 
 
-# ------------------------------------------------------------------------ numbers outside their meaning
-
-def case_negative_momentum(tmp_path):
-    return ["train.momentum=-0.9"], "config key 'train.momentum' must lie in [0, 1), got -0.9"
-
-
-def case_negative_seed(tmp_path):
-    return ["seed=-3"], "config key 'seed' must be at least 0"
-
-
-def case_scale_min_above_one(tmp_path):
-    return ["aug.scale_min=1.2"], "config key 'aug.scale_min' must lie in (0, 1]"
-
-
-def case_no_teacher_epochs(tmp_path):
-    return ["teacher.epochs=0"], "config key 'teacher.epochs' must be at least 1"
-
-
-def case_no_distill_iterations(tmp_path):
-    return ["distill.iterations=-5"], "config key 'distill.iterations' must be at least 1"
-
-
-def case_image_size_zero(tmp_path):
-    return ["data.image_size=0"], "config key 'data.image_size' must be at least 1"
-
-
-def case_width_zero(tmp_path):
-    return ["model.width=0"], "config key 'model.width' must be at least 1"
-
-
 # ----------------------------------------------------------------------------------- config files
 
 def case_config_false(tmp_path):
@@ -369,20 +339,42 @@ CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 FIXTURES = {"tmp_path", "digit_shards", "finished"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
-def test_bad_input(case, run_dir, tmp_path, capsys, request):
+def refused(run_dir, capsys, options, overrides, words):
+    """`ccfs run --overwrite` into the finished run's copy: status 2, one `error:` line with `words`, and the
+    earlier run byte for byte as it was."""
     before = snapshot(run_dir)
-    names = case.__code__.co_varnames[:case.__code__.co_argcount]
-    got = case(*[tmp_path if n == "tmp_path" else request.getfixturevalue(n) for n in names])
-    options, overrides, words = got if len(got) == 3 else ([], *got)
     code = main(["run", "--out", str(run_dir), "--overwrite"] + options + TINY + overrides)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input(case, run_dir, tmp_path, capsys, request):
+    names = case.__code__.co_varnames[:case.__code__.co_argcount]
+    got = case(*[tmp_path if n == "tmp_path" else request.getfixturevalue(n) for n in names])
+    options, overrides, words = got if len(got) == 3 else ([], *got)
+    refused(run_dir, capsys, options, overrides, words)
     assert not (tmp_path / "pwned").exists()                       # a planted payload did not run
     if case.__name__ in FOUND_LATE:                                # failed inside the staged new run
         assert (tmp_path / ".run.ccfs-new" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.momentum=-0.9", "config key 'train.momentum' must lie in [0, 1), got -0.9"),
+    ("train.weight_decay=-0.1", "config key 'train.weight_decay' must be at least 0"),
+    ("train.batch_size=-4", "config key 'train.batch_size' must be at least 1"),
+    ("seed=-3", "config key 'seed' must be at least 0"),
+    ("aug.scale_min=1.2", "config key 'aug.scale_min' must lie in (0, 1]"),
+    ("teacher.epochs=0", "config key 'teacher.epochs' must be at least 1"),
+    ("train.epochs=-2", "config key 'train.epochs' must be at least 1"),
+    ("distill.iterations=-5", "config key 'distill.iterations' must be at least 1"),
+    ("data.image_size=0", "config key 'data.image_size' must be at least 1"),
+    ("model.width=0", "config key 'model.width' must be at least 1"),
+])
+def test_numbers_outside_their_meaning(override, words, run_dir, capsys):
+    refused(run_dir, capsys, [], [override], words)
 
 
 FOUND_LATE = {"case_shard_content_differs_from_sha256", "case_shard_label_differs_from_index"}

@@ -13,26 +13,12 @@ import pytest
 from ccfs_dist.cli import main
 
 from conftest import ROOT
-from test_bad_input import TINY, snapshot
+from test_bad_input import TINY, finished, run_dir, snapshot  # noqa: F401  (finished, run_dir: fixtures)
 
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 # the replacing run is slow enough that a kill lands inside it (its epochs, not its start-up)
 SLOW = TINY + ["teacher.epochs=30", "train.epochs=40", "seed=1", "ccfs.difficulty=logits"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["run", "--out", str(out)] + TINY) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(finished, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(finished, out)
-    return out
 
 
 def siblings(run_dir):
