@@ -96,6 +96,7 @@ class Run:
         if self.lock_path in _HELD:
             os.close(_HELD.pop(self.lock_path))
         try:
+            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "

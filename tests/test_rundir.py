@@ -109,3 +109,10 @@ def test_resume_removes_what_a_killed_run_left(run_dir):
     assert main(["run", "--out", str(run_dir), "--resume"] + TINY) == 0
     left = [p for p in run_dir.rglob(".*")]
     assert left == [], left
+
+
+def test_out_below_folders_that_do_not_exist_yet(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    assert main(["run", "--out", str(out)] + TINY + ["ccfs.ipc=1000"]) == 2     # fails after the lock
+    assert main(["run", "--out", str(out)] + TINY) == 0
+    assert (out / "summary.json").exists() and siblings(out) == [".run.ccfs-lock"]
