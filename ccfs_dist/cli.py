@@ -40,7 +40,11 @@ def cmd_run(args):
     from .dist import make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
     from .curriculum import run_ccfs
-    run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
+    from .rundir import release_locks
+    try:
+        run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        release_locks()                    # also on failure: the lock file and an uncommitted staged run go
     accelerator.end_training()
     return 0
 

@@ -1,17 +1,20 @@
 """The run directory (`--out`): checked, locked, staged, committed and cleaned here, and nowhere else.
 
-Beside a run directory RUN live three hidden siblings of its parent folder:
+While a run uses a run directory RUN, up to three hidden siblings of RUN exist in its parent folder:
 
-    .RUN.ccfs-lock   the lock file: one run (rank 0 of it) holds an exclusive flock for its lifetime;
-                     the OS releases it when the process ends, however it ends. It holds the owner's pid.
+    .RUN.ccfs-lock   the lock file: one run (rank 0 of it) holds an exclusive flock for its lifetime; the
+                     OS releases it when the process ends, however it ends. It holds the owner's pid.
     .RUN.ccfs-new    --overwrite of an earlier run: the new run is written here, and RUN is left untouched
                      until the new run has finished (`commit`)
     .RUN.ccfs-old    during `commit` only: the earlier run, moved aside, deleted once the new run is RUN
 
-`commit` is two renames and a delete; a run killed anywhere (SIGKILL included) leaves a state that the next
-run or resume of RUN repairs first (`_recover`): the earlier run put back, or the finished new one put in
-place. Temporary files of a killed run (`.name.*.tmp`, `.distilled.*.old`) are removed when a run opens RUN.
+`release_locks` (the CLI calls it when a command ends, however it ends) removes the lock file and an
+uncommitted staged run. `commit` is two renames and a delete; a run killed anywhere (SIGKILL included)
+leaves a state that the next run or resume of RUN repairs first (`_recover`): the earlier run put back, or
+the finished new one put in place. Temporary files of a killed run (`.name.*.tmp`, `.distilled.*.old`) are
+removed when a run opens RUN.
 """
+import atexit
 import errno
 import fcntl
 import os
@@ -26,9 +29,25 @@ from .dist import main_says
 from .errors import CCFSError, ConfigError
 
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)$")      # io.atomic_path and write_image_folder temporaries
-# lock files this process holds, by path: a run that failed in this process (cli.main called again, as the
-# tests do) must not lock its successor out; the process runs one run at a time
+# lock file path -> [fd, staged folder or None] of the runs this process holds (rank 0; one at a time)
 _HELD = {}
+
+
+def release_locks():
+    """Release every run directory this process holds: an uncommitted staged run is removed, then the lock
+    file is unlinked while still locked (a run that opened it meanwhile sees another inode and retries)."""
+    for path, (fd, staged) in list(_HELD.items()):
+        del _HELD[path]
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+atexit.register(release_locks)
 
 
 def holds_run(folder):
@@ -93,26 +112,32 @@ class Run:
     def _lock(self):
         """Hold an exclusive flock on the lock file (rank 0 only, so ranks of one run never lock each other
         out); the error names the directory and the pid of the run holding it."""
-        if self.lock_path in _HELD:
-            os.close(_HELD.pop(self.lock_path))
-        try:
-            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "
-                            f"{exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        release_locks()                          # a run that ended in this process (cli.main called again)
+        while True:
+            try:
+                os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "
+                                f"{exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise CCFSError(f"run directory '{self.out}' is in use by another run (pid {holder}); wait "
+                                    f"for it to end, or choose another --out") from None
+                raise CCFSError(f"--out '{self.out}': cannot lock {self.lock_path}: {exc.strerror}") from None
+            try:
+                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                    break                        # else its holder unlinked it as we opened it: open the new one
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise CCFSError(f"run directory '{self.out}' is in use by another run (pid {holder}); wait for "
-                                f"it to end, or choose another --out") from None
-            raise CCFSError(f"--out '{self.out}': cannot lock {self.lock_path}: {exc.strerror}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD[self.lock_path] = fd
+        _HELD[self.lock_path] = [fd, None]
 
     def _recover(self):
         """Repair what a run killed during --overwrite or `commit` left (we hold the lock: nobody writes)."""
@@ -162,6 +187,7 @@ class Run:
         if self._staging:
             self.dir = self.staged
         if self.acc.is_main_process:
+            _HELD[self.lock_path][1] = self.staged if self._staging else None   # removed if never committed
             try:
                 os.makedirs(self.dir, exist_ok=True)
                 self._remove_leftovers()
@@ -182,14 +208,14 @@ class Run:
 
     def commit(self):
         """The run has finished: a staged run replaces the earlier one (see the module docstring for what a
-        kill in between leaves and how it is repaired); then the lock is released."""
+        kill in between leaves and how it is repaired); then the lock is released and its file removed."""
         if self.acc.is_main_process:
             if self._staging:
                 os.rename(self.out, self.old)
                 os.rename(self.staged, self.out)
                 shutil.rmtree(self.old)
-            if self.lock_path in _HELD:
-                os.close(_HELD.pop(self.lock_path))   # closing the file releases the flock
+            _HELD[self.lock_path][1] = None
+            release_locks()
         self.dir = self.out
         self._staging = False
         self.acc.wait_for_everyone()

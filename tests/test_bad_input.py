@@ -341,13 +341,15 @@ FIXTURES = {"tmp_path", "digit_shards", "finished"}
 
 def refused(run_dir, capsys, options, overrides, words):
     """`ccfs run --overwrite` into the finished run's copy: status 2, one `error:` line with `words`, and the
-    earlier run byte for byte as it was."""
+    earlier run byte for byte as it was, nothing left beside it. Returns what the run printed."""
     before = snapshot(run_dir)
     code = main(["run", "--out", str(run_dir), "--overwrite"] + options + TINY + overrides)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
     assert snapshot(run_dir) == before
+    assert not [n for n in os.listdir(run_dir.parent) if n.startswith(".run.ccfs-")]   # no lock, no staged run
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -355,10 +357,10 @@ def test_bad_input(case, run_dir, tmp_path, capsys, request):
     names = case.__code__.co_varnames[:case.__code__.co_argcount]
     got = case(*[tmp_path if n == "tmp_path" else request.getfixturevalue(n) for n in names])
     options, overrides, words = got if len(got) == 3 else ([], *got)
-    refused(run_dir, capsys, options, overrides, words)
+    out = refused(run_dir, capsys, options, overrides, words)
     assert not (tmp_path / "pwned").exists()                       # a planted payload did not run
-    if case.__name__ in FOUND_LATE:                                # failed inside the staged new run
-        assert (tmp_path / ".run.ccfs-new" / "config.yaml").exists()
+    if case.__name__ in FOUND_LATE:                                # failed inside the staged new run, which
+        assert "data digits: 1437 train" in out                    # had started (this line follows its open)
 
 
 @pytest.mark.parametrize("override, words", [

@@ -59,13 +59,15 @@ def test_overwrite_killed_anywhere_keeps_the_earlier_run_and_locks_out_a_second_
             assert f"error: run directory '{run_dir}' is in use by another run (pid {proc.pid})" in err, err
         kill(proc)
         assert snapshot(run_dir) == before, f"kill point {i}"
-    # the killed runs' lock went with them; their partial staged run is removed by the next run, which never
-    # loads a training state (`*_state.pt`, garbage here) of an earlier run: only a resume does (test_resume.py)
+    # the killed runs' lock went with them, its file and their partial staged run stay behind ...
+    assert siblings(run_dir) == [".run.ccfs-lock", ".run.ccfs-new"]
+    # ... until the next run, which removes them (and its own lock file when it ends), and which never loads
+    # a training state (`*_state.pt`, garbage here) of an earlier run: only a resume does (test_resume.py)
     for part in ("teacher_state.pt", "phase_1/filter_state.pt", "eval/ccfs_run0_state.pt"):
         (run_dir / part).write_bytes(b"not a checkpoint")
     assert main(["run", "--out", str(run_dir), "--overwrite"] + TINY + ["seed=2"]) == 0
     assert "seed: 2" in (run_dir / "config.yaml").read_text()
-    assert siblings(run_dir) == [".run.ccfs-lock"] and not list(run_dir.rglob("*_state.pt"))
+    assert siblings(run_dir) == [] and not list(run_dir.rglob("*_state.pt"))
 
 
 def make_state(run_dir, tmp_path, old, staged, staged_finished):
@@ -97,7 +99,7 @@ def test_interrupted_commit_is_repaired_by_the_next_run(run_dir, tmp_path, capsy
     assert main(["run", "--out", str(run_dir), "--overwrite"] + TINY + ["ccfs.ipc=1000"]) == 2
     assert "exceeds the real images" in capsys.readouterr().err
     assert snapshot(run_dir) == want[expect]
-    assert siblings(run_dir) == [".run.ccfs-lock"]
+    assert siblings(run_dir) == []
 
 
 def test_resume_removes_what_a_killed_run_left(run_dir):
@@ -115,4 +117,4 @@ def test_out_below_folders_that_do_not_exist_yet(tmp_path):
     out = tmp_path / "a" / "b" / "run"
     assert main(["run", "--out", str(out)] + TINY + ["ccfs.ipc=1000"]) == 2     # fails after the lock
     assert main(["run", "--out", str(out)] + TINY) == 0
-    assert (out / "summary.json").exists() and siblings(out) == [".run.ccfs-lock"]
+    assert (out / "summary.json").exists() and siblings(out) == []
