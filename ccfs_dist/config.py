@@ -208,6 +208,8 @@ def _check(key, value, default):
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     if not isinstance(value, expected):
         raise ConfigError(f"config key '{key}' must be of type {expected.__name__}, got {value!r}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"config key '{key}' holds a NUL character: {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in RANGES and value not in RANGES[key]:

@@ -45,6 +45,7 @@ def load_given_teacher(cfg, data):
         if not isinstance(data.train, Split):
             raise ConfigError(f"data source '{data.name}' streams the training set, so no teacher is trained "
                               f"here: set teacher.checkpoint to a trained model")
+        build(cfg, data, cfg["seed"])          # an unknown or unfit model.name fails before the run dir is touched
         return None
     return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
 

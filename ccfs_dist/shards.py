@@ -370,7 +370,10 @@ def read_index(path, allow_urls=False, allow_outside=False):
     if not isinstance(labels, list) or len(labels) != n:
         raise bad(f"{len(labels) if isinstance(labels, list) else 'no'} labels for {n} samples")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        raw = np.asarray(labels)
+        if raw.ndim != 1 or (n and raw.dtype.kind not in "iu") or any(type(v) is bool for v in labels):
+            raise TypeError                            # 1.5, "3" or true must not become a class quietly
+        labels = raw.astype(np.int64)
     except (TypeError, ValueError, OverflowError):
         raise bad("labels must be integers") from None
     if n and (labels.min() < 0 or labels.max() >= len(classes)):

@@ -171,6 +171,15 @@ def case_checkpoint_inf(tmp_path, finished):
     return [f"teacher.checkpoint={tmp_path}/t.pt"], "NaN or infinite"
 
 
+def case_unknown_model(tmp_path):
+    return ["model.name=nosuchnet"], "unknown model.name 'nosuchnet'"
+
+
+def case_nul_in_a_path(tmp_path):
+    (tmp_path / "c.yaml").write_text('data:\n  source: cifar10\n  root: "a\\0b"\n')
+    return ["--config", str(tmp_path / "c.yaml")], [], "config key 'data.root' holds a NUL character"
+
+
 # ----------------------------------------------------------------------------------- config files
 
 def case_config_false(tmp_path):

@@ -113,8 +113,9 @@ def test_resume_removes_what_a_killed_run_left(run_dir):
     assert left == [], left
 
 
-def test_out_below_folders_that_do_not_exist_yet(tmp_path):
+def test_out_below_folders_that_do_not_exist_yet(tmp_path, capsys):
+    """The lock file is made beside RUN, in folders made for it (as launch/ablate.py's cells need)."""
     out = tmp_path / "a" / "b" / "run"
-    assert main(["run", "--out", str(out)] + TINY + ["ccfs.ipc=1000"]) == 2     # fails after the lock
-    assert main(["run", "--out", str(out)] + TINY) == 0
-    assert (out / "summary.json").exists() and siblings(out) == []
+    assert main(["run", "--out", str(out)] + TINY + ["ccfs.ipc=1000"]) == 2     # checked after the lock
+    assert "exceeds the real images" in capsys.readouterr().err
+    assert (tmp_path / "a" / "b").is_dir() and siblings(out) == []

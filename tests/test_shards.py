@@ -403,6 +403,13 @@ def test_test_index_that_is_the_train_split_is_refused(digits_copy):
         load_shards(shard_cfg(digits_copy, test_root=os.path.join(digits_copy, "copy.json")))
 
 
+@pytest.mark.parametrize("labels", [[1.5], ["3"], [True], [[1]]])
+def test_index_labels_that_are_not_integers(digits_copy, labels):
+    path = _rewrite_index(digits_copy, lambda ix: ix["labels"].__setitem__(slice(0, 1), labels))
+    with pytest.raises(DataError, match="labels must be integers"):
+        ShardSplit(path)
+
+
 def test_leftover_temporaries_of_a_killed_writer_are_removed(digits_copy):
     for name in (".train-000003.tar.4242.tmp", ".train.json.abc123.tmp", ".test-000000.tar.7.tmp"):
         open(os.path.join(digits_copy, name), "wb").write(b"partial")
