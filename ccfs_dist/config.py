@@ -266,6 +266,11 @@ def validate(cfg):
     """Cross-key checks that a single key's type and range cannot express."""
     if cfg["data"]["source"] != "digits" and cfg["data"]["root"] is None:
         raise ConfigError(f"data source '{cfg['data']['source']}' needs 'data.root' (the folder holding it)")
+    for section in ("teacher", "train"):                 # a warm-up longer than the training never ends
+        warmup, epochs = cfg[section]["warmup_epochs"], cfg[section]["epochs"]
+        if epochs is not None and warmup > epochs:
+            raise ConfigError(f"config key '{section}.warmup_epochs' must be at most {section}.epochs ({epochs}), "
+                              f"got {warmup}")
     s = cfg["scores"]
     if s["el2n_epoch"] is not None and not 1 <= s["el2n_epoch"] <= s["epochs"]:
         raise ConfigError(f"config key 'scores.el2n_epoch' must lie in 1..scores.epochs ({s['epochs']}), "

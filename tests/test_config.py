@@ -39,6 +39,7 @@ def test_int_is_accepted_for_float():
     ("data.source=cifar10", "needs 'data.root'"),
     ("eval.runs=0", "'eval.runs' must be at least 1"),
     ("ccfs.ipc=null", "'ccfs.ipc' may not be null"),
+    ("teacher.warmup_epochs=31", "'teacher.warmup_epochs' must be at most teacher.epochs (30), got 31"),
     # out of range: the examples of issue 11 (every key: test_every_numeric_key_is_checked_against_its_range)
     ("train.momentum=-0.5", "'train.momentum' must lie in [0, 1), got -0.5"),
     ("train.weight_decay=-0.0001", "'train.weight_decay' must be at least 0"),

@@ -119,3 +119,16 @@ def test_out_below_folders_that_do_not_exist_yet(tmp_path, capsys):
     assert main(["run", "--out", str(out)] + TINY + ["ccfs.ipc=1000"]) == 2     # checked after the lock
     assert "exceeds the real images" in capsys.readouterr().err
     assert (tmp_path / "a" / "b").is_dir() and siblings(out) == []
+
+
+def test_resume_with_a_damaged_training_state(run_dir, capsys):
+    """An unfinished evaluation whose mid-training state file is garbage: one error line, nothing lost."""
+    for name in ("summary.json", "eval_ccfs.json", "eval/ccfs_run0.json"):
+        os.remove(run_dir / name)
+    (run_dir / "eval" / "ccfs_run0_state.pt").write_bytes(b"not a checkpoint")
+    before = snapshot(run_dir)
+    assert main(["run", "--out", str(run_dir), "--resume"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert f"error: training state {run_dir}/eval/ccfs_run0_state.pt cannot be resumed" in err, err
+    assert "delete it to restart" in err and err.count("\n") == 1
+    assert snapshot(run_dir) == before
