@@ -312,9 +312,8 @@ def case_index_duplicate_key(tmp_path, digit_shards, finished):
     return shards(tmp_path, digit_shards, finished, dup), "starts at index 0, expected 300"
 
 
-def swap_images(folder):
-    """Two images of equal size swapped inside train-000003.tar: keys, labels and sizes agree with the index."""
-    path = folder / "train-000003.tar"
+def swap_images(path):
+    """Two images of equal size swapped inside the shard at `path`: keys, labels and sizes agree with the index."""
     raw = bytearray(path.read_bytes())
     with tarfile.open(path) as tar:
         pngs = [(m.size, m.offset_data) for m in tar.getmembers() if m.name.endswith(".png")]
@@ -336,7 +335,7 @@ def relabel(folder):
 
 def case_shard_content_differs_from_sha256(tmp_path, digit_shards, finished):
     """Found only while the pool streams, after the run started: the staged run fails, the old one stays."""
-    return shards(tmp_path, digit_shards, finished, tamper=swap_images), \
+    return shards(tmp_path, digit_shards, finished, tamper=lambda f: swap_images(f / "train-000003.tar")), \
         "train-000003.tar: content differs from its index"
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
 
 from conftest import ROOT
+from test_bad_input import swap_images
 from test_run import SCRIPT, TINY, check_artifacts, run_script
 
 WORKER = os.path.join(ROOT, "tests", "workers", "shard_score_worker.py")
@@ -356,25 +358,8 @@ def test_paths_outside_the_index_folder_are_refused_unless_allowed(digits_copy, 
     assert len(data.train) == 1437
 
 
-def _swap_equal_sized_images(shard):
-    """Swap the image bytes of two samples whose PNGs have the same size: keys, labels, sizes stay."""
-    raw = bytearray(open(shard, "rb").read())
-    members, offset = [], 0
-    with tarfile.open(shard) as tar:
-        for m in tar.getmembers():
-            if m.name.endswith(".png"):
-                members.append((m.size, m.offset_data, m.name))
-    by_size = {}
-    for size, start, name in members:
-        by_size.setdefault(size, []).append(start)
-    size, (a, b) = next((size, starts[:2]) for size, starts in by_size.items()
-                        if len(starts) >= 2 and raw[starts[0]:starts[0] + size] != raw[starts[1]:starts[1] + size])
-    raw[a:a + size], raw[b:b + size] = raw[b:b + size], raw[a:a + size]
-    open(shard, "wb").write(bytes(raw))
-
-
 def test_content_that_disagrees_with_the_index_sha256(digits_copy, capsys):
-    _swap_equal_sized_images(os.path.join(digits_copy, "train-000002.tar"))
+    swap_images(Path(digits_copy) / "train-000002.tar")
     assert cli.main(["shards", "--out", digits_copy, "--verify"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
