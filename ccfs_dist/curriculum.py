@@ -1,6 +1,6 @@
 """The CCFS pipeline: config -> data -> teacher -> distilled set -> curriculum phases -> evaluation.
 
-This module owns the run directory. Each step writes its artifacts atomically (rank 0) and is skipped
+Each step writes its artifacts atomically (rank 0) into the run directory (rundir.Run) and is skipped
 on `resume` when its final artifact exists, so a killed run continues from the last finished step.
 
     S_0 = distilled
@@ -12,83 +12,25 @@ on `resume` when its final artifact exists, so a killed run continues from the l
     evaluate S_J against two random baselines
 """
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
-import yaml
 
 from . import io
-from .config import flatten, dump_config
 from .data import Split, load_distilled, load_real, write_image_folder
 from .difficulty import load_score_file, to_hardness
 from .dist import gather_rows
 from .distill import recover
-from .errors import CCFSError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .evaluate import evaluate_run, random_per_class, summarize
 from .models import build_model, load_checkpoint, state_dict_of
 from .report import fallback_line, write_report
+from .rundir import Run
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_scores
 from .selection import phase_budgets, select, select_official
 from .train import recipe, teacher_recipe, train_model
-
-
-class Run:
-    """The run directory and the rank-0-writes / everyone-waits discipline around it."""
-
-    def __init__(self, accelerator, out_dir, resume):
-        self.acc, self.dir, self.resume = accelerator, out_dir, resume
-
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
-    def done(self, *parts):
-        """True when resuming and the artifact exists (so the step that writes it can be skipped)."""
-        return self.resume and os.path.exists(self.path(*parts))
-
-    def write(self, fn, *args, **kwargs):
-        if self.acc.is_main_process:
-            fn(*args, **kwargs)
-        self.acc.wait_for_everyone()
-
-    def log(self, message):
-        if self.acc.is_main_process:
-            print(message, flush=True)
-
-    def check(self, cfg, overwrite):
-        """Refuse, before any work, to clobber an earlier run or to resume one made with another config.
-        Every rank looks before any rank goes on to write (else rank 1 could find rank 0's new run)."""
-        self._check(cfg, overwrite)             # the same verdict on every rank: none has written yet
-        self.acc.wait_for_everyone()
-
-    def _check(self, cfg, overwrite):
-        if not (os.path.isdir(self.dir) and os.listdir(self.dir)) or overwrite:
-            return
-        saved = self.path("config.yaml")
-        if not self.resume:
-            finished = os.path.exists(self.path("summary.json"))
-            what = "a finished run" if finished else "an unfinished run"
-            hint = "--overwrite to replace it" if finished else "--resume to continue it, or --overwrite to start over"
-            raise CCFSError(f"run directory '{self.dir}' holds {what}; pass {hint}, or choose another --out")
-        if os.path.exists(saved):
-            theirs = flatten(yaml.safe_load(open(saved)) or {})
-            ours = flatten(cfg)
-            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            if differ:
-                shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
-                raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "
-                                  f"the same config, or pass --overwrite to start over")
-
-    def open(self, cfg, overwrite):
-        """After all inputs passed their checks: clear the directory (--overwrite) and save the config."""
-        if self.acc.is_main_process:
-            if overwrite and os.path.isdir(self.dir):
-                shutil.rmtree(self.dir)
-            os.makedirs(self.dir, exist_ok=True)
-            io.write_text(self.path("config.yaml"), dump_config(cfg))
-        self.acc.wait_for_everyone()
 
 
 def build(cfg, data, seed):
@@ -103,6 +45,7 @@ def load_given_teacher(cfg, data):
         if not isinstance(data.train, Split):
             raise ConfigError(f"data source '{data.name}' streams the training set, so no teacher is trained "
                               f"here: set teacher.checkpoint to a trained model")
+        build(cfg, data, cfg["seed"])          # an unknown or unfit model.name fails before the run dir is touched
         return None
     return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
 
@@ -171,7 +114,8 @@ def load_given_distilled(cfg, data, per_class):
     """The distilled set named by data.distilled (checked before the run dir is touched), else None."""
     if cfg["data"]["distilled"] is None:
         return None
-    return load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size)
+    return load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size,
+                          resize=cfg["data"]["distilled_resize"])
 
 
 def get_distilled(run, cfg, data, teacher, per_class, given):
@@ -354,7 +298,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     }
     run.write(io.write_json, run.path("summary.json"), summary)
     run.log(format_table(summary))
-    run.write(write_report, out_dir, data=data)
+    run.write(write_report, run.dir, data=data, name=os.path.basename(run.out))
+    run.commit()
     return summary
 
 

@@ -30,8 +30,9 @@ MAX_CLASSES = 10      # rows shown; with more classes, evenly spaced ones are sh
 MIN_TILE = 48         # upscale images smaller than this (pixels) with nearest-neighbour
 
 
-def write_report(run_dir, data=None):
-    """Write run_dir/report.md and its figures; `data` (a RealData) saves reloading the real images."""
+def write_report(run_dir, data=None, name=None):
+    """Write run_dir/report.md and its figures; `data` (a RealData) saves reloading the real images.
+    `name`: the run's name in the title (default: run_dir's; a staged run is written under another name)."""
     run_dir = os.fspath(run_dir)
     if not os.path.exists(os.path.join(run_dir, "config.yaml")):
         raise CCFSError(f"{run_dir} is not a run directory (no config.yaml in it)")
@@ -58,7 +59,8 @@ def write_report(run_dir, data=None):
     if phases:
         figures.append(("Per-phase filter and selection", _phase_plot(run_dir, phases, notes)))
 
-    text = _markdown(run_dir, cfg, summary, phases, [(t, f) for t, f in figures if f], notes)
+    text = _markdown(name or os.path.basename(os.path.abspath(run_dir)), cfg, summary, phases,
+                     [(t, f) for t, f in figures if f], notes)
     path = os.path.join(run_dir, "report.md")
     io.write_text(path, text)
     return path
@@ -259,8 +261,8 @@ def results_table(summary):
     return "\n".join(lines)
 
 
-def _markdown(run_dir, cfg, summary, phases, figures, notes):
-    out = [f"# CCFS run report: `{os.path.basename(os.path.abspath(run_dir))}`", ""]
+def _markdown(name, cfg, summary, phases, figures, notes):
+    out = [f"# CCFS run report: `{name}`", ""]
     if cfg is not None:
         c, t = cfg["ccfs"], cfg["train"]
         out += [f"- data **{cfg['data']['source']}**, model {cfg['model']['name']}, seed {cfg['seed']}",

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .augment import Augment
 from .dist import rank_slice
+from .errors import DataError
 from .io import save_torch
 
 AUG_CHUNK_BYTES = 32 * 2**20   # float32 augmented images held at once per rank (several batches when small)
@@ -161,13 +162,18 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     aug_gen = torch.Generator(device=device).manual_seed(seed * 1000 + 1)   # same on every rank
     first_epoch = 0
     if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        accelerator.unwrap_model(ddp_model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        order_gen.set_state(state["order_gen"].cpu())
-        aug_gen.set_state(state["aug_gen"].cpu())
-        first_epoch = state["epoch"] + 1
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+            accelerator.unwrap_model(ddp_model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            order_gen.set_state(state["order_gen"].cpu())
+            aug_gen.set_state(state["aug_gen"].cpu())
+            first_epoch = state["epoch"] + 1
+        except Exception as exc:                 # noqa: BLE001 - a damaged or foreign file, not a bug here
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise DataError(f"training state {checkpoint} cannot be resumed ({type(exc).__name__}: {first}); "
+                            f"delete it to restart this training from its start") from None
     _sync(device)
     start = time.perf_counter()
     seen = 0
