@@ -1,9 +1,10 @@
 """Batched on-device augmentation: RandomResizedCrop + horizontal flip as one affine grid_sample.
 
     normalize(x_uint8, mean, std) -> float tensor
-    Augment(mean, std, size, scale_min=0.08, flip=True, ratio=(3/4, 4/3))(x, generator=None)
+    Augment(mean, std, size, scale_min=0.08, flip=True, ratio=(3/4, 4/3), crop='resized', padding=4)(x, generator=None)
     resized_crop_flip(x, size, scale_min, ...)   (float, differentiable; used by the base distiller)
     crop_boxes(batch, height, width, ...)        (the random boxes, exposed for tests)
+    pad_boxes / pad_crop                         (RandomCrop(size, padding) + flip: the CIFAR teacher's recipe)
 
 Every sample gets its own crop box and flip; the whole batch is resampled by a single
 `affine_grid` + `grid_sample` (bilinear, align_corners=False, border padding) on the input's device,
@@ -148,13 +149,43 @@ def resized_crop_flip(x, size, scale_min=0.08, ratio=(3 / 4, 4 / 3), flip=True, 
     return apply_boxes(x, boxes, size, flips, separable=separable)
 
 
-class Augment:
-    """Training augmentation of uint8 batches on their device: RandomResizedCrop + flip, normalised.
+def pad_boxes(batch, height, width, padding, generator=None, device="cpu", flip=False):
+    """Random offsets of torchvision's RandomCrop((height, width), padding): boxes B x 4 [x0, y0, w, h]
+    in pixels of the unpadded image (x0, y0 integers in [-padding, padding]) and flips B bool."""
+    u = _rand((batch, 3), generator, device)
+    offsets = (u[:, :2] * (2 * padding + 1)).floor().clamp(max=2 * padding) - padding
+    size = torch.tensor([width, height], dtype=torch.float32, device=device).expand(batch, 2)
+    flips = (u[:, 2] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool, device=device)
+    return torch.cat([offsets, size], dim=1), flips
 
-    A float input is taken as already normalised and only cropped/flipped.
+
+def pad_crop(x, boxes, padding, flips=None):
+    """Crop each image of x (B x C x H x W, any dtype) at its integer box, reading zeros outside the
+    image (torchvision pads with 0, i.e. black before normalisation), mirrored where flips."""
+    b, c, height, width = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    x0 = boxes[:, 0].to(x.device).long() + padding
+    y0 = boxes[:, 1].to(x.device).long() + padding
+    cols = x0.unsqueeze(1) + torch.arange(width, device=x.device)                # B x W
+    if flips is not None:
+        cols = torch.where(flips.to(x.device).unsqueeze(1), cols.flip(1), cols)
+    rows = y0.unsqueeze(1) + torch.arange(height, device=x.device)               # B x H
+    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
+
+
+class Augment:
+    """Training augmentation of uint8 batches on their device, normalised: RandomResizedCrop + flip
+    (crop "resized"), or RandomCrop with zero padding + flip (crop "pad").
+
+    A float input is taken as already normalised and only cropped/flipped (crop "resized").
+    `draw` makes the random views of a number of samples, `apply` applies them to a uint8 batch.
     """
 
-    def __init__(self, mean, std, size, scale_min=0.08, flip=True, ratio=(3 / 4, 4 / 3)):
+    def __init__(self, mean, std, size, scale_min=0.08, flip=True, ratio=(3 / 4, 4 / 3), crop="resized",
+                 padding=4):
+        if crop not in ("resized", "pad"):
+            raise ValueError(f"crop must be 'resized' or 'pad', got {crop!r}")
         if not 0.0 < scale_min <= 1.0:
             raise ValueError(f"scale_min must lie in (0, 1], got {scale_min}")
         if not 0.0 < ratio[0] <= ratio[1]:
@@ -165,15 +196,35 @@ class Augment:
         self.scale_min = float(scale_min)
         self.flip = bool(flip)
         self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.crop = crop
+        self.padding = int(padding)
+
+    def draw(self, samples, height, width, generator, device):
+        """(boxes, flips) of `samples` random views."""
+        if self.crop == "pad":
+            return pad_boxes(samples, height, width, self.padding, generator=generator, device=device, flip=self.flip)
+        return crop_boxes(samples, height, width, scale_min=self.scale_min, ratio=self.ratio,
+                          generator=generator, device=device, flip=self.flip)
+
+    def apply(self, x_uint8, boxes, flips):
+        """The normalised float views `boxes`/`flips` (from `draw`) of the uint8 batch."""
+        if self.crop == "pad":   # pad with black, then normalise, as RandomCrop before Normalize does
+            return normalize(pad_crop(x_uint8, boxes, self.padding, flips), self.mean, self.std)
+        return apply_boxes(normalize(x_uint8, self.mean, self.std), boxes, self.size, flips)
 
     def __call__(self, x, generator=None):
         if x.dtype == torch.uint8:
+            if self.crop == "pad":
+                boxes, flips = self.draw(len(x), x.shape[2], x.shape[3], generator, x.device)
+                return self.apply(x, boxes, flips)
             x = normalize(x, self.mean, self.std)
-        elif not torch.is_floating_point(x):
-            raise TypeError(f"Augment takes uint8 (or normalised float) images, got {x.dtype}")
+        elif not torch.is_floating_point(x) or self.crop == "pad":   # pad: black is known only for uint8
+            raise TypeError(f"Augment takes uint8 (or, crop 'resized', normalised float) images, got {x.dtype}")
         return resized_crop_flip(x, self.size, scale_min=self.scale_min, ratio=self.ratio,
                                  flip=self.flip, generator=generator)
 
     def __repr__(self):
+        if self.crop == "pad":
+            return f"Augment(size={self.size}, crop='pad', padding={self.padding}, flip={self.flip})"
         return (f"Augment(size={self.size}, scale_min={self.scale_min}, ratio={self.ratio}, "
                 f"flip={self.flip})")

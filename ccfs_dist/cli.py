@@ -40,7 +40,11 @@ def cmd_run(args):
     from .dist import make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
     from .curriculum import run_ccfs
-    run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
+    from .rundir import release_locks
+    try:
+        run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        release_locks()                    # also on failure: the lock file and an uncommitted staged run go
     accelerator.end_training()
     return 0
 
@@ -64,6 +68,11 @@ def cmd_scores(args):
     if not out.endswith(".npy"):
         raise CCFSError(f"--out {out!r} must end in .npy (a JSON file with the same stem is written beside it)")
     paths = {m: out.replace("{method}", m) for m in methods}
+    from .io import check_writable_folder
+    for p in paths.values():
+        if os.path.isdir(p):
+            raise CCFSError(f"--out '{p}' is a folder; name the .npy file to write")
+        check_writable_folder(p, "--out", file=True)
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not args.overwrite:
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
@@ -83,12 +92,30 @@ def cmd_scores(args):
 def cmd_shards(args):
     from .config import load_config
     cfg = load_config(args.config, args.overrides)
+    if args.verify:
+        return verify_shards(args, cfg)
+    from .io import check_writable_folder
+    check_writable_folder(args.out, "--out")
     from .shards import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
         index = write_shards(cfg["data"], args.out, split=split, per_shard=args.per_shard,
                              overwrite=args.overwrite, workers=args.workers)
         print(f"{split}: {index['num_samples']} samples in {len(index['shards'])} shard(s), "
               f"index {os.path.join(args.out, split + '.json')}", flush=True)
+    return 0
+
+
+def verify_shards(args, cfg):
+    """`ccfs shards --verify`: read the shards of --out's index(es) whole and check them against the index."""
+    from .shards import verify_shards as verify
+    splits = [args.split] if args.split else [s for s in ("train", "test")
+                                             if os.path.exists(os.path.join(args.out, s + ".json"))]
+    if not splits:
+        raise CCFSError(f"--verify: no train.json or test.json in --out '{args.out}'")
+    for split in splits:
+        index = os.path.join(args.out, split + ".json")
+        n = verify(index, allow_urls=cfg["data"]["allow_urls"], allow_outside=cfg["data"]["allow_outside"])
+        print(f"{split}: {n} shard(s) agree with {index} (size, sha256, keys, labels, counts)", flush=True)
     return 0
 
 
@@ -155,6 +182,9 @@ def build_parser():
                    help="samples per shard (default 2000); keep shards >= ranks x score.num_workers")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards of the split in --out")
+    p.add_argument("--verify", action="store_true",
+                   help="write nothing: read every shard of --out's index(es) and check its size, sha256, keys, "
+                        "labels and sample count against the index (exit 2 on the first disagreement)")
     add_overrides_arg(p, "config overrides, e.g. data.root=data/imagenet data.image_size=224")
     p.set_defaults(func=cmd_shards)
 
@@ -174,6 +204,11 @@ def build_parser():
     return parser
 
 
+def one_line(exc):
+    """The message of `exc` on one line (a message may quote a library's multi-line one)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def main(argv=None):
     """Run a subcommand. User mistakes print one `error:` line and return 2. With several processes, any
     other failure prints the rank and the traceback and ends the process at once (status 1), so the
@@ -185,7 +220,7 @@ def main(argv=None):
     try:
         status = args.func(args)
     except CCFSError as exc:
-        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        print(f"{prefix}error: {one_line(exc)}", file=sys.stderr, flush=True)
         if world > 1:
             os._exit(2)
         return 2

@@ -1,10 +1,12 @@
 """Run configuration: built-in defaults, a YAML file on top, dotted overrides on top of that.
 
-Every key that may appear is in DEFAULTS; an unknown key or a value of the wrong type is a
-ConfigError naming the key. `None` in DEFAULTS means "derive it" (documented per key in docs/configuration.md);
-keys listed in NULLABLE may be set to a value of the type given there.
+Every key that may appear is in DEFAULTS; an unknown key, a value of the wrong type or a number outside
+its RANGES entry is a ConfigError naming the key. `None` in DEFAULTS means "derive it" (documented per key
+in docs/configuration.md); keys listed in NULLABLE may be set to a value of the type given there.
 """
 import copy
+import math
+from typing import NamedTuple
 
 import yaml
 
@@ -18,6 +20,13 @@ DEFAULTS = {
         "test_root": None,         # webdataset: the test index JSON (written by `ccfs shards`)
         "image_size": None,        # imagefolder, tiny-imagenet, webdataset: resize + center-crop to this size
         "distilled": None,         # folder of distilled images (one sub-folder per class); None: run the base distiller
+        "mean": None,              # per-channel normalisation mean in [0, 1] units; None: the source's default
+                                   # (cifar10/cifar100/tiny-imagenet: the official CCFS constants, docs/official.md;
+                                   # digits/imagefolder: computed from the training split)
+        "std": None,               # per-channel normalisation std; None: the source's default, as data.mean
+        "distilled_resize": False, # resize / convert distilled images of another size or colour mode (else an error)
+        "allow_urls": False,       # webdataset: index `file` entries may be URLs or `pipe:` commands (run by webdataset)
+        "allow_outside": False,    # webdataset: index `file` entries may be absolute or climb out of the index's folder
     },
     "model": {
         "name": "convnet",         # convnet | resnet18 (CIFAR stem) | resnet18_imagenet | any torchvision classifier name
@@ -32,6 +41,9 @@ DEFAULTS = {
         "lr": 0.1,
         "weight_decay": 5e-4,
         "warmup_epochs": 0,
+        "crop": None,              # None: the `aug` section (RandomResizedCrop); "pad": RandomCrop(size, padding) +
+                                   # flip, the SRe2L squeeze recipe that trained the official CIFAR teachers
+        "padding": 4,              # crop "pad": zero padding on each side before the random crop
     },
     "distill": {                   # SRe2L / CDA recovery against the frozen teacher
         "iterations": 500,
@@ -53,14 +65,21 @@ DEFAULTS = {
         "balance": True,           # select per class (True) or globally over the pool (False)
         "teacher_correct": True,   # coarse candidates must also be classified correctly by the teacher
         "warm_start": False,       # start phase j's filter from phase j-1's weights
+        "compat": "none",          # none | official: reproduce the official code's picks exactly (set-order ties,
+                                   # short classes take fewer, int(ipc * alpha), selection order); docs/official.md
     },
     "train": {                     # recipe for filter and evaluation models
         "epochs": None,            # None: paper rule by ratio ipc/class size (<=10%: 500, <=20%: 250, else 200)
-        "batch_size": None,        # None: paper rule by synthetic images per class (<500: 32, <1000: 64, else 128)
+        "batch_size": None,        # None: official rule by the current set's ratio to the training set
+                                   # (< 10 %: 32, < 20 %: 64, else 128)
         "lr": 0.1,
         "momentum": 0.9,
         "weight_decay": 5e-4,
         "warmup_epochs": 0,
+        "warmup_start": None,      # lr factor at the first warm-up step; None: 1/warmup steps ((i+1)/W ramp);
+                                   # official: 0.01 (LinearLR start_factor), reaching 1 after warmup_epochs
+        "schedule_step": "batch",  # batch | epoch: advance warm-up + cosine per optimizer step, or once per epoch
+                                   # (official: per epoch, cosine over epochs - warmup_epochs)
         "kd": True,                # knowledge distillation from the teacher (else cross-entropy on labels)
         "temperature": 20.0,
         "mixed_precision": "no",   # no | fp16 | bf16
@@ -91,6 +110,8 @@ DEFAULTS = {
     "eval": {
         "runs": 3,                 # evaluation models per set
         "baselines": True,         # also evaluate distilled+random and random-only sets
+        "best_after": 0.8,         # official protocol: best test accuracy over every epoch e (0-based) with
+                                   # e > best_after * epochs, reported beside the final-epoch headline
     },
 }
 
@@ -100,6 +121,10 @@ NULLABLE = {
     "data.test_root": str,
     "data.image_size": int,
     "data.distilled": str,
+    "data.mean": list,
+    "data.std": list,
+    "teacher.crop": str,
+    "train.warmup_start": float,
     "teacher.checkpoint": str,
     "ccfs.difficulty_method": str,
     "train.epochs": int,
@@ -108,9 +133,81 @@ NULLABLE = {
     "scores.checkpoint": str,
 }
 
+
+class Range(NamedTuple):
+    """Allowed values of a numeric key: lo..hi, each end included or not; every value must be finite."""
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value):
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self):
+        """How error messages and docs say it: 'be at least 1', 'be positive', 'lie in [0, 1)'."""
+        if self.hi == math.inf:
+            return "be positive" if (self.lo, self.lo_open) == (0, True) else \
+                f"be {'above' if self.lo_open else 'at least'} {self.lo:g}"
+        return f"lie in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
+
+# the range of every numeric key (a test checks that none is missing); documented in docs/configuration.md
+RANGES = {
+    "seed": AT_LEAST_0,
+    "data.image_size": AT_LEAST_1,
+    "model.width": AT_LEAST_1,
+    "model.depth": AT_LEAST_1,
+    "teacher.epochs": AT_LEAST_1,            # 0 epochs would give an untrained teacher
+    "teacher.batch_size": AT_LEAST_1,
+    "teacher.lr": POSITIVE,
+    "teacher.weight_decay": AT_LEAST_0,
+    "teacher.warmup_epochs": AT_LEAST_0,
+    "teacher.padding": AT_LEAST_0,
+    "distill.iterations": AT_LEAST_1,        # 0 iterations would give noise as the distilled set
+    "distill.lr": POSITIVE,
+    "distill.r_bn": AT_LEAST_0,
+    "distill.jitter": AT_LEAST_0,
+    "distill.batch_classes": AT_LEAST_1,
+    "ccfs.ipc": AT_LEAST_1,
+    "ccfs.alpha": Range(0, 1),
+    "ccfs.phases": AT_LEAST_1,               # or "log"
+    "train.epochs": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.momentum": Range(0, 1, hi_open=True),
+    "train.weight_decay": AT_LEAST_0,
+    "train.warmup_epochs": AT_LEAST_0,
+    "train.temperature": POSITIVE,
+    "train.checkpoint_every": AT_LEAST_0,
+    "train.min_batch_per_rank": AT_LEAST_1,
+    "train.warmup_start": Range(0, 1, lo_open=True),
+    "aug.scale_min": Range(0, 1, lo_open=True),
+    "score.batch_size": AT_LEAST_1,
+    "score.num_workers": AT_LEAST_0,
+    "scores.runs": AT_LEAST_1,
+    "scores.epochs": AT_LEAST_1,
+    "scores.batch_size": AT_LEAST_1,
+    "scores.lr": POSITIVE,
+    "scores.weight_decay": AT_LEAST_0,
+    "scores.el2n_epoch": AT_LEAST_1,         # and at most scores.epochs (checked in validate)
+    "scores.loss_sigma": POSITIVE,
+    "eval.runs": AT_LEAST_1,
+    "eval.best_after": Range(0, 1, hi_open=True),
+}
+
 CHOICES = {
     "data.source": ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "webdataset"),
     "model.norm": ("batchnorm", "instancenorm", "none"),
+    "teacher.crop": ("pad",),
+    "ccfs.compat": ("none", "official"),
+    "train.schedule_step": ("batch", "epoch"),
     "distill.init": ("noise", "real"),
     "ccfs.coarse": ("misclassified", "correct"),
     "ccfs.fine": ("simple", "hard", "random"),
@@ -128,7 +225,7 @@ def _check(key, value, default):
             return None
         raise ConfigError(f"config key '{key}' may not be null")
     if key == "ccfs.phases":
-        if value == "log" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        if value == "log" or (isinstance(value, int) and not isinstance(value, bool) and value in RANGES[key]):
             return value
         raise ConfigError(f"config key 'ccfs.phases' must be a positive integer or 'log', got {value!r}")
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -139,8 +236,12 @@ def _check(key, value, default):
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     if not isinstance(value, expected):
         raise ConfigError(f"config key '{key}' must be of type {expected.__name__}, got {value!r}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"config key '{key}' holds a NUL character: {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in RANGES and value not in RANGES[key]:
+        raise ConfigError(f"config key '{key}' must {RANGES[key]}, got {value!r}")
     return value
 
 
@@ -190,25 +291,21 @@ def parse_override(text):
 
 
 def validate(cfg):
-    """Cross-key checks that a single key's type cannot express."""
-    c = cfg["ccfs"]
-    if not 0.0 <= c["alpha"] <= 1.0:
-        raise ConfigError(f"config key 'ccfs.alpha' must lie in [0, 1], got {c['alpha']}")
-    if c["ipc"] < 1:
-        raise ConfigError(f"config key 'ccfs.ipc' must be at least 1, got {c['ipc']}")
+    """Cross-key checks that a single key's type and range cannot express."""
     if cfg["data"]["source"] != "digits" and cfg["data"]["root"] is None:
         raise ConfigError(f"data source '{cfg['data']['source']}' needs 'data.root' (the folder holding it)")
-    for key in ("train.temperature", "train.lr", "teacher.lr", "distill.lr", "scores.lr", "scores.loss_sigma"):
-        section, name = key.split(".")
-        if cfg[section][name] <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {cfg[section][name]}")
-    for key in ("eval.runs", "score.batch_size", "train.min_batch_per_rank", "teacher.batch_size", "distill.batch_classes",
-                "scores.runs", "scores.epochs", "scores.batch_size"):
-        section, name = key.split(".")
-        if cfg[section][name] < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[section][name]}")
-    if cfg["score"]["num_workers"] < 0:
-        raise ConfigError(f"config key 'score.num_workers' must be at least 0, got {cfg['score']['num_workers']}")
+    for key in ("data.mean", "data.std"):
+        values = cfg["data"][key.split(".")[1]]
+        if values is not None and (not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         and math.isfinite(v) for v in values)):
+            raise ConfigError(f"config key '{key}' must be a list of numbers (one per channel), got {values!r}")
+    if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
+        raise ConfigError(f"config key 'data.std' must hold positive numbers, got {cfg['data']['std']}")
+    for section in ("teacher", "train"):                 # a warm-up longer than the training never ends
+        warmup, epochs = cfg[section]["warmup_epochs"], cfg[section]["epochs"]
+        if epochs is not None and warmup > epochs:
+            raise ConfigError(f"config key '{section}.warmup_epochs' must be at most {section}.epochs ({epochs}), "
+                              f"got {warmup}")
     s = cfg["scores"]
     if s["el2n_epoch"] is not None and not 1 <= s["el2n_epoch"] <= s["epochs"]:
         raise ConfigError(f"config key 'scores.el2n_epoch' must lie in 1..scores.epochs ({s['epochs']}), "
@@ -216,19 +313,33 @@ def validate(cfg):
     return cfg
 
 
+def read_yaml(path):
+    """The YAML document in the file at `path`, or a ConfigError saying why it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file '{path}' is a directory; name a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); name a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+
+
 def load_config(path=None, overrides=()):
     """Defaults <- YAML file at `path` <- dotted `overrides`; validated. Returns a nested dict."""
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file '{path}' does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        loaded = read_yaml(path)
+        if loaded is None:                     # an empty file (or only comments): the defaults
+            loaded = {}
+        if not isinstance(loaded, dict):       # `false` or `0` must not quietly mean "defaults"
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level, "
+                              f"got {type(loaded).__name__} {loaded!r:.40}")
         try:
             _merge(cfg, loaded)
         except ConfigError as exc:

@@ -1,9 +1,10 @@
 """The CCFS pipeline: config -> data -> teacher -> distilled set -> curriculum phases -> evaluation.
 
-This module owns the run directory. Each step writes its artifacts atomically (rank 0; a training: the
-rank that ran it) and is skipped on `resume` when its final artifact exists, so a killed run continues
-from the last finished step, with any number of processes. The trainings (teacher, score runs, filters,
-evaluation models) are jobs dealt to ranks by the plan (plan.py); the rest runs on every rank alike.
+This module owns the run directory's contents (rundir.Run: where, locking, staging). Each step writes its
+artifacts atomically (rank 0; a training: the rank that ran it) and is skipped on `resume` when its final
+artifact exists, so a killed run continues from the last finished step, with any number of processes.
+The trainings (teacher, score runs, filters, evaluation models) are jobs dealt to ranks by the plan
+(plan.py, jobs.py); the rest runs on every rank alike.
 
     S_0 = distilled
     for each phase j with budget k_j:
@@ -14,84 +15,26 @@ evaluation models) are jobs dealt to ranks by the plan (plan.py); the rest runs 
     evaluate S_J against two random baselines
 """
 import os
-import shutil
 import time
 
 import numpy as np
 import torch
-import yaml
 
 from . import io, seeds
-from .config import flatten, dump_config
 from .data import Split, load_distilled, load_real, write_image_folder
 from .difficulty import load_score_file, to_hardness
 from .dist import gather_rows
 from .distill import recover
-from .errors import CCFSError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .evaluate import random_per_class, summarize
 from .jobs import Trainings, build, run_stage, set_stem
 from .models import load_checkpoint
 from .plan import describe, eval_sets, make_plan
-from .report import write_report
+from .report import fallback_line, write_report
+from .rundir import Run
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_score_files
-from .selection import phase_budgets, select
-
-
-class Run:
-    """The run directory and the rank-0-writes / everyone-waits discipline around it."""
-
-    def __init__(self, accelerator, out_dir, resume):
-        self.acc, self.dir, self.resume = accelerator, out_dir, resume
-
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
-    def done(self, *parts):
-        """True when resuming and the artifact exists (so the step that writes it can be skipped)."""
-        return self.resume and os.path.exists(self.path(*parts))
-
-    def write(self, fn, *args, **kwargs):
-        if self.acc.is_main_process:
-            fn(*args, **kwargs)
-        self.acc.wait_for_everyone()
-
-    def log(self, message):
-        if self.acc.is_main_process:
-            print(message, flush=True)
-
-    def check(self, cfg, overwrite):
-        """Refuse, before any work, to clobber an earlier run or to resume one made with another config.
-        Every rank looks before any rank goes on to write (else rank 1 could find rank 0's new run)."""
-        self._check(cfg, overwrite)             # the same verdict on every rank: none has written yet
-        self.acc.wait_for_everyone()
-
-    def _check(self, cfg, overwrite):
-        if not (os.path.isdir(self.dir) and os.listdir(self.dir)) or overwrite:
-            return
-        saved = self.path("config.yaml")
-        if not self.resume:
-            finished = os.path.exists(self.path("summary.json"))
-            what = "a finished run" if finished else "an unfinished run"
-            hint = "--overwrite to replace it" if finished else "--resume to continue it, or --overwrite to start over"
-            raise CCFSError(f"run directory '{self.dir}' holds {what}; pass {hint}, or choose another --out")
-        if os.path.exists(saved):
-            theirs = flatten(yaml.safe_load(open(saved)) or {})
-            ours = flatten(cfg)
-            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            if differ:
-                shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
-                raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "
-                                  f"the same config, or pass --overwrite to start over")
-
-    def open(self, cfg, overwrite):
-        """After all inputs passed their checks: clear the directory (--overwrite) and save the config."""
-        if self.acc.is_main_process:
-            if overwrite and os.path.isdir(self.dir):
-                shutil.rmtree(self.dir)
-            os.makedirs(self.dir, exist_ok=True)
-            io.write_text(self.path("config.yaml"), dump_config(cfg))
-        self.acc.wait_for_everyone()
+from .selection import phase_budgets, select, select_official
 
 
 def load_given_teacher(cfg, data):
@@ -100,6 +43,7 @@ def load_given_teacher(cfg, data):
         if not isinstance(data.train, Split):
             raise ConfigError(f"data source '{data.name}' streams the training set, so no teacher is trained "
                               f"here: set teacher.checkpoint to a trained model")
+        build(cfg, data, cfg["seed"])          # an unknown or unfit model.name fails before the run dir is touched
         return None
     return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
 
@@ -146,11 +90,27 @@ def make_distilled(run, cfg, data, teacher, per_class):
     return allx["images"][key], allx["labels"][key]
 
 
+def get_teacher_predictions(run, cfg, data, teacher):
+    """The teacher's prediction on every training sample (global index order), kept in
+    teacher_predictions.npz (index, label, pred) so that the teacher-correct rule can be checked or
+    re-applied from the run directory alone."""
+    path = run.path("teacher_predictions.npz")
+    if run.done("teacher_predictions.npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return {key: f[key] for key in f.files}
+    tp, _ = score(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
+                  batch_size=cfg["score"]["batch_size"], desc="teacher score")
+    tp = {key: tp[key] for key in ("index", "label", "pred")}
+    run.write(io.write_npz, path, **tp)
+    return tp
+
+
 def load_given_distilled(cfg, data, per_class):
     """The distilled set named by data.distilled (checked before the run dir is touched), else None."""
     if cfg["data"]["distilled"] is None:
         return None
-    return load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size)
+    return load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size,
+                          resize=cfg["data"]["distilled_resize"])
 
 
 def get_distilled(run, cfg, data, teacher, per_class, given):
@@ -210,12 +170,15 @@ def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, metho
     filt = load_checkpoint(build(cfg, data, seeds.filter_model(cfg["seed"], j)), run.path(pdir, "filter.pt"))
     filter_acc = accuracy(run.acc, filt, data.test, mean=data.mean, std=data.std)
 
+    official = c["compat"] == "official"
+    # the official code scores every training sample (selected ones too: they shape its candidate set)
     pool = np.setdiff1d(np.arange(len(data.train)), selected)
+    scored = np.arange(len(data.train)) if official else pool
     if run.done(pdir, "predictions.npz") and "score" in steps:      # scored before an interruption
         with np.load(run.path(pdir, "predictions.npz"), allow_pickle=False) as f:
             preds = {key: f[key] for key in f.files}
     else:
-        preds, sstats = score(run.acc, filt, data.train, pool, mean=data.mean, std=data.std,
+        preds, sstats = score(run.acc, filt, data.train, scored, mean=data.mean, std=data.std,
                               batch_size=cfg["score"]["batch_size"], channels_last=cfg["train"]["channels_last"],
                               desc=f"phase {j} score")
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
@@ -223,11 +186,19 @@ def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, metho
         run.write(io.write_json, run.path(pdir, "steps.json"), steps)
     t0 = time.perf_counter()
     h = to_hardness(preds["true_logit"], "logits") if hardness is None else hardness[preds["index"]]
-    sel = select(preds["index"], preds["label"], preds["pred"], h, k, coarse=c["coarse"], fine=c["fine"],
-                 balance=c["balance"], teacher_correct=teacher_ok[preds["index"]] if teacher_ok is not None else None,
-                 num_classes=data.num_classes, seed=seeds.selection(cfg["seed"], j))
+    rule = dict(coarse=c["coarse"], fine=c["fine"], balance=c["balance"], num_classes=data.num_classes,
+                teacher_correct=teacher_ok[preds["index"]] if teacher_ok is not None else None,
+                seed=seeds.selection(cfg["seed"], j))
+    if official:
+        sel = select_official(preds["index"], preds["label"], preds["pred"], h, k, selected=selected, **rule)
+    else:
+        sel = select(preds["index"], preds["label"], preds["pred"], h, k, **rule)
     select_s = time.perf_counter() - t0
-    if sel.total_short:
+    in_pool = ~np.isin(preds["index"], selected) if official else slice(None)
+    if sel.total_short and official:
+        run.log(f"note: phase {j}: {int(sel.total_short)} images fewer than the quota (ccfs.compat: official takes "
+                f"fewer where a class has fewer candidates than k)")
+    elif sel.total_short:
         run.log(f"warning: phase {j}: the pool ran out: {int(sel.total_short)} images short of the quota")
     if sel.filled_from_fallback.sum():
         run.log(f"warning: phase {j}: {int(sel.filled_from_fallback.sum())} images came from the fallback tiers "
@@ -235,9 +206,10 @@ def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, metho
     metrics = {
         "phase": j, "k": k, "pool_size": int(len(pool)), "synthetic_size": int(synthetic_size),
         "filter_test_acc": filter_acc,
-        "pool_misclassification_rate": float((preds["pred"] != preds["label"]).mean()),
+        "pool_misclassification_rate": float((preds["pred"] != preds["label"])[in_pool].mean()),
         "candidates_per_class": sel.candidates_per_class.tolist(), "selected_per_class": sel.per_class.tolist(),
         "filled_from_fallback": int(sel.filled_from_fallback.sum()), "short": int(sel.total_short),
+        "compat": c["compat"],
         "mean_hardness_selected": float(h[np.isin(preds["index"], sel.indices)].mean()) if len(sel.indices) else None,
         "difficulty": method,
         "train": steps["train"], "score": steps["score"], "select_seconds": select_s,
@@ -265,7 +237,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     c = cfg["ccfs"]
     data = load_real(cfg["data"], num_workers=cfg["score"]["num_workers"])
     class_size = check_budget(cfg, data)
-    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])
+    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
     n_distilled = c["ipc"] - sum(budgets)
     hardness, method = get_hardness_source(cfg, data)
     given_teacher = load_given_teacher(cfg, data)
@@ -292,11 +264,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     distilled_acc = (accuracy(accelerator, teacher, distilled, mean=data.mean, std=data.std)
                      if len(distilled) else None)
 
-    teacher_ok = None
-    if c["teacher_correct"]:
-        tp, _ = score(accelerator, teacher, data.train, np.arange(len(data.train)),
-                      mean=data.mean, std=data.std, batch_size=cfg["score"]["batch_size"], desc="teacher score")
-        teacher_ok = tp["pred"] == tp["label"]
+    tp = get_teacher_predictions(run, cfg, data, teacher)
+    teacher_ok = tp["pred"] == tp["label"] if c["teacher_correct"] else None
     trainings.teacher = teacher
     trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
     wall["distill"] = lap()
@@ -313,8 +282,10 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         images, labels = data.train.fetch(new, accelerator=run.acc)   # streamed: each rank reads a share
         synthetic = (torch.cat([synthetic[0], images]), torch.cat([synthetic[1], labels]))
         wall[f"phase {j}"] = lap()
+    # ccfs.compat official: idx_selected in selection order, as the official code writes it
+    order = selected if c["compat"] == "official" else np.sort(selected)
     run.write(io.write_json, run.path("selected_indices.json"),
-              {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": np.sort(selected).tolist()})
+              {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": order.tolist()})
 
     trainings.sets["ccfs"] = synthetic
     run_stage(run, final, trainings)                                    # evaluations
@@ -324,11 +295,13 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
         "processes": accelerator.num_processes, "teacher_test_acc": teacher_acc, "teacher": teacher_stats,
         "distilled_per_class": n_distilled, "teacher_acc_on_distilled": distilled_acc,
-        "phases": phases, "evaluation": evaluation, "wall_seconds": wall,
+        "phases": phases, "evaluation": evaluation, "best_after": cfg["eval"]["best_after"],
+        "wall_seconds": wall,
     }
     run.write(io.write_json, run.path("summary.json"), summary)
     run.log(format_table(summary))
-    run.write(write_report, out_dir, data=data)
+    run.write(write_report, run.dir, data=data, name=os.path.basename(run.out))
+    run.commit()
     return summary
 
 
@@ -373,10 +346,14 @@ def format_table(summary):
               "random": "random real only"}
     lines = [f"{summary['data']}  IPC {summary['ipc']}  alpha {summary['alpha']}  phases {summary['budgets']}  "
              f"difficulty {summary['difficulty']}",
-             f"{'set':<34}{'test acc, final epoch':>24}{'best epoch*':>14}"]
+             f"{'set':<34}{'test acc, final epoch':>24}{'official protocol*':>22}"]
     for name, r in ev.items():
         acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-        lines.append(f"{labels[name]:<34}{acc:>24}{100 * r['best_epoch_mean']:>13.2f}%")
+        official = ("–" if r.get("official_mean") is None else
+                    f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
+        lines.append(f"{labels[name]:<34}{acc:>24}{official:>22}")
     lines.append(f"{'full data (teacher)':<34}{100 * summary['teacher_test_acc']:>23.2f}%")
-    lines.append("* best epoch is chosen on the test set (as the official code reports); shown for reference only")
+    lines.append(fallback_line(summary["phases"]))
+    lines.append(f"* best test accuracy over every epoch after {summary.get('best_after', 0.8):.0%} of training "
+                 f"(the official code's figure): selected on the test set, for comparison only")
     return "\n".join(lines)

@@ -23,8 +23,12 @@ from .errors import ConfigError, DataError
 # torchvision's IMG_EXTENSIONS, so sorted-path order equals torchvision ImageFolder order.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# Default normalisation per source (config keys data.mean / data.std override them). These follow the
+# official CCFS code, whose teacher checkpoints were trained with them (SRe2L's squeeze_cifar.py):
+# ccfs_cifar10.py and ccfs_cifar100.py both use the CIFAR-10 mean and the std (0.2023, 0.1994, 0.2010),
+# ccfs_tiny.py uses TINY_MEAN / TINY_STD. docs/official.md lists them beside each set's own statistics.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = CIFAR10_MEAN, CIFAR10_STD
 TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
 
 PROGRESS_MIN_FILES = 1000  # show a progress bar when decoding at least this many files
@@ -98,7 +102,21 @@ def load_real(data_cfg, num_workers=0):
     """Load the real train/test data named by the `data` config section.
 
     `num_workers`: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
+    data.mean / data.std, when set, replace the source's default normalisation.
     """
+    data = _load_source(data_cfg, num_workers)
+    for key in ("mean", "std"):
+        values = data_cfg.get(key)
+        if values is None:
+            continue
+        if len(values) != data.channels:
+            raise ConfigError(f"config key 'data.{key}' has {len(values)} value(s) but the images of source "
+                              f"'{data_cfg['source']}' have {data.channels} channel(s)")
+        setattr(data, key, tuple(float(v) for v in values))
+    return data
+
+
+def _load_source(data_cfg, num_workers):
     source, root, image_size = data_cfg["source"], data_cfg.get("root"), data_cfg.get("image_size")
     if source == "webdataset":
         from .shards import load_shards
@@ -168,7 +186,10 @@ def _load_cifar(root, num_classes):
                         f"set data.root to that folder or its parent)")
 
     meta = _read_pickle(os.path.join(folder, meta_file))
-    if names_key not in meta:
+    if not isinstance(meta, dict):
+        raise DataError(f"{os.path.join(folder, meta_file)}: expected a dict with {names_key!r}, found "
+                        f"{type(meta).__name__} (re-extract the archive)")
+    if names_key not in meta or not isinstance(meta[names_key], list):
         raise DataError(f"{os.path.join(folder, meta_file)}: no '{names_key.decode()}' entry")
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
     if len(classes) != num_classes:
@@ -182,20 +203,49 @@ def _load_cifar(root, num_classes):
     return RealData(f"cifar{num_classes}", classes, read(train_files), read([test_file]), mean, std)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits what CIFAR's python release holds: dicts, lists, bytes, str, numbers, and numpy arrays through
+    numpy's own reconstruction functions. Any other global (a `__reduce__` payload's os.system, ...) is
+    refused before it is called: loading a data file never runs code from it."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+               ("_codecs", "encode")}   # protocol 2 pickles written by Python 3 spell bytes this way
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for the global '{module}.{name}', which a CIFAR file never holds "
+                                     f"(refused: loading it could run code)")
+
+
 def _read_pickle(path):
+    """A CIFAR pickle, loaded Python-2 style (encoding='bytes') through the restricted unpickler."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
     except Exception as e:
-        raise DataError(f"cannot read {path}: {e} (re-extract the archive)") from e
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {e} (re-extract the archive)") from None
 
 
 def _read_cifar_batch(path, label_key, num_classes):
     batch = _read_pickle(path)
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise DataError(f"{path}: expected a dict with b'data' and {label_key!r} (re-extract the archive)")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    data, labels = batch[b"data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        found = f"a {data.dtype} array" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: b'data' is {found}, expected a uint8 array of pixels 0..255 "
+                        f"(as in the CIFAR release; re-extract the archive)")
+    if not isinstance(labels, (list, np.ndarray)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise DataError(f"{path}: {label_key!r} must be a list of integer class indices, found "
+                        f"{type(labels).__name__} {str(labels)[:60]} (re-extract the archive)")
+    labels = np.asarray(labels, dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels, "
                         f"expected N x 3072 with N labels")
@@ -322,18 +372,20 @@ def _read_split(files, labels, mode, size, desc, crop=True):
     return Split(images, torch.tensor(labels, dtype=torch.int64))
 
 
-def read_images(paths, mode, size=None, resize=None, desc=None):
+def read_images(paths, mode, size=None, resize=None, desc=None, exact_mode=False,
+                hint="set data.image_size to resize and center-crop all images"):
     """Decode image files into a uint8 N x C x size x size tensor, in the order given.
 
-    mode: "RGB" or "L". resize: None (every image must already be size x size; size None = the
-    first image's, which must be square), "crop" (shorter side to size, then center crop, like
+    mode: "RGB" or "L"; with `exact_mode` every file must already be in that mode (else converted).
+    resize: None (every image must already be size x size; size None = the first image's, which must be
+    square; `hint` says how to resize instead), "crop" (shorter side to size, then center crop, like
     torchvision Resize(size) + CenterCrop(size)) or "stretch" (bilinear to size x size).
     """
     channels = 1 if mode == "L" else 3
     if not paths:
         return torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)
     if size is None:
-        w, h = _open(paths[0], mode).size
+        w, h = _open(paths[0], mode, exact_mode, hint).size
         if w != h:
             raise DataError(f"{paths[0]}: image is {w}x{h}, not square; set data.image_size to "
                             f"resize and center-crop all images")
@@ -341,14 +393,14 @@ def read_images(paths, mode, size=None, resize=None, desc=None):
     out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
 
     def load(path):
-        img = _open(path, mode)
+        img = _open(path, mode, exact_mode, hint)
         if resize == "crop":
             img = _resize_center_crop(img, size)
         elif resize == "stretch" and img.size != (size, size):
             img = img.resize((size, size), Image.BILINEAR)
         elif img.size != (size, size):
             raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]}, expected {size}x{size} "
-                            f"like {paths[0]}; set data.image_size to resize and center-crop all images")
+                            f"like {paths[0]}; {hint}")
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
 
     pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without holding the GIL
@@ -362,12 +414,16 @@ def read_images(paths, mode, size=None, resize=None, desc=None):
     return out
 
 
-def _open(path, mode):
+def _open(path, mode, exact_mode=False, hint=""):
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
+            found = img.mode
+            if not exact_mode or found == mode:
+                return img.convert(mode)
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e} (replace or delete the file)") from e
+    names = {"L": "grey (L)", "RGB": "colour (RGB)"}
+    raise DataError(f"{path}: image mode {found}, expected {names.get(mode, mode)} like the data; {hint}")
 
 
 def _resize_center_crop(img, size):
@@ -400,11 +456,12 @@ def channel_stats(images, chunk=4096):
 
 # ---------------------------------------------------------------------------------- distilled set
 
-def load_distilled(folder, classes, per_class, channels, image_size):
+def load_distilled(folder, classes, per_class, channels, image_size, resize=False):
     """Read `per_class` images per class from a distilled image folder (one sub-folder per class).
 
     Sub-folders may be named by class name, class index ("7", "007") or "new" + index ("new007").
-    Files are taken in name order; the result is ordered by class, then file name.
+    Files are taken in name order; the result is ordered by class, then file name. Every image must have
+    the data's size and colour mode; with `resize` (data.distilled_resize) others are stretched and converted.
     """
     mode = "L" if channels == 1 else "RGB"
     if per_class == 0:
@@ -441,7 +498,11 @@ def load_distilled(folder, classes, per_class, channels, image_size):
                             f"need {per_class} per class")
         files += [os.path.join(class_dir, n) for n in names[:per_class]]
         labels += [label] * per_class
-    images = read_images(files, mode, image_size, resize="stretch", desc="distilled images")
+    if resize:
+        images = read_images(files, mode, image_size, resize="stretch", desc="distilled images")
+    else:
+        images = read_images(files, mode, image_size, desc="distilled images", exact_mode=True,
+                             hint="pass data.distilled_resize=true to resize and convert the distilled images")
     return Split(images, torch.tensor(labels, dtype=torch.int64))
 
 

@@ -197,3 +197,12 @@ def wait_for_all(accelerator):
         return
     import torch.distributed
     torch.distributed.barrier(group=_patient_group())
+
+
+def main_says(accelerator, value):
+    """Rank 0's `value` (a str or None) on every rank: for a verdict only rank 0 can reach (it alone holds
+    the run directory's lock), so that every rank fails alike instead of waiting in a collective."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([value], from_process=0)[0]

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .errors import CCFSError
+
 
 @contextmanager
 def atomic_path(path):
@@ -73,4 +75,25 @@ def wait_for(path, seconds=120.0, poll=0.25):
             raise RuntimeError(f"{path} did not appear within {seconds:.0f} s after the rank that writes it "
                                f"finished; is the run directory on storage every node sees?")
         time.sleep(poll)
+    return path
+
+
+def check_writable_folder(path, what, file=False):
+    """Raise CCFSError (naming `what`, e.g. '--out', and the path) unless `path` is, or can be created as,
+    a folder this process can write in (`file`: unless a file can be written at `path`): checked before any
+    work, so that a bad location costs nothing. Returns the absolute path."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    probe = os.path.dirname(path) if file else path
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file, not a folder" if probe == path else f"lies below the file '{probe}'"
+        raise CCFSError(f"{what} '{path}' {where}; choose a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise CCFSError(f"{what} '{path}': '{probe}' {why}; choose another location")
     return path

@@ -20,7 +20,7 @@ from .dist import Local, wait_for_all
 from .evaluate import evaluate_run
 from .models import build_model, load_checkpoint, state_dict_of
 from .scores import DYNAMICS, dynamics_run
-from .train import recipe, train_model
+from .train import recipe, teacher_recipe, train_model
 
 
 def build(cfg, data, seed):
@@ -65,16 +65,14 @@ class Trainings:
         getattr(self, "train_" + job.kind)(acc, *job.key)
 
     def train_teacher(self, acc):
-        cfg, data, t = self.cfg, self.data, self.cfg["teacher"]
+        cfg, data = self.cfg, self.data
         seed = seeds.teacher(cfg["seed"])
         model, stats = train_model(
             acc, build(cfg, data, seed), data.train.images, data.train.labels, mean=data.mean, std=data.std,
-            epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-            warmup_epochs=t["warmup_epochs"], scale_min=cfg["aug"]["scale_min"], flip=cfg["aug"]["flip"],
-            seed=seed, channels_last=cfg["train"]["channels_last"], desc="teacher",
-            checkpoint=self.run.path("teacher_state.pt"), checkpoint_every=cfg["train"]["checkpoint_every"])
+            seed=seed, desc="teacher", checkpoint=self.run.path("teacher_state.pt"), **teacher_recipe(cfg))
         if acc.is_main_process:
-            io.write_json(self.run.path("teacher.json"), {"source": "trained", **stats})
+            io.write_json(self.run.path("teacher.json"),
+                          {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}})
             io.save_torch(self.run.path("teacher.pt"), state_dict_of(model))
 
     def train_score_run(self, acc, r):
@@ -116,6 +114,7 @@ class Trainings:
                               recipe=recipe(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
                               teacher=self.teacher if cfg["train"]["kd"] else None,
                               seed=seeds.eval_run(cfg["seed"], r), desc=f"eval {name} {r + 1}/{cfg['eval']['runs']}",
+                              best_after=cfg["eval"]["best_after"],
                               checkpoint=self.run.path("eval", f"{stem}_run{r}_state.pt"))
         if acc.is_main_process:
             io.write_json(self.artifact("eval", name, r), result)

@@ -148,7 +148,8 @@ def load_checkpoint(model, path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"checkpoint file '{path}' could not be loaded ({type(exc).__name__}: {exc}); "
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(f"checkpoint file '{path}' could not be loaded ({type(exc).__name__}: {first}); "
                         f"it must be a state dict saved with torch.save") from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
@@ -180,5 +181,9 @@ def load_checkpoint(model, path):
         raise DataError(f"checkpoint file '{path}' does not match the model {_model_name(target)}: "
                         f"{'; '.join(parts)}; check model.name / width / depth / norm and the number "
                         f"of classes and channels the checkpoint was trained with")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DataError(f"checkpoint file '{path}' holds NaN or infinite values in {len(bad)} tensor(s), e.g. "
+                        f"{', '.join(bad[:3])}; expected finite weights (the training that wrote it diverged?)")
     target.load_state_dict(sd, strict=True)
     return model

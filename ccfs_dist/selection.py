@@ -9,10 +9,12 @@ Pure numpy. The curriculum calls `phase_budgets` once per run and `select` once 
 
 `select` orders the pool by (class, tier, fine key, global index) and takes the first k of each
 class. Tier 1 holds the coarse candidates; the later tiers only fill a class whose candidates run
-out (see `select`). Everything is array sorts and per-group ranks: no Python loop over samples or
+out (see `select`). `select_official` (ccfs.compat: official) instead reproduces the official code's
+picks exactly: its tie order, its short classes, its output order (see there and docs/official.md). Everything is array sorts and per-group ranks: no Python loop over samples or
 classes, 0.025-0.06 s for ImageNet-1K (1.28 M samples, 1000 classes) on one CPU core.
 """
 import math
+import random
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -44,7 +46,7 @@ def num_phases(phases, ipc):
     return int(phases)
 
 
-def phase_budgets(ipc, alpha, phases):
+def phase_budgets(ipc, alpha, phases, official=False):
     """Real images per class to select in each phase, k_1..k_J.
 
     The real budget per class is ipc - floor(ipc * alpha) (the distilled set holds floor(ipc * alpha));
@@ -52,14 +54,16 @@ def phase_budgets(ipc, alpha, phases):
     the remainder: budget 7 over 3 phases -> [3, 2, 2].
 
     floor(ipc * alpha) is computed exactly on the decimal the user wrote (Fraction(repr(alpha))), so
-    ipc 10, alpha 0.3 gives 3 although 10 * 0.3 == 2.9999999999999996 in floating point. (The
-    official scripts use int(ipc * alpha), which gives 2 there: 8 real images instead of 7.)
+    ipc 100, alpha 0.29 gives 29 distilled images although 100 * 0.29 == 28.999999999999996 in float64.
+    The official scripts compute int(ipc * alpha), which gives 28 there (72 real images instead of 71);
+    `official=True` (ccfs.compat: official) does the same. (For the alphas of the official scripts both
+    agree: int(500 * 0.1) == 50.)
     """
     ipc = _positive_int(ipc, "ccfs.ipc")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
             or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"config key 'ccfs.alpha' must be a number in [0, 1], got {alpha!r}")
-    n_distilled = math.floor(ipc * Fraction(repr(float(alpha))))
+    n_distilled = int(ipc * float(alpha)) if official else math.floor(ipc * Fraction(repr(float(alpha))))
     budget = ipc - n_distilled
     j = num_phases(phases, ipc)
     if j > budget:
@@ -86,11 +90,13 @@ def _positive_int(value, key):
 class Selection:
     """Result of one phase's selection. All per-class arrays are int64 of length num_classes.
 
-    indices               selected global indices, sorted ascending (int64)
+    indices               selected global indices (int64): sorted ascending from `select`, in selection
+                          order from `select_official`
     per_class             images selected per class
     candidates_per_class  tier-1 candidates per class (coarse rule, and teacher-correct if given)
     filled_from_fallback  selected images per class that came from tiers 2-3 (not tier-1 candidates)
-    short                 images per class missing because the class pool ran out (balance=True);
+    short                 images per class missing because the class pool ran out (balance=True;
+                          select_official: because the class had fewer than k candidates);
                           always zeros for balance=False, whose shortfall is global: see total_short
     quota                 images asked for in total: k * num_classes
     """
@@ -182,6 +188,73 @@ def select(index, label, pred, hardness, k, *, coarse="misclassified", fine="sim
         per_class=per_class,
         candidates_per_class=np.bincount(label[candidates], minlength=num_classes),
         filled_from_fallback=np.bincount(label[filled], minlength=num_classes),
+        short=(k - per_class) if balance else np.zeros(num_classes, dtype=np.int64),
+        quota=int(k) * int(num_classes),
+    )
+
+
+def select_official(index, label, pred, hardness, k, *, selected, coarse="misclassified", fine="simple",
+                    balance=True, teacher_correct=None, num_classes, seed=0):
+    """The official code's selection (`selection_score` / `selection_logits` in ccfs_{cifar10,cifar100,
+    tiny}.py), reproduced exactly from the same predictions: ccfs.compat: official.
+
+    Unlike `select`, the arrays cover the WHOLE training set (global indices 0..N-1, in any order),
+    already selected samples included, because the official filter scores every training sample and
+    the layout of its candidate set depends on them. `selected` holds the indices chosen in earlier
+    phases in selection order; `teacher_correct` (bool over the training set) or None.
+
+    The official rule, step by step:
+      candidates = list(set(teacher_correct_idx) & set(coarse_idx) - set(selected_idx))
+    with coarse_idx / teacher_correct_idx ascending lists (torch.where), so ties are broken in the
+    iteration order of that Python set (hash-slot order, not index order; built here with the same
+    expression); balance: per class, in class order, the candidates bucketed in that order and sorted
+    stably by the fine key (simple: ascending hardness, hard: descending), the first k; a class with
+    fewer than k candidates gives fewer (no fallback tiers); balance False: the first k * num_classes
+    over all candidates. fine "random": random.sample of min(k, available) per class, from
+    random.Random(seed) (the official code draws from the unseeded global `random`, so its random picks
+    cannot be reproduced; the procedure is the same). `indices` are in selection order (class by
+    class, each in fine order), as the official `idx_selected` is written; they are not sorted.
+    """
+    index, label, pred, hardness, teacher_correct = _check_inputs(
+        index, label, pred, hardness, teacher_correct, k, coarse, fine, num_classes)
+    n = len(index)
+    if n and (index.max() != n - 1 or not _unique(index)):
+        raise DataError(f"selection (ccfs.compat: official): the predictions must cover the whole training set "
+                        f"(global indices 0..{n - 1} once each), got {n} samples up to index {index.max()}")
+    at = np.empty(n, dtype=np.int64)
+    at[index] = np.arange(n)                              # position of each global index
+    label, pred, hardness = label[at], pred[at], hardness[at]
+    coarse_idx = np.flatnonzero(pred != label) if coarse == "misclassified" else np.flatnonzero(pred == label)
+    previous = set(np.asarray(selected, dtype=np.int64).tolist())
+    if teacher_correct is not None:
+        teacher_idx = np.flatnonzero(teacher_correct[at])
+        candidates = list(set(teacher_idx.tolist()) & set(coarse_idx.tolist()) - previous)
+    else:
+        candidates = list(set(coarse_idx.tolist()) - previous)
+    candidates = np.array(candidates, dtype=np.int64)     # in the official tie order
+    cand_label = label[candidates]
+    group = cand_label if balance else np.zeros(len(candidates), dtype=np.int64)
+    quota = np.full(num_classes, k) if balance else np.array([k * num_classes])
+    if fine == "random":
+        rng = random.Random(seed)
+        chosen = []
+        for g in range(len(quota)):
+            mine = candidates[group == g].tolist()
+            chosen += rng.sample(mine, min(int(quota[g]), len(mine)))
+        chosen = np.array(chosen, dtype=np.int64)
+    else:
+        key = hardness[candidates] if fine == "simple" else -hardness[candidates]
+        order = np.lexsort((key, group))                  # stable: equal keys keep the set order
+        g = group[order]
+        size = np.bincount(g, minlength=len(quota))
+        rank = np.arange(len(order)) - (np.cumsum(size) - size)[g]
+        chosen = candidates[order[rank < quota[g]]]
+    per_class = np.bincount(label[chosen], minlength=num_classes)
+    return Selection(
+        indices=chosen,
+        per_class=per_class,
+        candidates_per_class=np.bincount(cand_label, minlength=num_classes),
+        filled_from_fallback=np.zeros(num_classes, dtype=np.int64),
         short=(k - per_class) if balance else np.zeros(num_classes, dtype=np.int64),
         quota=int(k) * int(num_classes),
     )

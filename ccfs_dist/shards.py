@@ -12,8 +12,10 @@ sorted order); every file is written under a temporary name and renamed.
 
 The index JSON (`<split>.json`) holds what selection needs without reading an image: the sample count,
 class names, every label, the image shape, mean/std, a fingerprint of the source, and per shard its file
-(relative to the JSON's folder, or absolute, or a URL webdataset can open), first index, sample count,
-byte size and sha256.
+(relative to the JSON's folder), first index, sample count, byte size and sha256. An index may come from
+anywhere, so its `file` entries are a trust boundary (docs/safety.md): a URL or `pipe:` command (which
+webdataset would open or run) is refused unless data.allow_urls, and an absolute path or one climbing out
+of the index's folder unless data.allow_outside.
 
 Reading (`data.source: webdataset`):
 
@@ -25,7 +27,9 @@ then over DataLoader workers (every num_workers-th of the rank's shards), no res
 samples not in the wanted index are skipped before decoding. A rank or worker without shards yields
 nothing. Every shard is checked while it streams: its keys must be the index's contiguous run, its labels
 the index's labels, its sample count the index's count; a violation, an unreadable tar or an undecodable
-image is a DataError naming the shard (and the sample key).
+image is a DataError naming the shard (and the sample key). The bytes read are hashed on the way: a shard
+whose sha256 or size differs from its index entry is a DataError once it has been read to its end (the
+samples already yielded are then discarded with the failing run); `verify_shards` checks whole shards.
 """
 import hashlib
 import io
@@ -46,6 +50,7 @@ TAR_MTIME = 0                 # fixed tar metadata: the same input gives byte-id
 PNG_LEVEL = 6                 # zlib level of the lossless PNGs written for in-memory sources
 READ_BUFFER = 1 << 20
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
+URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")     # pipe:, http:, s3:, file:, ... (not a one-letter drive)
 
 
 # ============================================================================================ writing
@@ -235,6 +240,7 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
     if n == 0:
         raise DataError(f"the {split} split of '{src.name}' holds no samples")
     os.makedirs(out_dir, exist_ok=True)
+    remove_leftovers(out_dir, split)
     width = key_width(n)
     jobs = [(os.path.join(out_dir, shard_name(split, s)), first, min(per_shard, n - first), width)
             for s, first in enumerate(range(0, n, per_shard))]
@@ -283,6 +289,14 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
     return index
 
 
+def remove_leftovers(out_dir, split):
+    """Remove the temporary files a killed writer of `split` left in `out_dir` (shards, index)."""
+    leftover = re.compile(rf"^\.({split}-\d{{6}}\.tar|{split}\.json)\..+\.tmp$")
+    for name in os.listdir(out_dir):
+        if leftover.match(name) and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
 def write_index(path, index):
     """Write an index dict as compact, deterministic JSON (atomically)."""
     from .io import atomic_path
@@ -295,11 +309,34 @@ def write_index(path, index):
 # ============================================================================================ reading
 
 def _is_url(path):
-    return "://" in path or path.startswith("pipe:")
+    return bool(URL_RE.match(path))
 
 
-def read_index(path):
-    """Load and validate an index JSON; returns (dict, list of shard dicts with resolved 'url')."""
+def shard_location(index_path, file, allow_urls=False, allow_outside=False):
+    """Where the index at `index_path` says a shard is: a path, or a URL / `pipe:` command when allowed.
+
+    Refused (DataError naming the index and the entry): URLs and `pipe:` commands unless `allow_urls`
+    (webdataset opens URLs through shell commands: `pipe:cmd` runs cmd), absolute paths and paths that
+    climb out of the index's folder unless `allow_outside`."""
+    if "\0" in file:
+        raise DataError(f"shard index {index_path}: shard file {file!r} holds a NUL byte")
+    if _is_url(file):
+        if not allow_urls:
+            raise DataError(f"shard index {index_path}: shard file {file!r} is a URL or command, refused (it "
+                            f"would be opened or run by webdataset); pass data.allow_urls=true if you trust "
+                            f"this index")
+        return file
+    folder = os.path.dirname(os.path.abspath(index_path))
+    path = os.path.normpath(os.path.join(folder, file))
+    if not allow_outside and (os.path.isabs(file) or os.path.commonpath([folder, path]) != folder):
+        raise DataError(f"shard index {index_path}: shard file {file!r} lies outside the index's folder "
+                        f"{folder}, refused; pass data.allow_outside=true if you trust this index")
+    return path
+
+
+def read_index(path, allow_urls=False, allow_outside=False):
+    """Load and validate an index JSON; returns (dict, list of shard dicts with resolved 'url').
+    `allow_urls`, `allow_outside`: see shard_location."""
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
         hint = " (data.root / data.test_root of the webdataset source name the index JSON written by " \
@@ -333,12 +370,14 @@ def read_index(path):
     if not isinstance(labels, list) or len(labels) != n:
         raise bad(f"{len(labels) if isinstance(labels, list) else 'no'} labels for {n} samples")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        raw = np.asarray(labels)
+        if raw.ndim != 1 or (n and raw.dtype.kind not in "iu") or any(type(v) is bool for v in labels):
+            raise TypeError                            # 1.5, "3" or true must not become a class quietly
+        labels = raw.astype(np.int64)
     except (TypeError, ValueError, OverflowError):
         raise bad("labels must be integers") from None
     if n and (labels.min() < 0 or labels.max() >= len(classes)):
         raise bad(f"labels outside 0..{len(classes) - 1}")
-    folder = os.path.dirname(os.path.abspath(path))
     shards, expect_first = [], 0
     if not isinstance(meta["shards"], list):
         raise bad("shards must be a list")
@@ -349,10 +388,12 @@ def read_index(path):
         if s["first"] != expect_first:
             raise bad(f"shard {s['file']} starts at index {s['first']}, expected {expect_first} "
                       f"(shards must cover 0..num_samples-1 in order)")
+        if "bytes" in s and not (isinstance(s["bytes"], int) and s["bytes"] >= 0):
+            raise bad(f"shard {s['file']}: bytes {s['bytes']!r}")
+        if "sha256" in s and not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])):
+            raise bad(f"shard {s['file']}: sha256 {s['sha256']!r} (expected 64 hex digits)")
         expect_first += s["count"]
-        f = s["file"]
-        url = f if _is_url(f) or os.path.isabs(f) else os.path.join(folder, f)
-        shards.append(dict(s, url=url))
+        shards.append(dict(s, url=shard_location(path, s["file"], allow_urls, allow_outside)))
     if expect_first != n:
         raise bad(f"the shards hold {expect_first} samples, num_samples is {n}")
     meta["labels"] = labels
@@ -423,9 +464,10 @@ class ShardSplit:
     then resized and center-cropped). `num_workers` DataLoader workers decode per rank.
     """
 
-    def __init__(self, index_path, image_size=None, num_workers=0, check_files=True):
+    def __init__(self, index_path, image_size=None, num_workers=0, check_files=True, allow_urls=False,
+                 allow_outside=False):
         self.index_path = os.path.expanduser(os.fspath(index_path))
-        self.meta, self.shards = read_index(self.index_path)
+        self.meta, self.shards = read_index(self.index_path, allow_urls, allow_outside)
         self.labels = torch.from_numpy(self.meta["labels"])
         channels, size, _ = self.meta["shape"]
         size = int(image_size) if image_size is not None else size
@@ -441,11 +483,10 @@ class ShardSplit:
         for s in self.shards:
             if _is_url(s["url"]):
                 continue
-            try:
-                size = os.path.getsize(s["url"])
-            except OSError:
+            if not os.path.isfile(s["url"]):
                 missing.append(s["url"])
                 continue
+            size = os.path.getsize(s["url"])
             if "bytes" in s and size != s["bytes"]:
                 wrong.append(f"shard {s['url']} is truncated or was replaced: {size} bytes, "
                              f"its index says {s['bytes']}")
@@ -637,14 +678,7 @@ class _ShardStream(IterableDataset):
         labels = split.meta["labels"]                             # numpy: cheaper to index than the tensor
         expect, last_key = first, None
         where = f"shard {url}"
-        try:
-            if _is_url(url):
-                from webdataset.gopen import gopen   # pipe:, http(s):, s3 via pipe: ... as webdataset opens them
-                stream = gopen(url)
-            else:
-                stream = open(url, "rb", buffering=READ_BUFFER)
-        except Exception as e:
-            raise DataError(f"cannot open {where}: {e}") from e
+        stream = _HashingReader(_open_shard(url, where))
         try:
             for key, files in iter_samples(stream, where):
                 if not key.isdigit() or int(key) != expect:
@@ -665,6 +699,8 @@ class _ShardStream(IterableDataset):
                                     f"from the index's {labels[gid]}")
                 if mask[gid]:
                     yield gid, int(label), decode_image(files[exts[0]], mode, shape, what=f"{where}, sample {key}")
+            if expect == first + count:
+                stream.read_to_end()
         except OSError as e:
             raise DataError(f"cannot read {where} after key {last_key}: {e}") from e
         finally:
@@ -673,6 +709,61 @@ class _ShardStream(IterableDataset):
             detail = f" (the last is {last_key})" if last_key is not None else ""
             raise DataError(f"{where} holds {expect - first} samples{detail}, its index {split.index_path} "
                             f"says {count}: truncated or corrupt shard")
+        stream.check(shard, where, split.index_path)
+
+
+def _open_shard(url, where):
+    """A binary stream of the shard at `url` (a path, or a URL / command shard_location let through)."""
+    try:
+        if _is_url(url):
+            from webdataset.gopen import gopen   # pipe:, http(s):, s3 via pipe: ... as webdataset opens them
+            return gopen(url)
+        return open(url, "rb", buffering=READ_BUFFER)
+    except Exception as e:
+        raise DataError(f"cannot open {where}: {e}") from e
+
+
+class _HashingReader:
+    """A read-only stream that hashes (sha256) and counts the bytes read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, n):
+        data = self.stream.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def read_to_end(self):
+        """Hash the rest (the end-of-archive blocks and padding after the last member)."""
+        while self.read(READ_BUFFER):
+            pass
+
+    def close(self):
+        self.stream.close()
+
+    def check(self, shard, where, index_path):
+        """A DataError when the bytes read differ from the index entry's size or sha256 (if it records them)."""
+        if "bytes" in shard and self.size != shard["bytes"]:
+            raise DataError(f"{where} is {self.size} bytes, its index {index_path} says {shard['bytes']}: "
+                            f"the shard was replaced or is corrupt (rewrite it with `ccfs shards`)")
+        if "sha256" in shard and self.digest.hexdigest() != shard["sha256"]:
+            raise DataError(f"{where}: content differs from its index {index_path} (sha256 "
+                            f"{self.digest.hexdigest()[:16]}..., the index says {shard['sha256'][:16]}...): the "
+                            f"shard was modified or is corrupt (rewrite it with `ccfs shards`)")
+
+
+def verify_shards(index_path, allow_urls=False, allow_outside=False):
+    """Read every shard of an index whole: its keys, labels and sample count against the index, and its size
+    and sha256 against those recorded. Images are not decoded. Returns the number of shards; the first
+    disagreement is a DataError naming the shard."""
+    split = ShardSplit(index_path, allow_urls=allow_urls, allow_outside=allow_outside)
+    stream = _ShardStream(split, split.shards, np.zeros(len(split), dtype=bool), 1)
+    for shard in split.shards:
+        for _ in stream._samples(shard):           # nothing is wanted: every sample is checked, none decoded
+            pass
+    return len(split.shards)
 
 
 # --------------------------------------------------------------------------------- tar parsing
@@ -776,8 +867,17 @@ def load_shards(data_cfg, num_workers=0):
     if test_root is None:
         raise ConfigError("data source 'webdataset' needs 'data.test_root' (the test index JSON written by "
                           "`ccfs shards`, e.g. shards/test.json)")
-    train = ShardSplit(root, image_size=image_size, num_workers=num_workers)
-    test = ShardSplit(test_root, image_size=train.shape[1], num_workers=num_workers)
+    trust = {"allow_urls": bool(data_cfg.get("allow_urls")), "allow_outside": bool(data_cfg.get("allow_outside"))}
+    train = ShardSplit(root, image_size=image_size, num_workers=num_workers, **trust)
+    test = ShardSplit(test_root, image_size=train.shape[1], num_workers=num_workers, **trust)
+    for key, split, want in (("data.root", train, "train"), ("data.test_root", test, "test")):
+        if split.meta.get("split", want) != want:
+            raise DataError(f"{key} {split.index_path} is the {split.meta['split']!r} split (its index says "
+                            f"split: {split.meta['split']}), expected the {want} split")
+    if os.path.realpath(train.index_path) == os.path.realpath(test.index_path) or (
+            train.meta.get("source") and train.meta.get("source") == test.meta.get("source")):
+        raise DataError(f"data.test_root {test.index_path} holds the same samples as data.root {train.index_path}; "
+                        f"name the test split's index (e.g. test.json)")
     if test.classes != train.classes or test.shape != train.shape:
         raise DataError(f"{test.index_path} does not match {train.index_path}: {len(test.classes)} vs "
                         f"{len(train.classes)} classes, {test.shape[0]} vs {train.shape[0]} channels; "

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import seeds
-from .augment import Augment, apply_boxes, crop_boxes, normalize
+from .augment import Augment
 from .dist import broadcast_state, rank_slice
+from .errors import DataError
 from .io import save_torch
 
 AUG_CHUNK_BYTES = 32 * 2**20   # float32 augmented images held at once per rank (several batches when small)
@@ -46,21 +47,36 @@ def paper_epochs(ipc, class_size):
     return 200
 
 
-def paper_batch_size(per_class):
-    """Batch size by current synthetic images per class (CCFS supplement: <500 32, <1000 64, else 128)."""
-    if per_class < 500:
+def paper_batch_size(per_class, class_size):
+    """Batch size by the compression ratio of the *current* synthetic set (official scripts'
+    `curriculum_train`): below 10 % of the training set 32, below 20 % 64, else 128.
+
+    The official CIFAR-10 script writes this as < 500 / < 1000 images per class and the CIFAR-100 one
+    as < 50 / < 100 (both are 10 % / 20 % of their 5,000 / 500 images per class); comparing
+    10 * per_class with class_size keeps the boundary exact (500 per class of 5,000 is 64, as there).
+    """
+    if 10 * per_class < class_size:
         return 32
-    if per_class < 1000:
+    if 10 * per_class < 2 * class_size:
         return 64
     return 128
 
 
-def lr_lambda(total_steps, warmup_steps):
-    """Linear warm-up then cosine decay to zero, as a multiplier of the base lr per optimizer step."""
+def lr_lambda(total, warmup, warmup_start=None):
+    """Linear warm-up then cosine decay to zero, as a multiplier of the base lr per scheduler step.
+
+    `total` and `warmup` count scheduler steps (optimizer steps, or epochs when the schedule advances
+    once per epoch). warmup_start None: the warm-up ramps (i + 1) / warmup, reaching 1 at its last
+    step. A number s: torch's LinearLR(start_factor=s, total_iters=warmup) followed by
+    CosineAnnealingLR(T_max=total - warmup), as the official scripts chain them with SequentialLR:
+    s + (1 - s) * i / warmup during the warm-up, then 0.5 * (1 + cos(pi * (i - warmup) / (total - warmup))).
+    """
     def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if step < warmup:
+            if warmup_start is None:
+                return (step + 1) / warmup
+            return warmup_start + (1.0 - warmup_start) * step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
@@ -76,8 +92,7 @@ def kd_loss(student_logits, teacher_logits, temperature):
 def epoch_boxes(augment, samples, height, width, generator, device):
     """Crop boxes and flips of all `samples` augmented views of an epoch (the generator advances alike
     on every rank; each rank slices its rows)."""
-    return crop_boxes(samples, height, width, scale_min=augment.scale_min, ratio=augment.ratio,
-                      generator=generator, device=device, flip=augment.flip)
+    return augment.draw(samples, height, width, generator, device)
 
 
 def compiled(module, compile):
@@ -94,12 +109,16 @@ def _sync(device):
 
 
 def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_size, lr, momentum=0.9,
-                weight_decay=5e-4, warmup_epochs=0, teacher=None, temperature=20.0, scale_min=0.08,
-                flip=True, seed=0, channels_last=False, compile=False, desc="train", on_epoch_end=None,
+                weight_decay=5e-4, warmup_epochs=0, warmup_start=None, schedule_step="batch", teacher=None,
+                temperature=20.0, scale_min=0.08, flip=True, crop="resized", padding=4, seed=0, channels_last=False, compile=False, desc="train", on_epoch_end=None,
                 on_batch=None, checkpoint=None, checkpoint_every=0):
     """Train `model` in place on uint8 `images` (N,C,H,W) with int64 `labels`; return (model, stats).
 
     With `teacher` the loss is KD at `temperature` (labels unused), else cross-entropy.
+    The lr follows `lr_lambda`: warm-up for `warmup_epochs` (from `warmup_start`), then cosine to zero,
+    advanced after every optimizer step (schedule_step "batch") or after every epoch ("epoch", as the
+    official scripts do). `crop`: "resized" (RandomResizedCrop from `scale_min`) or "pad" (RandomCrop
+    with `padding` zero pixels per side); both with a horizontal flip when `flip`.
     `compile`: False, True (torch.compile the student and the teacher's forward) or a backend name.
     `on_epoch_end(epoch, model)` is called on every rank after each epoch (for periodic evaluation).
     `on_batch(rows, logits)` is called on every rank after each forward pass, before the optimizer
@@ -116,7 +135,7 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(device).contiguous(memory_format=memory_format)
     labels = labels.to(device)
-    augment = Augment(mean, std, images.shape[-1], scale_min=scale_min, flip=flip)
+    augment = Augment(mean, std, images.shape[-1], scale_min=scale_min, flip=flip, crop=crop, padding=padding)
     height, width = images.shape[2], images.shape[3]
 
     split = world > 1                    # a data-parallel training (else `accelerator` is a dist.Local)
@@ -130,7 +149,12 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     optimizer = optimizer if accelerator.scaler is not None else optimizer.optimizer
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup_epochs * steps_per_epoch))
+    if schedule_step not in ("batch", "epoch"):
+        raise ValueError(f"schedule_step must be 'batch' or 'epoch', got {schedule_step!r}")
+    per_batch = schedule_step == "batch"
+    unit = steps_per_epoch if per_batch else 1          # scheduler steps per epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(epochs * unit, warmup_epochs * unit, warmup_start))
     if teacher is not None:
         teacher = teacher.to(device, memory_format=memory_format).eval()
     student_forward = compiled(ddp_model, compile)
@@ -145,21 +169,28 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     aug_gen = torch.Generator(device=device).manual_seed(seeds.augmentation(seed))   # same on every rank
     first_epoch = 0
     if checkpoint and os.path.exists(checkpoint):
-        # to the CPU first: under torchrun accelerator.device can be "cpu:0", which torch.load refuses
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        accelerator.unwrap_model(ddp_model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        order_gen.set_state(state["order_gen"].cpu())
-        aug_gen.set_state(state["aug_gen"].cpu())
-        first_epoch = state["epoch"] + 1
+        try:
+            # to the CPU first: under torchrun accelerator.device can be "cpu:0", which torch.load refuses
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            accelerator.unwrap_model(ddp_model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            order_gen.set_state(state["order_gen"].cpu())
+            aug_gen.set_state(state["aug_gen"].cpu())
+            first_epoch = state["epoch"] + 1
+        except Exception as exc:                 # noqa: BLE001 - a damaged or foreign file, not a bug here
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise DataError(f"training state {checkpoint} cannot be resumed ({type(exc).__name__}: {first}); "
+                            f"delete it to restart this training from its start") from None
     _sync(device)
     start = time.perf_counter()
     seen = 0
+    lrs = []                                              # lr at the first step of each epoch trained here
     unwrapped = accelerator.unwrap_model(ddp_model)
     ddp_model.train()
     for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, initial=first_epoch, total=epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
         perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n)).to(device)  # last batch wraps around
         boxes, flips = epoch_boxes(augment, steps_per_epoch * batch_size, height, width, aug_gen, device)
@@ -172,8 +203,8 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
             if j == 0:                                     # augment the next chunk_steps batches at once
                 part = slice(step, step + chunk_steps)
                 chunk_idx = mine[part].reshape(-1)
-                chunk_x = normalize(images.index_select(0, chunk_idx), mean, std)   # index_select: see Split
-                chunk_x = apply_boxes(chunk_x, my_boxes[part].reshape(-1, 4), augment.size, my_flips[part].reshape(-1))
+                chunk_x = augment.apply(images.index_select(0, chunk_idx),   # index_select: see Split
+                                        my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
                 if channels_last:
                     chunk_x = chunk_x.contiguous(memory_format=torch.channels_last)
             idx = chunk_idx[j * share:(j + 1) * share]
@@ -190,8 +221,11 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            scheduler.step()
+            if per_batch:
+                scheduler.step()
             seen += batch_size
+        if not per_batch:
+            scheduler.step()
         if on_epoch_end is not None:
             on_epoch_end(epoch, unwrapped)
             if not all(m.training for m in ddp_model.modules()):   # the hook evaluated the model
@@ -213,21 +247,35 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
     if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return model.eval(), {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                          "epochs": epochs, "batch_size": batch_size, "steps": total}
+                          "epochs": epochs, "batch_size": batch_size, "steps": total, "lrs": lrs}
 
 
 def recipe(cfg, *, ipc, class_size, per_class):
     """Keyword arguments of train_model for filter and evaluation training, from the config.
 
     Unset epochs / batch size follow the paper's rules: epochs by the final ratio ipc / class size,
-    batch size by the current synthetic images per class.
+    batch size by the ratio of the current synthetic images per class to the class size.
     """
     t, a = cfg["train"], cfg["aug"]
     return {
         "epochs": t["epochs"] or paper_epochs(ipc, class_size),
-        "batch_size": t["batch_size"] or paper_batch_size(per_class),
+        "batch_size": t["batch_size"] or paper_batch_size(per_class, class_size),
         "lr": t["lr"], "momentum": t["momentum"], "weight_decay": t["weight_decay"],
-        "warmup_epochs": t["warmup_epochs"], "temperature": t["temperature"],
+        "warmup_epochs": t["warmup_epochs"], "warmup_start": t["warmup_start"], "schedule_step": t["schedule_step"],
+        "temperature": t["temperature"],
         "scale_min": a["scale_min"], "flip": a["flip"], "channels_last": t["channels_last"],
         "compile": t["compile"], "checkpoint_every": t["checkpoint_every"],
     }
+
+
+RECORDED = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_start",
+            "schedule_step", "scale_min", "flip")   # the recipe written into each eval/<set>_run<r>.json
+
+
+def teacher_recipe(cfg):
+    """Keyword arguments of train_model for the teacher (trained on the full real training set)."""
+    t, a = cfg["teacher"], cfg["aug"]
+    return {"epochs": t["epochs"], "batch_size": t["batch_size"], "lr": t["lr"], "weight_decay": t["weight_decay"],
+            "warmup_epochs": t["warmup_epochs"], "scale_min": a["scale_min"], "flip": a["flip"],
+            "crop": t["crop"] or "resized", "padding": t["padding"],
+            "channels_last": cfg["train"]["channels_last"], "checkpoint_every": cfg["train"]["checkpoint_every"]}

@@ -178,7 +178,8 @@ def _teacher(cfg, data):
 def _first_set(cfg, data, per_class):
     """S_0: data.distilled when given, else `per_class` random real images per class (same shapes)."""
     if cfg["data"]["distilled"]:
-        d = load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size)
+        d = load_distilled(cfg["data"]["distilled"], data.classes, per_class, data.channels, data.image_size,
+                           resize=cfg["data"]["distilled_resize"])
         return d.images, d.labels
     labels = data.train.labels.numpy()
     return data.train.fetch(random_per_class(labels, per_class, seeds.bench_first_set(cfg["seed"])))

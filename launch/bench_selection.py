@@ -5,11 +5,12 @@ labels, filter predictions (30 % wrong), teacher correctness (80 % right) and a 
 difficulty in steps of 0.2 (many ties), shuffled as a gathered distributed result would be. For each
 of the six coarse x fine combinations, with balance on and off, it times the vectorised `select`
 (best of --repeats) and three plain Python implementations of the same rule:
-  official  the way the official CCFS code selects (selection_score in ccfs_{cifar10,cifar100,tiny}):
-            Python sets for the coarse step, per-class lists of the candidates bucketed by indexing
-            the labels as a torch CPU tensor (its `true_labels = labels_all.cpu()`), `sorted` with a
-            key lambda indexing the numpy score array, the first k of each (later tiers, which the
-            official code lacks, built only for classes left short)
+  official  the engine's rule (ties by global index, fallback tiers) written in the *style* of the
+            official CCFS code's selection_score: Python sets for the coarse step, per-class lists
+            of the candidates bucketed by indexing the labels as a torch CPU tensor (its
+            `true_labels = labels_all.cpu()`), `sorted` with a key lambda over the numpy score
+            array, the first k of each; it is a timing baseline, not the official picks (those
+            break ties in set order and have no fallback: ccfs.compat=official, select_official)
   numpy     the same with the labels as a numpy array: a faster Python baseline than the official code
   full      the straightforward way: Python lists, every pool sample in its class list, one `sorted`
             per class with the key (tier, fine key, index)
@@ -39,7 +40,8 @@ COMBOS = [(c, f) for c in ("misclassified", "correct") for f in ("simple", "hard
 
 def python_official(index, label, pred, hardness, k, coarse, fine, balance, teacher_correct, num_classes,
                     random_key, true_labels=None):
-    """The rule written the way the official CCFS code selects: Python sets for the coarse step,
+    """The engine's rule written in the official code's style (not its picks: the key breaks ties by
+    (hardness, index), where the official code keeps set order): Python sets for the coarse step,
     per-class lists of the candidates, `sorted` with a key lambda that indexes the numpy arrays, the
     first k of each; the later tiers are built only for classes left short. `true_labels` is what the
     per-class bucketing indexes: the official code's torch CPU tensor, or (None) the numpy labels.

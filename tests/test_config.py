@@ -1,6 +1,8 @@
+import math
+
 import pytest
 
-from ccfs_dist.config import DEFAULTS, load_config, parse_override
+from ccfs_dist.config import DEFAULTS, DEFAULTS_FLAT, NULLABLE, RANGES, load_config, parse_override
 from ccfs_dist.errors import ConfigError
 
 
@@ -37,6 +39,28 @@ def test_int_is_accepted_for_float():
     ("data.source=cifar10", "needs 'data.root'"),
     ("eval.runs=0", "'eval.runs' must be at least 1"),
     ("ccfs.ipc=null", "'ccfs.ipc' may not be null"),
+    ("data.mean=0.5", "'data.mean' must be of type list"),
+    ("data.std=[0.2, x]", "'data.std' must be a list of numbers"),
+    ("data.std=[0.2, 0]", "'data.std' must hold positive numbers"),
+    ("train.warmup_start=0", "'train.warmup_start' must lie in (0, 1]"),
+    ("train.schedule_step=step", "'train.schedule_step' must be one of batch, epoch"),
+    ("ccfs.compat=paper", "'ccfs.compat' must be one of none, official"),
+    ("teacher.crop=resize", "'teacher.crop' must be one of pad"),
+    ("teacher.padding=-1", "'teacher.padding' must be at least 0"),
+    ("eval.best_after=1.0", "'eval.best_after' must lie in [0, 1)"),
+    ("teacher.warmup_epochs=31", "'teacher.warmup_epochs' must be at most teacher.epochs (30), got 31"),
+    # out of range: the examples of issue 11 (every key: test_every_numeric_key_is_checked_against_its_range)
+    ("train.momentum=-0.5", "'train.momentum' must lie in [0, 1), got -0.5"),
+    ("train.weight_decay=-0.0001", "'train.weight_decay' must be at least 0"),
+    ("train.batch_size=-8", "'train.batch_size' must be at least 1"),
+    ("seed=-1", "'seed' must be at least 0"),
+    ("aug.scale_min=1.5", "'aug.scale_min' must lie in (0, 1]"),
+    ("teacher.epochs=-3", "'teacher.epochs' must be at least 1"),
+    ("train.epochs=0", "'train.epochs' must be at least 1"),
+    ("distill.iterations=0", "'distill.iterations' must be at least 1"),
+    ("data.image_size=0", "'data.image_size' must be at least 1"),
+    ("model.width=0", "'model.width' must be at least 1"),
+    ("train.lr=.nan", "'train.lr' must be positive, got nan"),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
@@ -75,3 +99,70 @@ def test_repo_configs_all_load():
     for p in paths:
         cfg = load_config(p, ["data.root=/somewhere"])
         assert cfg["ccfs"]["ipc"] >= 1
+
+
+def numeric_keys():
+    return sorted(k for k, v in DEFAULTS_FLAT.items()
+                  if NULLABLE.get(k) in (int, float) or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+
+
+def test_every_numeric_key_has_a_range_and_its_default_lies_in_it():
+    assert numeric_keys() and set(numeric_keys()) <= set(RANGES)
+    assert set(RANGES) <= set(DEFAULTS_FLAT)
+    for key in numeric_keys():
+        if DEFAULTS_FLAT[key] is not None and key != "ccfs.phases":
+            assert DEFAULTS_FLAT[key] in RANGES[key], key
+
+
+def outside(r):
+    """Values just outside a range, and non-finite ones."""
+    values = [r.lo if r.lo_open else r.lo - 1, math.nan, math.inf]
+    if r.hi != math.inf:
+        values.append(r.hi if r.hi_open else r.hi + 0.5)
+    return values
+
+
+@pytest.mark.parametrize("key", numeric_keys())
+def test_every_numeric_key_is_checked_against_its_range(key):
+    """Negative momentum / weight decay / batch size / seed, scale_min above 1, 0 epochs or iterations, ..."""
+    is_int = (NULLABLE.get(key) or type(DEFAULTS_FLAT[key])) is int
+    for value in outside(RANGES[key]):
+        if is_int and not math.isfinite(value):
+            continue                                  # not an int: refused by type
+        value = int(value) if is_int and value == int(value) else value
+        if is_int and not isinstance(value, int):
+            continue
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={value!r}".replace("nan", ".nan").replace("inf", ".inf")])
+        assert f"'{key}' must" in str(err.value), (key, value, str(err.value))
+
+
+@pytest.mark.parametrize("text", ["false\n", "0\n", "hello\n", "[1, 2]\n", "3.5\n"])
+def test_a_config_file_that_is_not_a_mapping(tmp_path, text):
+    with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_means_the_defaults(tmp_path, text):
+    assert load_config(write(tmp_path, text)) == load_config(None)
+
+
+def test_unreadable_config_paths(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"seed: 1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(str(bad))
+
+
+def test_docs_list_every_range_and_every_key():
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "configuration.md")).read()
+    documented = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| must (.+?) \|$", text, flags=re.M))
+    assert documented == {k: str(r) for k, r in RANGES.items()}
+    for key in ("data.distilled_resize", "data.allow_urls", "data.allow_outside"):
+        assert f"| `{key}` |" in text

@@ -1,6 +1,7 @@
 """Data sources and distilled image folders, on tiny hand-made layouts (never downloads)."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -54,9 +55,10 @@ def test_image_size_rejected_for_fixed_size_sources():
 
 # ------------------------------------------------------------------------------------------ CIFAR
 
-def write_pickle(path, obj):
+def write_pickle(path, obj, protocol=2):
+    """As the CIFAR release was written: pickle.dump of a dict with byte keys, protocol 2."""
     with open(path, "wb") as f:
-        pickle.dump(obj, f)
+        pickle.dump(obj, f, protocol=protocol)
 
 
 def make_cifar10(folder, rng):
@@ -87,7 +89,73 @@ def test_cifar10_order_labels_classes(tmp_path, use_parent):
     assert np.array_equal(data.test.images.numpy(), test.reshape(-1, 3, 32, 32))
     assert data.test.labels.tolist() == [9, 0, 4]
     assert data.classes[0] == "airplane" and data.classes[9] == "truck" and data.num_classes == 10
-    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2470, 0.2435, 0.2616)
+    # the official CCFS / SRe2L constants (issue 14), not the set's own std (0.2470, 0.2435, 0.2616)
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2023, 0.1994, 0.2010)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_release_layout_loads_through_the_restricted_unpickler(tmp_path, protocol):
+    """Every entry of a real data_batch (batch_label, labels, data, filenames), protocols 2 and the newest."""
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(str(folder), np.random.default_rng(0))
+    data = np.random.default_rng(3).integers(0, 256, (4, 3072), dtype=np.uint8)
+    write_pickle(folder / "data_batch_2", {b"batch_label": b"training batch 2 of 5", b"labels": [3, 1, 4, 1],
+                                           b"data": data, b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"]},
+                 protocol)
+    write_pickle(folder / "batches.meta", {b"num_cases_per_batch": 10000, b"label_names": [b"x%d" % i for i in range(10)],
+                                           b"num_vis": 3072}, protocol)
+    loaded = load_real(cfg("cifar10", tmp_path))
+    assert np.array_equal(loaded.train.images[2:6].numpy(), data.reshape(-1, 3, 32, 32))
+    assert loaded.train.labels[2:6].tolist() == [3, 1, 4, 1] and loaded.classes[9] == "x9"
+
+
+class Payload:
+    """A pickle that runs a shell command when loaded (as an attacker would plant one)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "batches.meta"])
+def test_cifar_pickle_payload_does_not_run(tmp_path, name):
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(str(folder), np.random.default_rng(0))
+    marker = tmp_path / "pwned"
+    obj = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": Payload(marker)}
+    if name == "batches.meta":
+        obj = {b"label_names": [Payload(marker)] * 10}
+    write_pickle(folder / name, obj)
+    with pytest.raises(DataError) as e:
+        load_real(cfg("cifar10", tmp_path))
+    assert not marker.exists()
+    assert str(folder / name) in str(e.value) and "'posix.system'" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "is a float32 array, expected a uint8"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["cat", "dog"]}, "must be a list of integer"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": 7}, "must be a list of integer"),
+    ({b"data": [[0] * 3072] * 2, b"labels": [0, 1]}, "b'data' is list"),
+    ([1, 2], "expected a dict")])
+def test_cifar_batch_of_wrong_types(tmp_path, entry, words):
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(str(folder), np.random.default_rng(0))
+    write_pickle(folder / "data_batch_4", entry)
+    with pytest.raises(DataError, match=re.escape(words)) as e:
+        load_real(cfg("cifar10", tmp_path))
+    assert "data_batch_4" in str(e.value)
+
+
+@pytest.mark.parametrize("meta", [[b"a"] * 10, 5, {b"label_names": b"abc"}])
+def test_cifar_meta_that_is_not_a_dict_of_names(tmp_path, meta):
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(str(folder), np.random.default_rng(0))
+    write_pickle(folder / "batches.meta", meta)
+    with pytest.raises(DataError, match="batches.meta"):
+        load_real(cfg("cifar10", tmp_path))
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
@@ -103,7 +171,12 @@ def test_cifar100_uses_fine_labels(tmp_path):
     assert np.array_equal(data.train.images.numpy(), train.reshape(-1, 3, 32, 32))
     assert data.train.labels.tolist() == [99, 5, 0, 42] and data.test.labels.tolist() == [7, 8]
     assert data.classes == [f"c{i}" for i in range(100)]
-    assert data.mean == (0.5071, 0.4865, 0.4409)
+    # CIFAR-100 is normalised with the CIFAR-10 constants, as ccfs_cifar100.py and SRe2L's squeeze do (issue 14)
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2023, 0.1994, 0.2010)
+    own = load_real(dict(cfg("cifar100", tmp_path), mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762]))
+    assert own.mean == (0.5071, 0.4865, 0.4409) and own.std == (0.2673, 0.2564, 0.2762)
+    with pytest.raises(ConfigError, match="'data.mean' has 1 value"):
+        load_real(dict(cfg("cifar100", tmp_path), mean=[0.5]))
 
 
 def test_cifar_missing_file_names_file_and_folder(tmp_path):
@@ -301,13 +374,26 @@ def write_named(folder, names, per_class=2, size=8):
                                    ["new000", "new001", "new002"], ["new002", "cat", "1"]])
 def test_distilled_folder_naming_variants(tmp_path, names):
     write_named(tmp_path, names)
-    split = load_distilled(tmp_path, CLASSES, 2, 3, 4)  # stored at 8x8: resized to 4x4
+    split = load_distilled(tmp_path, CLASSES, 2, 3, 4, resize=True)  # stored at 8x8: resized to 4x4 (opt-in)
     assert split.images.shape == (6, 3, 4, 4) and split.labels.tolist() == [0, 0, 1, 1, 2, 2]
     label_of = {"cat": 0, "dog": 1, "eel": 2, "new002": 2, "1": 1}
     for name in names:
         c = label_of[name] if name in label_of else int(name.removeprefix("new"))
         color = 10 * names.index(name)
         assert split.images[2 * c + 1, :, 0, 0].tolist() == [color, 20, 99]
+
+
+@pytest.mark.parametrize("size, mode, color, words", [(16, "RGB", (1, 2, 3), "is 16x16, expected 8x8"),
+                                                       (8, "L", 7, "image mode L, expected colour (RGB)"),
+                                                       (8, "RGBA", (1, 2, 3, 4), "image mode RGBA, expected colour")])
+def test_distilled_of_another_size_or_mode_needs_the_opt_in(tmp_path, size, mode, color, words):
+    write_named(tmp_path, ["cat", "dog", "eel"], size=8)
+    save_image(str(tmp_path / "dog" / "01.png"), (size, size), color, mode=mode)
+    with pytest.raises(DataError, match=re.escape(words)) as e:
+        load_distilled(tmp_path, CLASSES, 2, 3, 8)
+    assert str(tmp_path / "dog" / "01.png") in str(e.value) and "data.distilled_resize=true" in str(e.value)
+    split = load_distilled(tmp_path, CLASSES, 2, 3, 8, resize=True)
+    assert split.images.shape == (6, 3, 8, 8)
 
 
 def test_distilled_missing_and_extra_classes(tmp_path):

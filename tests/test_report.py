@@ -43,7 +43,8 @@ def test_ccfs_report_writes_table_and_figures(tiny_run):
     text = open(path).read()
     for words in ("| CCFS (distilled + selected real) |", "| distilled + random real |", "| random real only |",
                   "| full data (teacher) |", "IPC 6", "## Phases", "![Selected real images per phase]"
-                  "(selected_per_phase.png)", "![Distilled images](distilled.png)"):
+                  "(selected_per_phase.png)", "![Distilled images](distilled.png)", "official protocol* %",
+                  "Selected real images from the fallback tiers: "):
         assert words in text
     assert " ± " in text and "ordered by forgetting score" in text      # the scores the run computed
     # 2 phases x 2 selected images per class of 8x8 digits upscaled to 48 px, 10 class rows

@@ -51,6 +51,13 @@ def check_artifacts(out, processes, teacher_trained=True):
     assert len(os.listdir(os.path.join(out, "distilled"))) == 10
     assert os.path.exists(os.path.join(out, "config.yaml"))
     assert os.path.exists(os.path.join(out, "teacher.pt")) == teacher_trained      # a given teacher is not copied
+    tp = np.load(os.path.join(out, "teacher_predictions.npz"), allow_pickle=False)
+    assert set(tp.files) == {"index", "label", "pred"} and np.array_equal(tp["index"], np.arange(1437))
+    assert 0.5 < (tp["pred"] == tp["label"]).mean() <= 1.0
+    run = json.load(open(os.path.join(out, "eval", "ccfs_run0.json")))
+    assert run["recipe"]["epochs"] == 3 and run["recipe"]["batch_size"] == 32   # 6 of ~144 per class: < 10 %
+    assert {"lr", "weight_decay", "warmup_epochs", "schedule_step"} <= set(run["recipe"])
+    assert 0.0 <= run["final"] <= run["official"] <= 1.0
 
 
 def test_small_run_two_processes(tmp_path, launch):
@@ -58,6 +65,7 @@ def test_small_run_two_processes(tmp_path, launch):
     proc = launch([SCRIPT, "--out", out] + TINY, processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "CCFS (distilled + selected real)" in proc.stdout and "random real only" in proc.stdout
+    assert "official protocol*" in proc.stdout and "selected real images from the fallback tiers: " in proc.stdout
     check_artifacts(out, processes=2)
 
 
@@ -70,6 +78,23 @@ def test_small_run_one_process_and_run_dir_protection(tmp_path):
     again = run_script(["--out", out] + TINY)
     assert again.returncode == 2 and "holds a finished run" in again.stderr and "--overwrite" in again.stderr
     assert open(os.path.join(out, "summary.json")).read() == before
+
+
+def test_small_run_official_compat(tmp_path):
+    """ccfs.compat=official: the run selects what the official code selects from the run's own artifacts,
+    in selection order, and trains with the official per-epoch warm-up + cosine schedule (and a teacher
+    trained with the squeeze RandomCrop)."""
+    from test_official import check_official_run
+    out = str(tmp_path / "official")
+    proc = run_script(["--out", out] + TINY + ["ccfs.compat=official", "eval.baselines=false", "train.warmup_epochs=1",
+                                               "train.warmup_start=0.01", "train.schedule_step=epoch",
+                                               "teacher.crop=pad", "teacher.padding=1"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    picks = check_official_run(out)
+    assert len(picks) == len(set(picks)) and picks != sorted(picks)
+    assert "selected real images from the fallback tiers: 0 of" in proc.stdout
+    recipe = json.load(open(os.path.join(out, "eval", "ccfs_run0.json")))["recipe"]
+    assert recipe["schedule_step"] == "epoch" and recipe["warmup_start"] == 0.01 and recipe["warmup_epochs"] == 1
 
 
 def test_unfinished_run_dir_suggests_resume(tmp_path):

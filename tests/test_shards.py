@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
 
 from conftest import ROOT
+from test_bad_input import swap_images
 from test_run import SCRIPT, TINY, check_artifacts, run_script
 
 WORKER = os.path.join(ROOT, "tests", "workers", "shard_score_worker.py")
@@ -308,6 +310,97 @@ def test_missing_shard_malformed_index_and_count_mismatch(digits_copy):
     with pytest.raises(DataError, match=r"train-000001.tar: found key '00000300' as its first sample, expected "
                                         r"index 299"):
         ShardSplit(index_path, check_files=False).fetch([299])
+
+
+def _rewrite_index(folder, change, name="train.json"):
+    path = os.path.join(folder, name)
+    index = json.load(open(path))
+    change(index)
+    json.dump(index, open(path, "w"))
+    return path
+
+
+def test_pipe_and_url_entries_are_refused_and_do_not_run(digits_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    for entry in (f"pipe:touch {marker}; cat {digits_copy}/train-000000.tar", "http://example.invalid/a.tar",
+                  "file:///etc/passwd", "s3://bucket/a.tar", "PIPE:touch x"):
+        path = _rewrite_index(digits_copy, lambda ix: ix["shards"][0].update(file=entry))
+        with pytest.raises(DataError) as e:
+            ShardSplit(path).fetch([0, 1])
+        assert "is a URL or command, refused" in str(e.value) and "data.allow_urls=true" in str(e.value)
+        assert path in str(e.value) and entry in str(e.value)
+        assert not marker.exists()
+
+
+def test_url_opt_in_streams_through_webdataset(digits_copy, tmp_path):
+    """With data.allow_urls the user trusts the index: a pipe: command is run (here: cat of the shard)."""
+    shard = os.path.join(digits_copy, "train-000000.tar")
+    path = _rewrite_index(digits_copy, lambda ix: ix["shards"][0].update(file=f"pipe:cat {shard}"))
+    images, labels = ShardSplit(path, allow_urls=True).fetch([0, 5])
+    assert torch.equal(images, load_real(DIGITS).train.images[[0, 5]])
+
+
+def test_paths_outside_the_index_folder_are_refused_unless_allowed(digits_copy, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(os.path.join(digits_copy, "train-000001.tar"), outside / "train-000001.tar")
+    for entry in ("../elsewhere/train-000001.tar", str(outside / "train-000001.tar"),
+                  "sub/../../elsewhere/train-000001.tar", "../../../../../../etc/passwd"):
+        path = _rewrite_index(digits_copy, lambda ix: ix["shards"][1].update(file=entry))
+        with pytest.raises(DataError) as e:
+            ShardSplit(path)
+        assert "lies outside the index's folder" in str(e.value) and "data.allow_outside=true" in str(e.value)
+    for entry in ("../elsewhere/train-000001.tar", str(outside / "train-000001.tar")):
+        path = _rewrite_index(digits_copy, lambda ix: ix["shards"][1].update(file=entry))
+        images, _ = ShardSplit(path, allow_outside=True).fetch([300, 301])
+        assert torch.equal(images, load_real(DIGITS).train.images[[300, 301]])
+    data = load_shards(shard_cfg(digits_copy, allow_outside=True))          # the config keys reach ShardSplit
+    assert len(data.train) == 1437
+
+
+def test_content_that_disagrees_with_the_index_sha256(digits_copy, capsys):
+    swap_images(Path(digits_copy) / "train-000002.tar")
+    assert cli.main(["shards", "--out", digits_copy, "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "train-000002.tar: content differs from its index" in err and "sha256" in err
+    with pytest.raises(DataError, match="train-000002.tar: content differs"):
+        _stream_all(digits_copy)                                      # while streaming too
+    with pytest.raises(DataError, match="train-000002.tar: content differs"):
+        ShardSplit(os.path.join(digits_copy, "train.json")).fetch([600])
+
+
+def test_verify_passes_on_intact_shards(pools, capsys):
+    assert cli.main(["shards", "--out", pools["digits5"], "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 5 shard(s) agree" in out and "test: 2 shard(s) agree" in out
+
+
+def test_test_index_that_is_the_train_split_is_refused(digits_copy):
+    with pytest.raises(DataError, match="train.json is the 'train' split"):
+        load_shards(shard_cfg(digits_copy, test_root=os.path.join(digits_copy, "train.json")))
+    shutil.copy(os.path.join(digits_copy, "train.json"), os.path.join(digits_copy, "copy.json"))
+    with pytest.raises(DataError, match=r"data.test_root .*copy.json is the 'train' split \(its index says split: "
+                                        r"train\), expected the test split"):
+        load_shards(shard_cfg(digits_copy, test_root=os.path.join(digits_copy, "copy.json")))
+    _rewrite_index(digits_copy, lambda ix: ix.update(split="test"), "copy.json")   # relabelled: same samples
+    with pytest.raises(DataError, match="holds the same samples"):
+        load_shards(shard_cfg(digits_copy, test_root=os.path.join(digits_copy, "copy.json")))
+
+
+@pytest.mark.parametrize("labels", [[1.5], ["3"], [True], [[1]]])
+def test_index_labels_that_are_not_integers(digits_copy, labels):
+    path = _rewrite_index(digits_copy, lambda ix: ix["labels"].__setitem__(slice(0, 1), labels))
+    with pytest.raises(DataError, match="labels must be integers"):
+        ShardSplit(path)
+
+
+def test_leftover_temporaries_of_a_killed_writer_are_removed(digits_copy):
+    for name in (".train-000003.tar.4242.tmp", ".train.json.abc123.tmp", ".test-000000.tar.7.tmp"):
+        open(os.path.join(digits_copy, name), "wb").write(b"partial")
+    write_shards(DIGITS, digits_copy, "train", per_shard=300, overwrite=True, log=lambda m: None)
+    left = sorted(n for n in os.listdir(digits_copy) if n.startswith("."))
+    assert left == [".test-000000.tar.7.tmp"]                             # only the split written is cleaned
 
 
 def test_config_errors():

@@ -1,0 +1,221 @@
+"""The run directory (`--out`): checked, locked, staged, committed and cleaned here, and nowhere else.
+
+While a run uses a run directory RUN, up to three hidden siblings of RUN exist in its parent folder:
+
+    .RUN.ccfs-lock   the lock file: one run (rank 0 of it) holds an exclusive flock for its lifetime; the
+                     OS releases it when the process ends, however it ends. It holds the owner's pid.
+    .RUN.ccfs-new    --overwrite of an earlier run: the new run is written here, and RUN is left untouched
+                     until the new run has finished (`commit`)
+    .RUN.ccfs-old    during `commit` only: the earlier run, moved aside, deleted once the new run is RUN
+
+`release_locks` (the CLI calls it when a command ends, however it ends) removes the lock file and an
+uncommitted staged run. `commit` is two renames and a delete; a run killed anywhere (SIGKILL included)
+leaves a state that the next run or resume of RUN repairs first (`_recover`): the earlier run put back, or
+the finished new one put in place. Temporary files of a killed run (`.name.*.tmp`, `.distilled.*.old`) are
+removed when a run opens RUN.
+"""
+import atexit
+import errno
+import fcntl
+import os
+import re
+import shutil
+
+import yaml
+
+from . import io
+from .config import dump_config, flatten
+from .dist import main_says
+from .errors import CCFSError, ConfigError
+
+LEFTOVER = re.compile(r"^\..+\.(tmp|old)$")      # io.atomic_path and write_image_folder temporaries
+# lock file path -> [fd, staged folder or None] of the runs this process holds (rank 0; one at a time)
+_HELD = {}
+
+
+def release_locks():
+    """Release every run directory this process holds: an uncommitted staged run is removed, then the lock
+    file is unlinked while still locked (a run that opened it meanwhile sees another inode and retries)."""
+    for path, (fd, staged) in list(_HELD.items()):
+        del _HELD[path]
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+atexit.register(release_locks)
+
+
+def holds_run(folder):
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+class Run:
+    """The run directory and the rank-0-writes / everyone-waits discipline around it.
+
+    `dir` is where artifacts go: RUN itself, or its staging sibling while an --overwrite runs."""
+
+    def __init__(self, accelerator, out_dir, resume):
+        self.acc, self.resume = accelerator, resume
+        self.out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+        self.dir = self.out
+        parent, base = os.path.split(self.out)
+        self.staged, self.old, self.lock_path = (os.path.join(parent, f".{base}.ccfs-{s}")
+                                                 for s in ("new", "old", "lock"))
+        self._staging = False
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def done(self, *parts):
+        """True when resuming and the artifact exists (so the step that writes it can be skipped)."""
+        return self.resume and os.path.exists(self.path(*parts))
+
+    def write(self, fn, *args, **kwargs):
+        if self.acc.is_main_process:
+            fn(*args, **kwargs)
+        self.acc.wait_for_everyone()
+
+    def log(self, message):
+        if self.acc.is_main_process:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------------------------ before work
+
+    def check(self, cfg, overwrite):
+        """Refuse, before any work, a location that cannot be written, a directory another run holds, to
+        clobber an earlier run without --overwrite, or to resume one made with another config. Rank 0 takes
+        the lock and repairs an interrupted commit; then every rank looks before any rank goes on to write
+        (else rank 1 could find rank 0's new run) and reaches the same verdict."""
+        io.check_writable_folder(self.out, "--out")
+        if os.path.exists(self.out) and not os.access(self.out, os.W_OK | os.X_OK):
+            raise CCFSError(f"--out '{self.out}' is not writable by this user; choose another location")
+        failure = None
+        if self.acc.is_main_process:
+            try:
+                self._lock()
+                self._recover()
+            except CCFSError as exc:
+                failure = str(exc)
+        failure = main_says(self.acc, failure)
+        if failure:
+            raise CCFSError(failure)
+        self.acc.wait_for_everyone()             # rank 0's repairs are visible to every rank
+        self._check(cfg, overwrite)
+        self._staging = overwrite and holds_run(self.out)
+        self.acc.wait_for_everyone()
+
+    def _lock(self):
+        """Hold an exclusive flock on the lock file (rank 0 only, so ranks of one run never lock each other
+        out); the error names the directory and the pid of the run holding it."""
+        release_locks()                          # a run that ended in this process (cli.main called again)
+        while True:
+            try:
+                os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "
+                                f"{exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise CCFSError(f"run directory '{self.out}' is in use by another run (pid {holder}); wait "
+                                    f"for it to end, or choose another --out") from None
+                raise CCFSError(f"--out '{self.out}': cannot lock {self.lock_path}: {exc.strerror}") from None
+            try:
+                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                    break                        # else its holder unlinked it as we opened it: open the new one
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[self.lock_path] = [fd, None]
+
+    def _recover(self):
+        """Repair what a run killed during --overwrite or `commit` left (we hold the lock: nobody writes)."""
+        try:
+            if os.path.isdir(self.old):
+                if not os.path.exists(self.out):            # killed between commit's two renames
+                    if os.path.exists(os.path.join(self.staged, "summary.json")):
+                        os.rename(self.staged, self.out)     # the new run had finished: it goes in place
+                    else:
+                        os.rename(self.old, self.out)        # else the earlier run is put back
+                if os.path.isdir(self.old):
+                    shutil.rmtree(self.old)
+            if os.path.isdir(self.staged):                   # an --overwrite run that never finished
+                shutil.rmtree(self.staged)
+        except OSError as exc:
+            raise CCFSError(f"--out '{self.out}': cannot repair what an interrupted run left "
+                            f"({exc.strerror}: {exc.filename})") from None
+
+    def _check(self, cfg, overwrite):
+        if not holds_run(self.out) or overwrite:
+            return
+        saved = self.path("config.yaml")
+        if not self.resume:
+            finished = os.path.exists(self.path("summary.json"))
+            what = "a finished run" if finished else "an unfinished run"
+            hint = "--overwrite to replace it" if finished else "--resume to continue it, or --overwrite to start over"
+            raise CCFSError(f"run directory '{self.out}' holds {what}; pass {hint}, or choose another --out")
+        if os.path.exists(saved):
+            try:
+                theirs = flatten(yaml.safe_load(open(saved, encoding="utf-8")) or {})
+            except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as exc:
+                raise CCFSError(f"--resume: the run's {saved} cannot be read ({exc}); pass --overwrite to "
+                                f"start over") from None
+            ours = flatten(cfg)
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            if differ:
+                shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
+                raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "
+                                  f"the same config, or pass --overwrite to start over")
+
+    # ------------------------------------------------------------------------------------- the run
+
+    def open(self, cfg, overwrite):
+        """After all inputs passed their checks: make the directory the run writes in (the staging sibling
+        when it replaces an earlier run), remove what a killed run left, and save the config. A training
+        state (`*_state.pt`) can only be found by a resume: a new run always starts in an empty folder."""
+        if self._staging:
+            self.dir = self.staged
+        if self.acc.is_main_process:
+            _HELD[self.lock_path][1] = self.staged if self._staging else None   # removed if never committed
+            try:
+                os.makedirs(self.dir, exist_ok=True)
+                self._remove_leftovers()
+                io.write_text(self.path("config.yaml"), dump_config(cfg))
+            except OSError as exc:
+                raise CCFSError(f"--out '{self.out}': cannot write the run directory ({exc.strerror}: "
+                                f"{exc.filename})") from None
+        self.acc.wait_for_everyone()
+
+    def _remove_leftovers(self):
+        for folder, dirs, files in os.walk(self.dir):
+            for name in [d for d in dirs if LEFTOVER.match(d)]:
+                shutil.rmtree(os.path.join(folder, name))
+                dirs.remove(name)
+            for name in files:
+                if LEFTOVER.match(name):
+                    os.remove(os.path.join(folder, name))
+
+    def commit(self):
+        """The run has finished: a staged run replaces the earlier one (see the module docstring for what a
+        kill in between leaves and how it is repaired); then the lock is released and its file removed."""
+        if self.acc.is_main_process:
+            if self._staging:
+                os.rename(self.out, self.old)
+                os.rename(self.staged, self.out)
+                shutil.rmtree(self.old)
+            _HELD[self.lock_path][1] = None
+            release_locks()
+        self.dir = self.out
+        self._staging = False
+        self.acc.wait_for_everyone()
