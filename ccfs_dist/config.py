@@ -72,6 +72,10 @@ DEFAULTS = {
         "scale_min": 0.08,         # RandomResizedCrop minimum area scale
         "flip": True,              # random horizontal flip
     },
+    "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
+        "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes)
+        "interleave": 16,          # shards each loader worker (score.num_workers) reads at once, drawing samples from all
+    },
     "score": {
         "batch_size": 512,
         "num_workers": 0,          # webdataset: DataLoader workers per rank decoding the streamed pool
@@ -206,6 +210,10 @@ def validate(cfg):
         section, name = key.split(".")
         if cfg[section][name] < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[section][name]}")
+    if cfg["stream"]["shuffle_buffer"] < 0:
+        raise ConfigError(f"config key 'stream.shuffle_buffer' must be at least 0, got {cfg['stream']['shuffle_buffer']}")
+    if cfg["stream"]["interleave"] < 1:
+        raise ConfigError(f"config key 'stream.interleave' must be at least 1, got {cfg['stream']['interleave']}")
     if cfg["score"]["num_workers"] < 0:
         raise ConfigError(f"config key 'score.num_workers' must be at least 0, got {cfg['score']['num_workers']}")
     s = cfg["scores"]

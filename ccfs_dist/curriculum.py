@@ -32,6 +32,7 @@ from .report import write_report
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_scores
 from .selection import phase_budgets, select
+from .stream_train import stream_options, train_stream
 from .train import recipe, train_model
 
 
@@ -100,9 +101,6 @@ def build(cfg, data, seed):
 def load_given_teacher(cfg, data):
     """The teacher named by teacher.checkpoint (checked before the run dir is touched), else None."""
     if not cfg["teacher"]["checkpoint"]:
-        if not isinstance(data.train, Split):
-            raise ConfigError(f"data source '{data.name}' streams the training set, so no teacher is trained "
-                              f"here: set teacher.checkpoint to a trained model")
         return None
     return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
 
@@ -114,12 +112,15 @@ def get_teacher(run, cfg, data, given):
     if run.done("teacher.pt"):
         return load_checkpoint(teacher, run.path("teacher.pt")).eval(), {"source": "resumed"}
     t = cfg["teacher"]
-    teacher, stats = train_model(
-        run.acc, teacher, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-        epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-        warmup_epochs=t["warmup_epochs"], scale_min=cfg["aug"]["scale_min"], flip=cfg["aug"]["flip"],
-        seed=cfg["seed"], channels_last=cfg["train"]["channels_last"], desc="teacher",
-        checkpoint=run.path("teacher_state.pt"), checkpoint_every=cfg["train"]["checkpoint_every"])
+    kw = dict(mean=data.mean, std=data.std,
+              epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
+              warmup_epochs=t["warmup_epochs"], scale_min=cfg["aug"]["scale_min"], flip=cfg["aug"]["flip"],
+              seed=cfg["seed"], channels_last=cfg["train"]["channels_last"], desc="teacher",
+              checkpoint=run.path("teacher_state.pt"), checkpoint_every=cfg["train"]["checkpoint_every"])
+    if isinstance(data.train, Split):
+        teacher, stats = train_model(run.acc, teacher, data.train.images, data.train.labels, **kw)
+    else:                                     # a streamed pool: train on the shards (stream_train)
+        teacher, stats = train_stream(run.acc, teacher, data.train, **kw, **stream_options(cfg))
     run.write(io.save_torch, run.path("teacher.pt"), state_dict_of(teacher))
     return teacher, {"source": "trained", **stats}
 
@@ -178,10 +179,7 @@ def get_hardness_source(cfg, data):
     spec = cfg["ccfs"]["difficulty"]
     if spec == "logits":
         return None, "logits"
-    if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe, kept in the run dir
-        if not isinstance(data.train, Split):
-            raise ConfigError(f"ccfs.difficulty={spec} is computed by training on the pool held in memory; for "
-                              f"the streamed source '{data.name}' give a score file (see scores/README.md)")
+    if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
     scores, method = load_score_file(spec, len(data.train), labels=data.train.labels.numpy(),
                                      method=cfg["ccfs"]["difficulty_method"])
