@@ -53,7 +53,8 @@ def epoch_plan(n, batch_size, world):
     steps = max(1, math.ceil(n / batch_size))
     sizes = [batch_size] * (steps - 1) + [n - (steps - 1) * batch_size]
     if sizes[-1] < world and len(sizes) > 1:
-        sizes[-2] += sizes.pop()
+        rest = sizes.pop()
+        sizes[-1] += rest
     return np.array([[hi - lo for lo, hi in (rank_slice(b, r, world) for r in range(world))] for b in sizes],
                     dtype=np.int64)
 
