@@ -702,20 +702,32 @@ class _InterleavedStream(_ShardStream):
     def _batches(self, shards):
         info = get_worker_info()
         rng = np.random.default_rng(list(self.seed) + [0 if info is None else info.id])
-        pending, readers, left = list(shards), [], []
+        pending, readers, left, total = list(shards), [], [], 0
         imgs, labels, ids = [], [], []
+        uniform = iter(())
         while pending or readers:
             while pending and len(readers) < self.interleave:
                 shard = pending.pop(0)
                 readers.append(self._samples(shard))
                 left.append(int(self.mask[shard["first"]:shard["first"] + shard["count"]].sum()))
-            pick = int(np.searchsorted(np.cumsum(left), rng.integers(sum(left)), side="right")) if sum(left) else 0
+                total += left[-1]
+            pick = 0
+            if total:                                  # the open shard holding the r-th of the samples left
+                u = next(uniform, None)
+                if u is None:                          # random numbers drawn 4096 at a time: cheaper per sample
+                    uniform = iter(rng.random(4096).tolist())
+                    u = next(uniform)
+                r = min(int(u * total), total - 1)
+                while r >= left[pick]:
+                    r -= left[pick]
+                    pick += 1
             if left[pick]:
                 gid, label, img = next(readers[pick])
                 imgs.append(img)
                 labels.append(label)
                 ids.append(gid)
                 left[pick] -= 1
+                total -= 1
                 if len(ids) == self.batch_size:
                     yield self._packed(imgs, labels, ids)
                     imgs, labels, ids = [], [], []
