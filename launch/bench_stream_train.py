@@ -4,10 +4,12 @@
 Uses launch/bench_shards.py's synthetic shard set (generated once into --out: 1,281,167 random 16x16 RGB PNGs over
 1000 classes, 641 shards of 2000, and an index over the first 128,000). For each pool (small, then full), in a
 fresh process: stream_train.train_stream (ConvNet-D3 width 32, CE, SGD, batch --batch-size, --workers loader
-workers, stream.shuffle_buffer --buffer, stream.interleave --interleave) for --steps steps of the first epoch,
-then the same training step (augment + forward + backward + SGD) --steps times on one batch already in
-memory (the ceiling). Prints peak RSS of the rank and of its loader workers per pool, their ratio full / small
-(target <= 1.15), and the streamed / resident training throughput.
+workers, stream.shuffle_buffer --buffer, stream.interleave --interleave) for part of the first epoch,
+against the same training step (augment + forward + backward + SGD) on one batch already in memory (the
+ceiling), in paired windows: after --warmup steps, every --window streamed steps are followed by --window
+resident steps on a copy of the model, --pairs times (this machine's speed swings with load; a pair sees
+the same). Prints peak RSS of the rank and of its loader workers per pool, their ratio full / small (target
+<= 1.15), median streamed and resident img/s and the median paired ratio.
 
     python launch/bench_stream_train.py            # CPU: 1 rank, 1 loader worker, 1 compute thread
 """
@@ -29,7 +31,10 @@ class _Stop(Exception):
 
 
 def child(args):
+    import copy
+    import statistics
     import torch
+    from ccfs_dist.augment import Augment
     from ccfs_dist.dist import make_accelerator
     from ccfs_dist.models import build_model
     from ccfs_dist.shards import ShardSplit
@@ -41,44 +46,49 @@ def child(args):
     torch.manual_seed(0)
     model = build_model(cfg, len(split.classes), 3, split.shape[1])
     mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
-    steps = [0]
-    marks = {}
 
-    def on_batch(ids, logits):
-        steps[0] += 1
-        if steps[0] == args.warmup:
-            marks["t0"] = time.perf_counter()
-        if steps[0] == args.warmup + args.steps:
-            marks["t1"] = time.perf_counter()
-            raise _Stop
+    # the ceiling: the same training step (augment + forward + backward + SGD) on a resident batch, on a copy
+    resident = copy.deepcopy(model).train()
+    augment = Augment(mean, std, split.shape[1])
+    x = torch.randint(0, 256, (args.batch_size,) + tuple(split.shape), dtype=torch.uint8)
+    y = torch.randint(0, len(split.classes), (args.batch_size,))
+    opt = torch.optim.SGD(resident.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+
+    def resident_window():
+        t0 = time.perf_counter()
+        for _ in range(args.window):
+            loss = torch.nn.functional.cross_entropy(resident(augment(x, generator=gen)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return args.window * args.batch_size / (time.perf_counter() - t0)
+
+    state = {"step": 0, "t": None, "stream": [], "resident": []}
+
+    def on_batch(ids, logits):            # after `warmup` steps: windows of streamed steps, each followed by a
+        state["step"] += 1                # resident window (paired: the same machine load)
+        k = state["step"] - args.warmup
+        if k == 0:
+            state["t"] = time.perf_counter()
+        elif k > 0 and k % args.window == 0:
+            state["stream"].append(args.window * args.batch_size / (time.perf_counter() - state["t"]))
+            state["resident"].append(resident_window())
+            if len(state["stream"]) == args.pairs:
+                raise _Stop
+            state["t"] = time.perf_counter()
     try:
         train_stream(acc, model, split, mean=mean, std=std, epochs=1, batch_size=args.batch_size, lr=0.05,
                      on_batch=on_batch, shuffle_buffer=args.buffer, interleave=args.interleave)
     except _Stop:
         pass
-    stream_ips = args.steps * args.batch_size / (marks["t1"] - marks["t0"])
-    rss_rank = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rss_worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-    # the ceiling: the same step on a resident batch (no loader, no buffer)
-    from ccfs_dist.augment import Augment
-    augment = Augment(mean, std, split.shape[1])
-    x = torch.randint(0, 256, (args.batch_size,) + tuple(split.shape), dtype=torch.uint8)
-    y = torch.randint(0, len(split.classes), (args.batch_size,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    gen = torch.Generator().manual_seed(0)
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(augment(x, generator=gen)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    resident_ips = args.steps * args.batch_size / (time.perf_counter() - t0)
+    ratios = [a / b for a, b in zip(state["stream"], state["resident"])]
     with open(args.json, "w") as f:
-        json.dump({"samples": len(split), "shards": len(split.shards), "rss_rank_mb": rss_rank,
-                   "rss_worker_mb": rss_worker, "stream_ips": stream_ips, "resident_ips": resident_ips}, f)
+        json.dump({"samples": len(split), "shards": len(split.shards),
+                   "rss_rank_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                   "stream_ips": statistics.median(state["stream"]), "resident_ips": statistics.median(state["resident"]),
+                   "paired_ratio": statistics.median(ratios), "pairs": len(ratios)}, f)
 
 
 def main():
@@ -88,8 +98,9 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--width", type=int, default=32)
-    p.add_argument("--steps", type=int, default=150, help="timed steps (after --warmup steps)")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--pairs", type=int, default=12, help="(streamed window, resident window) pairs")
+    p.add_argument("--window", type=int, default=10, help="steps per window")
+    p.add_argument("--warmup", type=int, default=20, help="streamed steps before the first window")
     p.add_argument("--buffer", type=int, default=4096, help="stream.shuffle_buffer")
     p.add_argument("--interleave", type=int, default=16, help="stream.interleave")
     p.add_argument("--gen-workers", type=int, default=2, help="writer processes (first run only)")
@@ -118,10 +129,10 @@ def main():
     print(f"\nstreamed training, convnet width {args.width} on 16 px PNGs, batch {args.batch_size}, "
           f"{args.workers} loader worker(s), {args.threads} thread(s), buffer {args.buffer}, interleave {args.interleave}")
     print(f"{'pool':>10} {'shards':>7} {'peak RSS rank MB':>17} {'worker MB':>10} {'stream img/s':>13} "
-          f"{'resident img/s':>15} {'ratio':>7}")
+          f"{'resident img/s':>15} {'paired ratio':>13}")
     for r in results.values():
         print(f"{r['samples']:>10} {r['shards']:>7} {r['rss_rank_mb']:>17.0f} {r['rss_worker_mb']:>10.0f} "
-              f"{r['stream_ips']:>13.0f} {r['resident_ips']:>15.0f} {r['stream_ips'] / r['resident_ips']:>6.1%}")
+              f"{r['stream_ips']:>13.0f} {r['resident_ips']:>15.0f} {r['paired_ratio']:>12.1%}")
     ratio = results["full"]["rss_rank_mb"] / results["small"]["rss_rank_mb"]
     print(f"peak RSS per rank, full / small pool: {ratio:.3f} (target <= 1.15)")
 
