@@ -232,3 +232,22 @@ def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, 
     sel = json.load(open(os.path.join(out, "selected_indices.json")))["idx_selected"]
     assert len(sel) == 1000 and len(set(sel)) == 1000
     assert sorted(data.train.labels[sel].tolist()) == list(range(1000))      # one selected per class
+
+
+def test_ccfs_scores_cli_on_a_shard_pool(pools, tmp_path):
+    """`ccfs scores --method forgetting,loss,el2n` on a webdataset source trains on the stream and writes the
+    score files (with their sidecar: labels fingerprint of the shards' labels) in the global index order."""
+    from ccfs_dist import cli
+    from ccfs_dist.difficulty import load_score_file
+    data, streamed, planted = pools["digits"]
+    out = str(tmp_path / "d_{method}.npy")
+    shards = ["data.source=webdataset", f"data.root={streamed.train.index_path}",
+              f"data.test_root={streamed.test.index_path}"]
+    assert cli.main(["scores", "--config", DEFAULT, "--method", "forgetting,loss,el2n", "--out", out] + shards
+                    + ["scores.runs=1", "scores.epochs=10", "scores.batch_size=128", "model.width=8", "model.depth=2"]) == 0
+    for method in ("forgetting", "loss", "el2n"):
+        scores, got = load_score_file(out.format(method=method), len(data.train), labels=data.train.labels.numpy())
+        assert got == method and np.isfinite(scores).all()
+        assert auroc(scores, planted) > 0.75                # 1 run of 10 epochs: the planted labels already stand out
+    meta = json.load(open(str(tmp_path / "d_forgetting.json")))
+    assert meta["n"] == len(data.train) and meta["processes"] == 1 and meta["never_learned_value"] == 10
