@@ -181,7 +181,7 @@ def train_stream(accelerator, model, split, *, mean, std, epochs, batch_size, lr
     unwrapped = accelerator.unwrap_model(ddp_model)
     first_epoch = 0
     if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)   # torchrun's "cpu:0" is refused
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -28,17 +28,13 @@ def main():
     p.add_argument("--out", default="/tmp/ccfs_bench_stream")
     args = p.parse_args()
     torch.set_num_threads(1)
-    from stream_pools import generated_pool, planted_digits, write_pool_shards
+    from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
     from test_scores import auroc, spearman
     from ccfs_dist.config import load_config
     from ccfs_dist.data import load_real
     from ccfs_dist.dist import make_accelerator
-    from ccfs_dist.models import build_model
-    from ccfs_dist.scorer import accuracy
     from ccfs_dist.scores import training_dynamics
     from ccfs_dist.shards import load_shards
-    from ccfs_dist.stream_train import train_stream
-    from ccfs_dist.train import train_model
 
     acc = make_accelerator()
     recipe = [f"scores.runs={args.runs}", f"scores.epochs={args.epochs}", "scores.batch_size=256",
@@ -66,18 +62,9 @@ def main():
         cli.main(["shards", "--out", folder, "--per-shard", "300", "data.source=digits"])
     mem = load_real({"source": "digits"})
     sh = load_shards({"root": os.path.join(folder, "train.json"), "test_root": os.path.join(folder, "test.json")})
-    results = []
-    for seed in range(3):
-        kw = dict(mean=mem.mean, std=mem.std, epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, seed=seed)
-        row = []
-        for train in (lambda m: train_model(acc, m, mem.train.images, mem.train.labels, **kw),
-                      lambda m: train_stream(acc, m, sh.train, **kw)):
-            torch.manual_seed(seed)
-            model, _ = train(build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, 10, 1, 8))
-            row.append(accuracy(acc, model, mem.test, mean=mem.mean, std=mem.std))
-        results.append(row)
-        print(f"teacher seed {seed}: test accuracy in memory {100 * row[0]:.2f} %, from shards {100 * row[1]:.2f} %",
-              flush=True)
+    results = teacher_accuracies(acc, mem, sh)
+    for seed, row in enumerate(results):
+        print(f"teacher seed {seed}: test accuracy in memory {100 * row[0]:.2f} %, from shards {100 * row[1]:.2f} %")
     r = np.array(results)
     print(f"teacher mean: in memory {100 * r[:, 0].mean():.2f} %, from shards {100 * r[:, 1].mean():.2f} %")
 

@@ -4,6 +4,7 @@
     generated_pool(...)              class prototypes + noise, 8x8 RGB, 5 % flipped labels: (RealData, mask)
     write_pool_shards(data, folder)  data.train and data.test as shards + train.json / test.json (as `ccfs shards`
                                      lays them out: PNG members, keys = the global index)
+    teacher_accuracies(...)          the digits teacher recipe in memory and from shards: test accuracies per seed
 """
 import os
 
@@ -71,3 +72,24 @@ def write_pool_shards(data, folder, per_shard=200):
             "labels": split.labels.tolist()})
     return {"source": "webdataset", "root": os.path.join(folder, "train.json"),
             "test_root": os.path.join(folder, "test.json"), "image_size": None, "distilled": None}
+
+
+def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
+    """[(in-memory, from-shards test accuracy)] per seed of the teacher recipe (ConvNet-D3 width 32, 30 epochs,
+    batch 128, lr 0.1), trained with train_model on `memory` and with train_stream on `streamed` (same data)."""
+    from ccfs_dist.models import build_model
+    from ccfs_dist.scorer import accuracy
+    from ccfs_dist.stream_train import train_stream
+    from ccfs_dist.train import train_model
+    out = []
+    for seed in seeds:
+        kw = dict(mean=memory.mean, std=memory.std, epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, seed=seed)
+        row = []
+        for train in (lambda m: train_model(accelerator, m, memory.train.images, memory.train.labels, **kw),
+                      lambda m: train_stream(accelerator, m, streamed.train, **kw)):
+            torch.manual_seed(seed)
+            model, _ = train(build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"},
+                                         memory.num_classes, memory.channels, memory.image_size))
+            row.append(accuracy(accelerator, model, memory.test, mean=memory.mean, std=memory.std))
+        out.append(tuple(row))
+    return out
