@@ -35,14 +35,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import Augment
 from .dist import rank_slice
 from .errors import DataError
 from .io import save_torch
-from .train import compiled, kd_loss, lr_lambda
+from .train import compiled, lr_lambda, train_step
 
 
 def epoch_plan(n, batch_size, world):
@@ -197,19 +196,8 @@ def train_stream(accelerator, model, split, *, mean, std, epochs, batch_size, lr
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)
             x = x.contiguous(memory_format=memory_format)
             y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-            logits = student_forward(x)
-            if on_batch is not None:
-                on_batch(ids, logits.detach())
-            if teacher is not None:
-                with torch.no_grad(), teacher_autocast():
-                    teacher_logits = teacher_forward(x)
-                loss = kd_loss(logits, teacher_logits, temperature)
-            else:
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
+            train_step(accelerator, optimizer, scheduler, student_forward, x, y, teacher_forward=teacher_forward,
+                       teacher_autocast=teacher_autocast, temperature=temperature, on_batch=on_batch, rows=ids)
             seen += len(ids)
         if on_epoch_end is not None:
             on_epoch_end(epoch, unwrapped)
