@@ -30,6 +30,7 @@ from .rundir import Run
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_scores
 from .selection import phase_budgets, select, select_official
+from .stream_train import stream_options, train_stream
 from .train import recipe, teacher_recipe, train_model
 
 
@@ -42,9 +43,6 @@ def build(cfg, data, seed):
 def load_given_teacher(cfg, data):
     """The teacher named by teacher.checkpoint (checked before the run dir is touched), else None."""
     if not cfg["teacher"]["checkpoint"]:
-        if not isinstance(data.train, Split):
-            raise ConfigError(f"data source '{data.name}' streams the training set, so no teacher is trained "
-                              f"here: set teacher.checkpoint to a trained model")
         build(cfg, data, cfg["seed"])          # an unknown or unfit model.name fails before the run dir is touched
         return None
     return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
@@ -56,9 +54,12 @@ def get_teacher(run, cfg, data, given):
     teacher = build(cfg, data, cfg["seed"])
     if run.done("teacher.pt"):
         return load_checkpoint(teacher, run.path("teacher.pt")).eval(), {"source": "resumed"}
-    teacher, stats = train_model(
-        run.acc, teacher, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-        seed=cfg["seed"], desc="teacher", checkpoint=run.path("teacher_state.pt"), **teacher_recipe(cfg))
+    kw = dict(mean=data.mean, std=data.std, seed=cfg["seed"], desc="teacher",
+              checkpoint=run.path("teacher_state.pt"), **teacher_recipe(cfg))
+    if isinstance(data.train, Split):
+        teacher, stats = train_model(run.acc, teacher, data.train.images, data.train.labels, **kw)
+    else:                                     # a streamed pool: train on the shards (stream_train)
+        teacher, stats = train_stream(run.acc, teacher, data.train, **kw, **stream_options(cfg))
     run.write(io.save_torch, run.path("teacher.pt"), state_dict_of(teacher))
     return teacher, {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}}
 
@@ -133,10 +134,7 @@ def get_hardness_source(cfg, data):
     spec = cfg["ccfs"]["difficulty"]
     if spec == "logits":
         return None, "logits"
-    if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe, kept in the run dir
-        if not isinstance(data.train, Split):
-            raise ConfigError(f"ccfs.difficulty={spec} is computed by training on the pool held in memory; for "
-                              f"the streamed source '{data.name}' give a score file (see scores/README.md)")
+    if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
     scores, method = load_score_file(spec, len(data.train), labels=data.train.labels.numpy(),
                                      method=cfg["ccfs"]["difficulty_method"])

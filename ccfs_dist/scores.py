@@ -48,11 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from . import io
+from .data import Split
 from .difficulty import HARDER_IS_HIGHER, labels_fingerprint, load_score_file
 from .dist import gather_rows
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .scorer import score
+from .stream_train import stream_options, train_stream
 from .train import train_model
 
 DYNAMICS = ("forgetting", "loss", "el2n")          # from training runs; ccfs.difficulty may name these
@@ -185,12 +187,16 @@ def training_dynamics(accelerator, cfg, data):
         torch.manual_seed(seed)
         model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
         rec = TrainingDynamics(accelerator, data.train.labels, epochs, at, weights)
-        train_model(accelerator, model, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-                    epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
-                    weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
-                    scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
-                    desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
-                    on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
+        kw = dict(mean=data.mean, std=data.std,
+                  epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
+                  weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
+                  scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
+                  desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
+                  on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
+        if isinstance(data.train, Split):
+            train_model(accelerator, model, data.train.images, data.train.labels, **kw)
+        else:                                 # a streamed pool: train on the shards (stream_train)
+            train_stream(accelerator, model, data.train, **kw, **stream_options(cfg))
         result = rec.result()
         for m in DYNAMICS:
             sums[m] += result[m]
