@@ -68,7 +68,7 @@ def write_pool_shards(data, folder, per_shard=200):
         write_index(os.path.join(folder, f"{name}.json"), {
             "format": FORMAT, "name": data.name, "split": name, "num_samples": n, "classes": list(data.classes),
             "shape": list(split.shape), "mean": list(data.mean), "std": list(data.std),
-            "source": {"source": "test pool"}, "key_width": width, "shards": shards,
+            "source": {"source": f"test pool, {name} split"}, "key_width": width, "shards": shards,
             "labels": split.labels.tolist()})
     return {"source": "webdataset", "root": os.path.join(folder, "train.json"),
             "test_root": os.path.join(folder, "test.json"), "image_size": None, "distilled": None}
