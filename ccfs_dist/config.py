@@ -92,6 +92,10 @@ DEFAULTS = {
         "scale_min": 0.08,         # RandomResizedCrop minimum area scale
         "flip": True,              # random horizontal flip
     },
+    "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
+        "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes)
+        "interleave": 16,          # shards each loader worker (score.num_workers) reads at once, drawing samples from all
+    },
     "score": {
         "batch_size": 512,
         "num_workers": 0,          # webdataset: DataLoader workers per rank decoding the streamed pool
@@ -198,6 +202,8 @@ RANGES = {
     "scores.weight_decay": AT_LEAST_0,
     "scores.el2n_epoch": AT_LEAST_1,         # and at most scores.epochs (checked in validate)
     "scores.loss_sigma": POSITIVE,
+    "stream.shuffle_buffer": AT_LEAST_0,
+    "stream.interleave": AT_LEAST_1,
     "eval.runs": AT_LEAST_1,
     "eval.best_after": Range(0, 1, hi_open=True),
 }

@@ -40,9 +40,6 @@ from .selection import phase_budgets, select, select_official
 def load_given_teacher(cfg, data):
     """The teacher named by teacher.checkpoint (checked before the run dir is touched), else None."""
     if not cfg["teacher"]["checkpoint"]:
-        if not isinstance(data.train, Split):
-            raise ConfigError(f"data source '{data.name}' streams the training set, so no teacher is trained "
-                              f"here: set teacher.checkpoint to a trained model")
         build(cfg, data, cfg["seed"])          # an unknown or unfit model.name fails before the run dir is touched
         return None
     return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
@@ -128,10 +125,7 @@ def get_hardness_source(cfg, data):
     spec = cfg["ccfs"]["difficulty"]
     if spec == "logits":
         return None, "logits"
-    if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe, kept in the run dir
-        if not isinstance(data.train, Split):
-            raise ConfigError(f"ccfs.difficulty={spec} is computed by training on the pool held in memory; for "
-                              f"the streamed source '{data.name}' give a score file (see scores/README.md)")
+    if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
     scores, method = load_score_file(spec, len(data.train), labels=data.train.labels.numpy(),
                                      method=cfg["ccfs"]["difficulty_method"])
@@ -246,7 +240,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
-                                            num_classes=data.num_classes, class_size=class_size)
+                                            num_classes=data.num_classes, class_size=class_size,
+                                            streamed=not isinstance(data.train, Split))
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
     trainings = Trainings(run, cfg, data, class_size)

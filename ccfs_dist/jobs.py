@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from . import io, seeds
+from .data import Split
 from .dist import Local, wait_for_all
 from .evaluate import evaluate_run
 from .models import build_model, load_checkpoint, state_dict_of
 from .scores import DYNAMICS, dynamics_run
+from .stream_train import stream_options, train_stream
 from .train import recipe, teacher_recipe, train_model
 
 
@@ -67,9 +69,12 @@ class Trainings:
     def train_teacher(self, acc):
         cfg, data = self.cfg, self.data
         seed = seeds.teacher(cfg["seed"])
-        model, stats = train_model(
-            acc, build(cfg, data, seed), data.train.images, data.train.labels, mean=data.mean, std=data.std,
-            seed=seed, desc="teacher", checkpoint=self.run.path("teacher_state.pt"), **teacher_recipe(cfg))
+        kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher",
+                  checkpoint=self.run.path("teacher_state.pt"), **teacher_recipe(cfg))
+        if isinstance(data.train, Split):
+            model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, **kw)
+        else:                                 # a streamed pool: on the shards, over all ranks (a split job)
+            model, stats = train_stream(acc, build(cfg, data, seed), data.train, **kw, **stream_options(cfg))
         if acc.is_main_process:
             io.write_json(self.run.path("teacher.json"),
                           {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}})

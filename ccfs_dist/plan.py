@@ -66,20 +66,22 @@ def eval_sets(cfg):
     return ["ccfs"] + (["distilled+random", "random"] if cfg["eval"]["baselines"] else [])
 
 
-def make_plan(cfg, world, *, n_train, num_classes, class_size):
-    """[Stage, ...] of a run with `world` processes (see the module doc). Identical on every rank."""
+def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
+    """[Stage, ...] of a run with `world` processes (see the module doc). Identical on every rank.
+    `streamed`: the pool is streamed from shards, so the teacher and the score runs train on the stream
+    over all ranks (stream_train), as split jobs."""
     c, t, minimum = cfg["ccfs"], cfg["train"], cfg["train"]["min_batch_per_rank"]
     stages = [Stage("start", local=[[] for _ in range(world)])]
     start = []
     if not cfg["teacher"]["checkpoint"]:
         te = cfg["teacher"]
         start.append(Job("teacher", (), training_cost(n_train, te["epochs"], te["batch_size"], False),
-                         split_training(te["batch_size"], world, minimum)))
+                         streamed or split_training(te["batch_size"], world, minimum)))
     if c["difficulty"] in DYNAMICS:
         s = cfg["scores"]
         for r in range(s["runs"]):
             start.append(Job("score_run", (r,), training_cost(n_train, s["epochs"], s["batch_size"], False),
-                             split_training(s["batch_size"], world, minimum)))
+                             streamed or split_training(s["batch_size"], world, minimum)))
     _deal(stages[0], start)
 
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])

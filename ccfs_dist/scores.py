@@ -49,11 +49,13 @@ import torch
 import torch.nn.functional as F
 
 from . import io, seeds
+from .data import Split
 from .difficulty import HARDER_IS_HIGHER, labels_fingerprint, load_score_file
 from .dist import Local, gather_rows
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .scorer import score
+from .stream_train import stream_options, train_stream
 from .train import train_model
 
 DYNAMICS = ("forgetting", "loss", "el2n")          # from training runs; ccfs.difficulty may name these
@@ -183,12 +185,16 @@ def dynamics_run(accelerator, cfg, data, r):
     model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
     rec = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
                            gaussian_last_weights(epochs, s["loss_sigma"]))
-    _, stats = train_model(accelerator, model, data.train.images, data.train.labels, mean=data.mean, std=data.std,
-                           epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
-                           weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
-                           scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
-                           desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
-                           on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
+    kw = dict(mean=data.mean, std=data.std,
+              epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
+              weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
+              scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
+              desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
+              on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
+    if isinstance(data.train, Split):
+        _, stats = train_model(accelerator, model, data.train.images, data.train.labels, **kw)
+    else:                                     # a streamed pool: train on the shards (stream_train)
+        _, stats = train_stream(accelerator, model, data.train, **kw, **stream_options(cfg))
     info = {"seconds": stats["seconds"], "accuracy": float(rec.previous.mean()),
             "never_learned": int((~rec.learned).sum()), "events": int(rec.events.sum())}
     _log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
@@ -213,14 +219,17 @@ def training_dynamics(accelerator, cfg, data):
     """Train cfg.scores.runs models on data.train; return ({method: float32 scores}, info).
 
     Each run trains whole on one rank (runs dealt round-robin; their results all-gathered) unless the
-    plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks.
+    plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks; so is
+    every run on a streamed pool (stream_train deals the stream to the ranks).
     """
     from .plan import split_training          # here: plan.py imports this module
     s = cfg["scores"]
     world, rank = accelerator.num_processes, accelerator.process_index
-    if world == 1 or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
-        return combine_runs([dynamics_run(accelerator if world > 1 else Local(accelerator), cfg, data, r)
-                             for r in range(s["runs"])])
+    streamed = not isinstance(data.train, Split)
+    if streamed or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
+        return combine_runs([dynamics_run(accelerator, cfg, data, r) for r in range(s["runs"])])
+    if world == 1:
+        return combine_runs([dynamics_run(Local(accelerator), cfg, data, r) for r in range(s["runs"])])
     mine = {r: dynamics_run(Local(accelerator), cfg, data, r) for r in range(rank, s["runs"], world)}
     local = {"run": torch.tensor(list(mine), dtype=torch.int64),
              "info": torch.tensor([[i["seconds"], i["accuracy"]] for _, i in mine.values()],

@@ -531,10 +531,25 @@ class ShardSplit:
     def _loader(self, mask, batch_size, rank, world, pin_memory=False):
         """Batches (uint8 images, labels, global ids) of the wanted samples in this rank's shards."""
         mine = self.rank_shards(mask, rank, world)
-        if not mine:
-            return
-        stream = _ShardStream(self, [self.shards[i] for i in mine], mask, batch_size)
-        workers = min(self.num_workers, len(mine))
+        if mine:
+            yield from self._iterate(_ShardStream(self, [self.shards[i] for i in mine], mask, batch_size),
+                                     len(mine), batch_size, pin_memory)
+
+    def stream(self, positions, mask, batch_size, interleave=1, seed=(0,), pin_memory=False):
+        """Batches (uint8 images, labels, global ids) of the wanted samples (`mask`) of the shards at
+        `positions`, for training on the stream (stream_train). The shards are dealt round-robin to this
+        split's loader workers in the given order; each worker reads `interleave` of its shards at once and
+        draws every next sample from one of them at random (probability proportional to its wanted samples
+        left, from `seed` + the worker id), so that a batch mixes several shards (a class-sorted source
+        puts few classes in one shard). The shard checks are those of `batches`."""
+        if len(positions):
+            stream = _InterleavedStream(self, [self.shards[i] for i in positions], mask, batch_size,
+                                        interleave, tuple(seed))
+            yield from self._iterate(stream, len(positions), batch_size, pin_memory)
+
+    def _iterate(self, stream, n_shards, batch_size, pin_memory):
+        """(images, labels, ids) views of the packed batches of a _ShardStream, through loader workers."""
+        workers = min(self.num_workers, n_shards)
         if workers:
             _fast_png()             # probe (and import torchvision) once here, not in every forked worker
         loader = stream if workers == 0 else DataLoader(
@@ -764,6 +779,55 @@ def verify_shards(index_path, allow_urls=False, allow_outside=False):
         for _ in stream._samples(shard):           # nothing is wanted: every sample is checked, none decoded
             pass
     return len(split.shards)
+
+
+class _InterleavedStream(_ShardStream):
+    """A _ShardStream whose worker reads `interleave` of its shards at once (opening the next when one ends)
+    and draws each next sample from an open shard chosen at random with probability proportional to its
+    wanted samples left: a uniformly random merge of the open shards' sample sequences."""
+
+    def __init__(self, split, shards, mask, batch_size, interleave, seed):
+        super().__init__(split, shards, mask, batch_size)
+        self.interleave, self.seed = max(1, int(interleave)), seed
+
+    def _batches(self, shards):
+        info = get_worker_info()
+        rng = np.random.default_rng(list(self.seed) + [0 if info is None else info.id])
+        pending, readers, left, total = list(shards), [], [], 0
+        imgs, labels, ids = [], [], []
+        uniform = iter(())
+        while pending or readers:
+            while pending and len(readers) < self.interleave:
+                shard = pending.pop(0)
+                readers.append(self._samples(shard))
+                left.append(int(self.mask[shard["first"]:shard["first"] + shard["count"]].sum()))
+                total += left[-1]
+            pick = 0
+            if total:                                  # the open shard holding the r-th of the samples left
+                u = next(uniform, None)
+                if u is None:                          # random numbers drawn 4096 at a time: cheaper per sample
+                    uniform = iter(rng.random(4096).tolist())
+                    u = next(uniform)
+                r = min(int(u * total), total - 1)
+                while r >= left[pick]:
+                    r -= left[pick]
+                    pick += 1
+            if left[pick]:
+                gid, label, img = next(readers[pick])
+                imgs.append(img)
+                labels.append(label)
+                ids.append(gid)
+                left[pick] -= 1
+                total -= 1
+                if len(ids) == self.batch_size:
+                    yield self._packed(imgs, labels, ids)
+                    imgs, labels, ids = [], [], []
+            if not left[pick]:                         # read the shard to its end: its count checks run there
+                for gid, _, _ in readers[pick]:
+                    raise DataError(f"{self.split.index_path}: sample {gid} is wanted beyond its shard's count")
+                del readers[pick], left[pick]
+        if ids:
+            yield self._packed(imgs, labels, ids)
 
 
 # --------------------------------------------------------------------------------- tar parsing

@@ -108,6 +108,28 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def train_step(accelerator, optimizer, scheduler, student_forward, x, targets, *, teacher_forward=None,
+               teacher_autocast=contextlib.nullcontext, temperature=20.0, on_batch=None, rows=None):
+    """One optimizer step on the augmented batch `x` (train_model and stream_train.train_stream): the forward
+    pass, `on_batch(rows, detached logits)`, KD from `teacher_forward` at `temperature` (else cross-entropy on
+    `targets`), backward, optimizer step, and the schedule's step unless `scheduler` is None (a schedule
+    that advances once per epoch is stepped by the caller)."""
+    logits = student_forward(x)
+    if on_batch is not None:
+        on_batch(rows, logits.detach())
+    if teacher_forward is not None:
+        with torch.no_grad(), teacher_autocast():
+            teacher_logits = teacher_forward(x)
+        loss = kd_loss(logits, teacher_logits, temperature)
+    else:
+        loss = F.cross_entropy(logits.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_size, lr, momentum=0.9,
                 weight_decay=5e-4, warmup_epochs=0, warmup_start=None, schedule_step="batch", teacher=None,
                 temperature=20.0, scale_min=0.08, flip=True, crop="resized", padding=4, seed=0, channels_last=False, compile=False, desc="train", on_epoch_end=None,
@@ -208,21 +230,9 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
                 if channels_last:
                     chunk_x = chunk_x.contiguous(memory_format=torch.channels_last)
             idx = chunk_idx[j * share:(j + 1) * share]
-            x = chunk_x[j * share:(j + 1) * share]
-            logits = student_forward(x)
-            if on_batch is not None:
-                on_batch(idx, logits.detach())
-            if teacher is not None:
-                with torch.no_grad(), teacher_autocast():
-                    teacher_logits = teacher_forward(x)
-                loss = kd_loss(logits, teacher_logits, temperature)
-            else:
-                loss = F.cross_entropy(logits.float(), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            if per_batch:
-                scheduler.step()
+            train_step(accelerator, optimizer, scheduler if per_batch else None, student_forward, chunk_x[j * share:(j + 1) * share],
+                       labels[idx] if teacher is None else None, teacher_forward=teacher_forward,
+                       teacher_autocast=teacher_autocast, temperature=temperature, on_batch=on_batch, rows=idx)
             seen += batch_size
         if not per_batch:
             scheduler.step()

@@ -1,0 +1,236 @@
+"""Train a model on a pool streamed from WebDataset shards (one too large for memory): the teacher and the
+difficulty-score runs of an ImageNet-size pool.
+
+    train_stream(accelerator, model, split, *, mean, std, epochs, batch_size, lr, ...) -> (model, stats)
+
+The recipe is train_model's (SGD with momentum and weight decay, linear warm-up then cosine, stepped per
+optimizer step or per epoch, KD from a teacher or cross-entropy, mixed precision through the Accelerator,
+RandomResizedCrop or padded RandomCrop + flip on the device with augment.Augment); only where the samples
+come from differs. Every epoch:
+
+- The plan (the same on every rank, from N, the global batch size B and the world size W): S = ceil(N / B)
+  global batches, all full but the last (the remaining samples; folded into the one before when fewer than
+  W, so every rank has a sample in every step), each split over the ranks as dist.rank_slice. Every
+  sample is trained on exactly once per epoch; no batch wraps around.
+- The shard order is a permutation of all shards drawn from (seed, epoch); the epoch's sample sequence is
+  the shards in that order. Rank r takes the contiguous run of the sequence its shares add up to: whole
+  shards, and partial ones at its two ends (read through, only its samples decoded). The rank's shards
+  are dealt to its loader workers (ShardSplit.stream), each of which interleaves `interleave` shards at
+  random; the rank's samples then pass a bounded shuffle buffer of `shuffle_buffer` decoded samples from
+  which each step's batch is drawn at random. The loader is never passed to accelerator.prepare (see
+  docs/shards.md: Accelerate re-shards iterable loaders by batch). Each rank checks that its stream
+  delivered exactly its planned samples, once each.
+- All randomness of an epoch (shard order, interleaving, buffer draws, crop boxes) is seeded by (seed,
+  epoch, rank[, worker]): an epoch-boundary checkpoint (model, optimizer, schedule, epoch) resumes to
+  exactly the weights of an uninterrupted run with the same process and worker count. A run killed
+  mid-epoch resumes from the last checkpoint and redoes the epochs after it (same result).
+
+The sample order (which samples share a batch, and when) depends on the number of processes and of
+loader workers; so do the per-rank BatchNorm statistics (as with train_model under DDP). Nothing else:
+the recipe, the step count and the samples per epoch are the same for any process count.
+"""
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .augment import Augment
+from .dist import rank_slice
+from .errors import DataError
+from .io import save_torch
+from .train import compiled, lr_lambda, train_step
+
+
+def epoch_plan(n, batch_size, world):
+    """Samples per rank per step (int64 steps x world): full global batches of `batch_size`, the last
+    holding the rest (folded into the one before when it has fewer than `world` samples)."""
+    if n < world:
+        raise DataError(f"a pool of {n} samples cannot be trained on by {world} processes (fewer samples than ranks)")
+    steps = max(1, math.ceil(n / batch_size))
+    sizes = [batch_size] * (steps - 1) + [n - (steps - 1) * batch_size]
+    if sizes[-1] < world and len(sizes) > 1:
+        rest = sizes.pop()
+        sizes[-1] += rest
+    return np.array([[hi - lo for lo, hi in (rank_slice(b, r, world) for r in range(world))] for b in sizes],
+                    dtype=np.int64)
+
+
+def rank_run(split, order, plan, rank):
+    """(shard positions in read order, boolean mask of wanted global ids) of `rank`'s contiguous run of
+    the epoch's sample sequence (the shards in `order`)."""
+    counts = np.array([split.shards[i]["count"] for i in order], dtype=np.int64)
+    starts = np.cumsum(counts) - counts
+    per_rank = plan.sum(0)
+    a = int(per_rank[:rank].sum())
+    b = a + int(per_rank[rank])
+    mask = np.zeros(len(split), dtype=bool)
+    hits = np.flatnonzero((starts < b) & (starts + counts > a))
+    for i in hits:
+        first = split.shards[order[i]]["first"]
+        mask[first + max(a - starts[i], 0):first + min(b - starts[i], counts[i])] = True
+    return [int(order[i]) for i in hits], mask
+
+
+class ShuffleBuffer:
+    """A bounded shuffle buffer of decoded samples: `push` appends a batch, `take(n)` removes n samples
+    drawn at random (numpy generator) and fills their rows from the tail. Preallocated: no allocation per step."""
+
+    def __init__(self, capacity, shape):
+        self.x = torch.empty((capacity,) + tuple(shape), dtype=torch.uint8)
+        self.y = torch.empty(capacity, dtype=torch.int64)
+        self.ids = torch.empty(capacity, dtype=torch.int64)
+        self.count = 0
+
+    def push(self, x, y, ids):
+        n = len(ids)
+        if self.count + n > len(self.ids):
+            raise RuntimeError(f"shuffle buffer overflow: {self.count} + {n} > {len(self.ids)}")
+        rows = slice(self.count, self.count + n)
+        self.x[rows], self.y[rows], self.ids[rows] = x, y, ids
+        self.count += n
+
+    def take(self, n, rng):
+        chosen = np.sort(rng.choice(self.count, size=n, replace=False))
+        pick = torch.from_numpy(chosen)
+        out = self.x[pick], self.y[pick], self.ids[pick]               # advanced indexing copies
+        keep = np.ones(self.count, dtype=bool)
+        keep[chosen] = False
+        end = self.count - n
+        holes = torch.from_numpy(np.flatnonzero(~keep[:end]))
+        tail = torch.from_numpy(np.flatnonzero(keep[end:]) + end)
+        self.x[holes], self.y[holes], self.ids[holes] = self.x[tail], self.y[tail], self.ids[tail]
+        self.count = end
+        return out
+
+
+def _seed(*parts):
+    return [int(p) % (1 << 63) for p in parts]
+
+
+def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
+    """This rank's training batches of one epoch, (uint8 images, labels, global ids) on the CPU, one per
+    step of `plan`; raises DataError when the stream does not deliver exactly the planned samples."""
+    order = np.random.default_rng(_seed(seed, epoch, 0)).permutation(len(split.shards))
+    positions, mask = rank_run(split, order, plan, rank)
+    sizes = plan[:, rank]
+    expected = int(sizes.sum())
+    loader_batch = int(sizes.max())
+    buffer = ShuffleBuffer(shuffle_buffer + 2 * loader_batch, split.shape)
+    rng = np.random.default_rng(_seed(seed, epoch, 1, rank))
+    stream = iter(split.stream(positions, mask, loader_batch, interleave=interleave,
+                               seed=_seed(seed, epoch, 2, rank)))
+    seen = np.zeros(len(split), dtype=bool)
+    pushed = 0
+    where = f"{split.index_path}, epoch {epoch}, rank {rank}"
+    for need in sizes:
+        while buffer.count < need + shuffle_buffer:
+            batch = next(stream, None)
+            if batch is None:
+                break
+            x, y, ids = batch
+            got = ids.numpy()
+            if not mask[got].all() or seen[got].any():
+                raise DataError(f"{where}: the stream yielded sample(s) outside this rank's run or twice")
+            seen[got] = True
+            pushed += len(got)
+            buffer.push(x, y, ids)
+        if buffer.count < need:
+            raise DataError(f"{where}: the stream delivered {pushed} of the {expected} samples planned")
+        yield buffer.take(int(need), rng)
+    for _ in stream:
+        raise DataError(f"{where}: the stream delivered more than the {expected} samples planned")
+    if pushed != expected or int(seen.sum()) != expected:
+        raise DataError(f"{where}: the stream delivered {int(seen.sum())} distinct of the {expected} samples planned")
+
+
+def train_stream(accelerator, model, split, *, mean, std, epochs, batch_size, lr, momentum=0.9,
+                 weight_decay=5e-4, warmup_epochs=0, warmup_start=None, schedule_step="batch", teacher=None,
+                 temperature=20.0, scale_min=0.08, flip=True, crop="resized", padding=4, seed=0,
+                 channels_last=False, compile=False, desc="train (stream)",
+                 on_epoch_end=None, on_batch=None, checkpoint=None, checkpoint_every=0,
+                 shuffle_buffer=4096, interleave=16):
+    """Train `model` in place on the streamed `split` (a ShardSplit); return (model, stats).
+
+    Arguments as train_model (the images and labels come from `split`; `on_batch(ids, logits)` gets the
+    global ids of this rank's batch, on the device), plus `shuffle_buffer` (decoded samples per rank) and
+    `interleave` (shards each loader worker reads at once). With `checkpoint` and `checkpoint_every` > 0
+    the training state is saved every that many epochs and training continues from it when it exists; it
+    is deleted at the end.
+    """
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    augment = Augment(mean, std, split.shape[-1], scale_min=scale_min, flip=flip, crop=crop, padding=padding)
+    plan = epoch_plan(len(split), batch_size, world)
+    steps_per_epoch = len(plan)
+
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = optimizer if accelerator.scaler is not None else optimizer.optimizer   # see train_model
+    total = epochs * steps_per_epoch
+    if schedule_step not in ("batch", "epoch"):
+        raise ValueError(f"schedule_step must be 'batch' or 'epoch', got {schedule_step!r}")
+    per_batch = schedule_step == "batch"
+    unit = steps_per_epoch if per_batch else 1          # scheduler steps per epoch (as train_model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(epochs * unit, warmup_epochs * unit, warmup_start))
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=memory_format).eval()
+    student_forward = compiled(ddp_model, compile)
+    teacher_forward = compiled(teacher, compile) if teacher is not None else None
+    teacher_autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
+    unwrapped = accelerator.unwrap_model(ddp_model)
+    first_epoch = 0
+    if checkpoint and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)   # torchrun's "cpu:0" is refused
+        unwrapped.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch = state["epoch"] + 1
+    cuda = device.type == "cuda"
+    start, seen = time.perf_counter(), 0
+    ddp_model.train()
+    for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
+                      leave=False, initial=first_epoch, total=epochs):
+        aug_gen = torch.Generator(device=device).manual_seed(
+            int(np.random.default_rng(_seed(seed, epoch, 3, rank)).integers(1 << 62)))
+        for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
+            x = augment(x.to(device, non_blocking=True), generator=aug_gen)
+            x = x.contiguous(memory_format=memory_format)
+            y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+            train_step(accelerator, optimizer, scheduler if per_batch else None, student_forward, x, y,
+                       teacher_forward=teacher_forward, teacher_autocast=teacher_autocast, temperature=temperature,
+                       on_batch=on_batch, rows=ids)
+            seen += len(ids)
+        if not per_batch:
+            scheduler.step()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, unwrapped)
+            if not all(m.training for m in ddp_model.modules()):   # the hook evaluated the model
+                ddp_model.train()
+        if checkpoint and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs:
+            if accelerator.is_main_process:
+                save_torch(checkpoint, {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "epoch": epoch})
+            accelerator.wait_for_everyone()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    seen = int(accelerator.reduce(torch.tensor([seen], device=device), reduction="sum").item()) if world > 1 else seen
+    model = accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
+    if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):
+        os.remove(checkpoint)
+    return model.eval(), {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
+                          "epochs": epochs, "batch_size": batch_size, "steps": total}
+
+
+def stream_options(cfg):
+    """train_stream's stream keywords from the config (section `stream`)."""
+    return {"shuffle_buffer": cfg["stream"]["shuffle_buffer"], "interleave": cfg["stream"]["interleave"]}
