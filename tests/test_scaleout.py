@@ -102,6 +102,10 @@ def test_plan_splits_a_training_only_with_enough_samples_per_rank():
     assert [j.name for j in start.split] == ["teacher", "score_run 0", "score_run 1", "score_run 2"]
     assert all(not jobs for jobs in start.local)
     assert not make_plan(cfg, 4, **SIZES)[0].split                  # 32 per rank: whole again
+    for world in (1, 2):                   # a streamed pool: teacher and score runs train on the stream, split
+        stages = make_plan(load_config(None, ["ccfs.difficulty=forgetting"]), world, **SIZES, streamed=True)
+        assert [j.name for j in stages[0].split] == ["teacher", "score_run 0", "score_run 1", "score_run 2"]
+        assert all(not s.split for s in stages[1:])
 
 
 # --------------------------------------------------------------------------- same result on any count
