@@ -4,7 +4,7 @@ import torch
 
 from .models import build_model
 from .scorer import accuracy
-from .train import RECORDED, train_model
+from .train import train_model
 
 
 def random_per_class(labels, per_class, seed, exclude=None):
@@ -35,16 +35,16 @@ def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teache
     seen = []
 
     def track(epoch, live_model):
-        if epoch > best_after * recipe["epochs"]:
+        if epoch > best_after * recipe.epochs:
             seen.append(accuracy(accelerator, live_model, data.test, mean=data.mean, std=data.std))
 
     torch.manual_seed(seed)
     model = build_model(model_cfg, data.num_classes, data.channels, data.image_size)
-    model, _ = train_model(accelerator, model, images, labels, mean=data.mean, std=data.std, teacher=teacher,
-                           seed=seed, desc=desc, on_epoch_end=track, checkpoint=checkpoint, **recipe)
+    model, _ = train_model(accelerator, model, images, labels, recipe, mean=data.mean, std=data.std, teacher=teacher,
+                           seed=seed, desc=desc, on_epoch_end=track, checkpoint=checkpoint)
     final = accuracy(accelerator, model, data.test, mean=data.mean, std=data.std)
     return {"final": final, "official": max(seen + [final]), "official_epochs": len(seen),
-            "recipe": {key: recipe[key] for key in RECORDED}}
+            "recipe": recipe.recorded()}
 
 
 def summarize(runs):

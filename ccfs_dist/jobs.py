@@ -22,7 +22,7 @@ from .evaluate import evaluate_run
 from .models import build_model, load_checkpoint, state_dict_of
 from .scores import DYNAMICS, dynamics_run
 from .stream_train import stream_options, train_stream
-from .train import recipe, teacher_recipe, train_model
+from .train import Recipe, train_model
 
 
 def build(cfg, data, seed):
@@ -69,12 +69,12 @@ class Trainings:
     def train_teacher(self, acc):
         cfg, data = self.cfg, self.data
         seed = seeds.teacher(cfg["seed"])
-        kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher",
-                  checkpoint=self.run.path("teacher_state.pt"), **teacher_recipe(cfg))
+        rec = Recipe.for_teacher(cfg)
+        kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher", checkpoint=self.run.path("teacher_state.pt"))
         if isinstance(data.train, Split):
-            model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, **kw)
+            model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, rec, **kw)
         else:                                 # a streamed pool: on the shards, over all ranks (a split job)
-            model, stats = train_stream(acc, build(cfg, data, seed), data.train, **kw, **stream_options(cfg))
+            model, stats = train_stream(acc, build(cfg, data, seed), data.train, rec, **kw, **stream_options(cfg))
         if acc.is_main_process:
             io.write_json(self.run.path("teacher.json"),
                           {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}})
@@ -102,10 +102,10 @@ class Trainings:
         if cfg["ccfs"]["warm_start"] and j > 1:              # from phase j-1's filter, as saved
             load_checkpoint(filt, run.path(f"phase_{j - 1}", "filter.pt"))
         per_class = len(self.synthetic[0]) / data.num_classes
-        rec = recipe(cfg, ipc=cfg["ccfs"]["ipc"], class_size=self.class_size, per_class=per_class)
-        filt, stats = train_model(acc, filt, *self.synthetic, mean=data.mean, std=data.std,
+        rec = Recipe.for_phase(cfg, ipc=cfg["ccfs"]["ipc"], class_size=self.class_size, per_class=per_class)
+        filt, stats = train_model(acc, filt, *self.synthetic, rec, mean=data.mean, std=data.std,
                                   teacher=self.teacher if cfg["train"]["kd"] else None, seed=seed,
-                                  desc=f"phase {j} filter", checkpoint=run.path(pdir, "filter_state.pt"), **rec)
+                                  desc=f"phase {j} filter", checkpoint=run.path(pdir, "filter_state.pt"))
         if acc.is_main_process:
             io.save_torch(run.path(pdir, "filter.pt"), state_dict_of(filt))
             io.write_json(run.path(pdir, "steps.json"),
@@ -116,7 +116,7 @@ class Trainings:
         x, y = self.sets[name]
         stem = set_stem(name)
         result = evaluate_run(acc, x, y, data=data, model_cfg=cfg["model"],
-                              recipe=recipe(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
+                              recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
                               teacher=self.teacher if cfg["train"]["kd"] else None,
                               seed=seeds.eval_run(cfg["seed"], r), desc=f"eval {name} {r + 1}/{cfg['eval']['runs']}",
                               best_after=cfg["eval"]["best_after"],

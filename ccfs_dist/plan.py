@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .scores import DYNAMICS
 from .selection import phase_budgets
-from .train import recipe
+from .train import Recipe
 
 KD_COST = 4 / 3          # a KD step adds the teacher's forward pass (about a third of forward + backward)
 
@@ -74,29 +74,29 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
     stages = [Stage("start", local=[[] for _ in range(world)])]
     start = []
     if not cfg["teacher"]["checkpoint"]:
-        te = cfg["teacher"]
-        start.append(Job("teacher", (), training_cost(n_train, te["epochs"], te["batch_size"], False),
-                         streamed or split_training(te["batch_size"], world, minimum)))
+        te = Recipe.for_teacher(cfg)
+        start.append(Job("teacher", (), training_cost(n_train, te.epochs, te.batch_size, False),
+                         streamed or split_training(te.batch_size, world, minimum)))
     if c["difficulty"] in DYNAMICS:
-        s = cfg["scores"]
-        for r in range(s["runs"]):
-            start.append(Job("score_run", (r,), training_cost(n_train, s["epochs"], s["batch_size"], False),
-                             streamed or split_training(s["batch_size"], world, minimum)))
+        s = Recipe.for_scores(cfg)
+        for r in range(cfg["scores"]["runs"]):
+            start.append(Job("score_run", (r,), training_cost(n_train, s.epochs, s.batch_size, False),
+                             streamed or split_training(s.batch_size, world, minimum)))
     _deal(stages[0], start)
 
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])
     per_class = c["ipc"] - sum(budgets)
     for j, k in enumerate(budgets, 1):
-        rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)
-        job = Job("filter", (j,), training_cost(per_class * num_classes, rec["epochs"], rec["batch_size"], t["kd"]),
-                  split_training(rec["batch_size"], world, minimum))
+        rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)
+        job = Job("filter", (j,), training_cost(per_class * num_classes, rec.epochs, rec.batch_size, t["kd"]),
+                  split_training(rec.batch_size, world, minimum))
         stages.append(Stage(f"phase {j}", local=[[] for _ in range(world)]))
         _deal(stages[-1], [job])
         per_class += k
 
-    rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
-    cost = training_cost(c["ipc"] * num_classes, rec["epochs"], rec["batch_size"], t["kd"])
-    split = split_training(rec["batch_size"], world, minimum)
+    rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+    cost = training_cost(c["ipc"] * num_classes, rec.epochs, rec.batch_size, t["kd"])
+    split = split_training(rec.batch_size, world, minimum)
     runs = range(cfg["eval"]["runs"])
     stages.append(Stage("final", local=[[] for _ in range(world)]))
     _deal(stages[-1], [Job("eval", ("ccfs", r), cost, split) for r in runs])

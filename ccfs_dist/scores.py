@@ -56,7 +56,7 @@ from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .scorer import score
 from .stream_train import stream_options, train_stream
-from .train import train_model
+from .train import Recipe, train_model
 
 DYNAMICS = ("forgetting", "loss", "el2n")          # from training runs; ccfs.difficulty may name these
 CHECKPOINT = ("margin", "logits")                  # one scoring pass of a given model
@@ -179,28 +179,24 @@ def _log(accelerator, message):
 def dynamics_run(accelerator, cfg, data, r):
     """Training run `r` of the training-dynamics scores: ({method: float64 array}, info). `accelerator` is a
     dist.Local for a run trained whole on one rank, or the Accelerator for one split over the ranks."""
-    s, t, a = cfg["scores"], cfg["train"], cfg["aug"]
-    epochs, seed = s["epochs"], seeds.score_run(cfg["seed"], r)
+    s, rec = cfg["scores"], Recipe.for_scores(cfg)
+    epochs, seed = rec.epochs, seeds.score_run(cfg["seed"], r)
     torch.manual_seed(seed)
     model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
-    rec = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
+    dyn = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
                            gaussian_last_weights(epochs, s["loss_sigma"]))
-    kw = dict(mean=data.mean, std=data.std,
-              epochs=epochs, batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
-              weight_decay=s["weight_decay"], warmup_epochs=0, teacher=None,
-              scale_min=a["scale_min"], flip=a["flip"], seed=seed, channels_last=t["channels_last"],
-              desc=f"scores run {r + 1}/{s['runs']}", on_batch=rec.on_batch,
-              on_epoch_end=lambda epoch, _model: rec.end_epoch(epoch))
+    kw = dict(mean=data.mean, std=data.std, seed=seed, desc=f"scores run {r + 1}/{s['runs']}",
+              on_batch=dyn.on_batch, on_epoch_end=lambda epoch, _model: dyn.end_epoch(epoch))
     if isinstance(data.train, Split):
-        _, stats = train_model(accelerator, model, data.train.images, data.train.labels, **kw)
+        _, stats = train_model(accelerator, model, data.train.images, data.train.labels, rec, **kw)
     else:                                     # a streamed pool: train on the shards (stream_train)
-        _, stats = train_stream(accelerator, model, data.train, **kw, **stream_options(cfg))
-    info = {"seconds": stats["seconds"], "accuracy": float(rec.previous.mean()),
-            "never_learned": int((~rec.learned).sum()), "events": int(rec.events.sum())}
+        _, stats = train_stream(accelerator, model, data.train, rec, **kw, **stream_options(cfg))
+    info = {"seconds": stats["seconds"], "accuracy": float(dyn.previous.mean()),
+            "never_learned": int((~dyn.learned).sum()), "events": int(dyn.events.sum())}
     _log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
                       f"{info['accuracy']:.4f}, never learned {info['never_learned']}, "
                       f"forgetting events {info['events']}")
-    return rec.result(), info
+    return dyn.result(), info
 
 
 def combine_runs(runs):

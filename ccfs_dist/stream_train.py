@@ -1,7 +1,7 @@
 """Train a model on a pool streamed from WebDataset shards (one too large for memory): the teacher and the
 difficulty-score runs of an ImageNet-size pool.
 
-    train_stream(accelerator, model, split, *, mean, std, epochs, batch_size, lr, ...) -> (model, stats)
+    train_stream(accelerator, model, split, recipe, *, mean, std, teacher, seed, ...) -> (model, stats)
 
 The recipe is train_model's (SGD with momentum and weight decay, linear warm-up then cosine, stepped per
 optimizer step or per epoch, KD from a teacher or cross-entropy, mixed precision through the Accelerator,
@@ -29,9 +29,7 @@ The sample order (which samples share a batch, and when) depends on the number o
 loader workers; so do the per-rank BatchNorm statistics (as with train_model under DDP). Nothing else:
 the recipe, the step count and the samples per epoch are the same for any process count.
 """
-import contextlib
 import math
-import os
 import time
 
 import numpy as np
@@ -41,8 +39,7 @@ from tqdm.auto import tqdm
 from .augment import Augment
 from .dist import rank_slice
 from .errors import DataError
-from .io import save_torch
-from .train import compiled, lr_lambda, train_step
+from .train import Session
 
 
 def epoch_plan(n, batch_size, world):
@@ -147,88 +144,49 @@ def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
         raise DataError(f"{where}: the stream delivered {int(seen.sum())} distinct of the {expected} samples planned")
 
 
-def train_stream(accelerator, model, split, *, mean, std, epochs, batch_size, lr, momentum=0.9,
-                 weight_decay=5e-4, warmup_epochs=0, warmup_start=None, schedule_step="batch", teacher=None,
-                 temperature=20.0, scale_min=0.08, flip=True, crop="resized", padding=4, seed=0,
-                 channels_last=False, compile=False, desc="train (stream)",
-                 on_epoch_end=None, on_batch=None, checkpoint=None, checkpoint_every=0,
-                 shuffle_buffer=4096, interleave=16):
-    """Train `model` in place on the streamed `split` (a ShardSplit); return (model, stats).
+def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, seed=0, desc="train (stream)",
+                 on_epoch_end=None, on_batch=None, checkpoint=None, shuffle_buffer=4096, interleave=16):
+    """Train `model` in place on the streamed `split` (a ShardSplit) by `recipe` (a train.Recipe); return
+    (model, stats).
 
     Arguments as train_model (the images and labels come from `split`; `on_batch(ids, logits)` gets the
     global ids of this rank's batch, on the device), plus `shuffle_buffer` (decoded samples per rank) and
-    `interleave` (shards each loader worker reads at once). With `checkpoint` and `checkpoint_every` > 0
-    the training state is saved every that many epochs and training continues from it when it exists; it
-    is deleted at the end.
+    `interleave` (shards each loader worker reads at once). With `checkpoint` and the recipe's
+    `checkpoint_every` > 0 the training state is saved every that many epochs and training continues from
+    it when it exists; it is deleted at the end.
     """
+    r = recipe
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    augment = Augment(mean, std, split.shape[-1], scale_min=scale_min, flip=flip, crop=crop, padding=padding)
-    plan = epoch_plan(len(split), batch_size, world)
+    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+    augment = Augment(mean, std, split.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop, padding=r.padding)
+    plan = epoch_plan(len(split), r.batch_size, world)
     steps_per_epoch = len(plan)
 
     model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    optimizer = optimizer if accelerator.scaler is not None else optimizer.optimizer   # see train_model
-    total = epochs * steps_per_epoch
-    if schedule_step not in ("batch", "epoch"):
-        raise ValueError(f"schedule_step must be 'batch' or 'epoch', got {schedule_step!r}")
-    per_batch = schedule_step == "batch"
-    unit = steps_per_epoch if per_batch else 1          # scheduler steps per epoch (as train_model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(epochs * unit, warmup_epochs * unit, warmup_start))
-    if teacher is not None:
-        teacher = teacher.to(device, memory_format=memory_format).eval()
-    student_forward = compiled(ddp_model, compile)
-    teacher_forward = compiled(teacher, compile) if teacher is not None else None
-    teacher_autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
-    unwrapped = accelerator.unwrap_model(ddp_model)
-    first_epoch = 0
-    if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)   # torchrun's "cpu:0" is refused
-        unwrapped.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        first_epoch = state["epoch"] + 1
+    session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
+    first_epoch = session.resume(checkpoint, {})     # every epoch's randomness comes from (seed, epoch, rank)
     cuda = device.type == "cuda"
     start, seen = time.perf_counter(), 0
-    ddp_model.train()
-    for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
-                      leave=False, initial=first_epoch, total=epochs):
+    session.ddp_model.train()
+    for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
+                      leave=False, initial=first_epoch, total=r.epochs):
         aug_gen = torch.Generator(device=device).manual_seed(
             int(np.random.default_rng(_seed(seed, epoch, 3, rank)).integers(1 << 62)))
         for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)
             x = x.contiguous(memory_format=memory_format)
             y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-            train_step(accelerator, optimizer, scheduler if per_batch else None, student_forward, x, y,
-                       teacher_forward=teacher_forward, teacher_autocast=teacher_autocast, temperature=temperature,
-                       on_batch=on_batch, rows=ids)
+            session.step(x, y, ids, on_batch)
             seen += len(ids)
-        if not per_batch:
-            scheduler.step()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, unwrapped)
-            if not all(m.training for m in ddp_model.modules()):   # the hook evaluated the model
-                ddp_model.train()
-        if checkpoint and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs:
-            if accelerator.is_main_process:
-                save_torch(checkpoint, {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "epoch": epoch})
-            accelerator.wait_for_everyone()
+        session.end_epoch(epoch, on_epoch_end, checkpoint, {})
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     seen = int(accelerator.reduce(torch.tensor([seen], device=device), reduction="sum").item()) if world > 1 else seen
-    model = accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)
-    accelerator.free_memory()
-    accelerator.wait_for_everyone()
-    if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):
-        os.remove(checkpoint)
-    return model.eval(), {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                          "epochs": epochs, "batch_size": batch_size, "steps": total}
+    model = session.finish(checkpoint, broadcast=False)
+    return model, {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
+                   "epochs": r.epochs, "batch_size": r.batch_size, "steps": r.epochs * steps_per_epoch}
 
 
 def stream_options(cfg):

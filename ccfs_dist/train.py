@@ -20,6 +20,7 @@ through `torch.compile`; the prepared, uncompiled module is what is unwrapped, s
 checkpoints are unchanged.
 """
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -130,89 +131,222 @@ def train_step(accelerator, optimizer, scheduler, student_forward, x, targets, *
         scheduler.step()
 
 
-def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_size, lr, momentum=0.9,
-                weight_decay=5e-4, warmup_epochs=0, warmup_start=None, schedule_step="batch", teacher=None,
-                temperature=20.0, scale_min=0.08, flip=True, crop="resized", padding=4, seed=0, channels_last=False, compile=False, desc="train", on_epoch_end=None,
-                on_batch=None, checkpoint=None, checkpoint_every=0):
-    """Train `model` in place on uint8 `images` (N,C,H,W) with int64 `labels`; return (model, stats).
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one model is trained: the optimizer, the lr schedule, the loss temperature, the augmentation and
+    the execution switches. Every training (teacher, filter, evaluation model, score run) is given one,
+    built from the config by `for_teacher`, `for_phase` or `for_scores`, the only places that read the
+    config's training sections.
 
-    With `teacher` the loss is KD at `temperature` (labels unused), else cross-entropy.
     The lr follows `lr_lambda`: warm-up for `warmup_epochs` (from `warmup_start`), then cosine to zero,
     advanced after every optimizer step (schedule_step "batch") or after every epoch ("epoch", as the
-    official scripts do). `crop`: "resized" (RandomResizedCrop from `scale_min`) or "pad" (RandomCrop
-    with `padding` zero pixels per side); both with a horizontal flip when `flip`.
-    `compile`: False, True (torch.compile the student and the teacher's forward) or a backend name.
+    official scripts do). `temperature`: the KD temperature (when the training has a teacher). `crop`:
+    "resized" (RandomResizedCrop from `scale_min`) or "pad" (RandomCrop with `padding` zero pixels per
+    side); both with a horizontal flip when `flip`. `compile`: False, True (torch.compile the student and
+    the teacher's forward) or a backend name. `checkpoint_every` > 0: save the training state every that
+    many epochs (when the training is given a checkpoint path).
+    """
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    warmup_start: object = None          # None or a float (see lr_lambda)
+    schedule_step: str = "batch"
+    temperature: float = 20.0
+    crop: str = "resized"
+    padding: int = 4
+    scale_min: float = 0.08
+    flip: bool = True
+    channels_last: bool = False
+    compile: object = False              # False, True or a torch.compile backend name
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.schedule_step not in ("batch", "epoch"):
+            raise ValueError(f"schedule_step must be 'batch' or 'epoch', got {self.schedule_step!r}")
+
+    @property
+    def per_batch(self):
+        """Whether the schedule advances after every optimizer step (else once per epoch)."""
+        return self.schedule_step == "batch"
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def recorded(self):
+        """The fields written into each eval/<set>_run<r>.json (RECORDED)."""
+        return {key: getattr(self, key) for key in RECORDED}
+
+    @classmethod
+    def for_phase(cls, cfg, *, ipc, class_size, per_class):
+        """The filter and evaluation recipe (section `train`, `aug`).
+
+        Unset epochs / batch size follow the paper's rules: epochs by the final ratio ipc / class size,
+        batch size by the ratio of the current synthetic images per class to the class size.
+        """
+        t, a = cfg["train"], cfg["aug"]
+        return cls(epochs=t["epochs"] or paper_epochs(ipc, class_size),
+                   batch_size=t["batch_size"] or paper_batch_size(per_class, class_size),
+                   lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"],
+                   warmup_epochs=t["warmup_epochs"], warmup_start=t["warmup_start"], schedule_step=t["schedule_step"],
+                   temperature=t["temperature"], scale_min=a["scale_min"], flip=a["flip"],
+                   channels_last=t["channels_last"], compile=t["compile"], checkpoint_every=t["checkpoint_every"])
+
+    @classmethod
+    def for_teacher(cls, cfg):
+        """The teacher's recipe (section `teacher`; trained on the full real training set, never compiled)."""
+        t, a = cfg["teacher"], cfg["aug"]
+        return cls(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
+                   warmup_epochs=t["warmup_epochs"], scale_min=a["scale_min"], flip=a["flip"],
+                   crop=t["crop"] or "resized", padding=t["padding"],
+                   channels_last=cfg["train"]["channels_last"], checkpoint_every=cfg["train"]["checkpoint_every"])
+
+    @classmethod
+    def for_scores(cls, cfg):
+        """The recipe of each training-dynamics score run (section `scores`; no warm-up, never compiled)."""
+        s, t, a = cfg["scores"], cfg["train"], cfg["aug"]
+        return cls(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
+                   weight_decay=s["weight_decay"], scale_min=a["scale_min"], flip=a["flip"],
+                   channels_last=t["channels_last"])
+
+
+RECORDED = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_start",
+            "schedule_step", "scale_min", "flip")   # the recipe written into each eval/<set>_run<r>.json
+
+
+class Session:
+    """What train_model and stream_train.train_stream share around their step loops: the optimizer and
+    schedule of the recipe, the (compiled) forwards, the checkpoint's load and save, the epoch end and
+    the tear-down. `model` is on the device already (in its memory format)."""
+
+    def __init__(self, accelerator, model, recipe, steps_per_epoch, *, teacher, memory_format):
+        self.accelerator, self.recipe = accelerator, recipe
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay)
+        self.ddp_model, optimizer = accelerator.prepare(model, optimizer)
+        # Accelerate's optimizer wrapper matters only for fp16 loss scaling; elsewhere the plain optimizer is
+        # stepped, which saves Python work per step (AcceleratedOptimizer.step looks up packages)
+        self.optimizer = optimizer if accelerator.scaler is not None else optimizer.optimizer
+        unit = steps_per_epoch if recipe.per_batch else 1          # scheduler steps per epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(recipe.epochs * unit, recipe.warmup_epochs * unit, recipe.warmup_start))
+        self.has_teacher = teacher is not None
+        if teacher is not None:
+            teacher = teacher.to(accelerator.device, memory_format=memory_format).eval()
+        self.student_forward = compiled(self.ddp_model, recipe.compile)
+        self.teacher_forward = compiled(teacher, recipe.compile) if teacher is not None else None
+        self.teacher_autocast = (accelerator.autocast if accelerator.mixed_precision != "no"
+                                 else contextlib.nullcontext)
+        self.unwrapped = accelerator.unwrap_model(self.ddp_model)
+
+    def step(self, x, targets, rows, on_batch):
+        train_step(self.accelerator, self.optimizer, self.scheduler if self.recipe.per_batch else None,
+                   self.student_forward, x, targets, teacher_forward=self.teacher_forward,
+                   teacher_autocast=self.teacher_autocast, temperature=self.recipe.temperature,
+                   on_batch=on_batch, rows=rows)
+
+    def resume(self, checkpoint, generators):
+        """The first epoch to train: 0, or the one after the state saved at `checkpoint` (weights, optimizer,
+        schedule and the named random `generators`, restored in place)."""
+        if not (checkpoint and os.path.exists(checkpoint)):
+            return 0
+        try:
+            # to the CPU first: under torchrun accelerator.device can be "cpu:0", which torch.load refuses
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            self.unwrapped.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            for name, generator in generators.items():
+                generator.set_state(state[name].cpu())
+            return state["epoch"] + 1
+        except Exception as exc:                 # noqa: BLE001 - a damaged or foreign file, not a bug here
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise DataError(f"training state {checkpoint} cannot be resumed ({type(exc).__name__}: {first}); "
+                            f"delete it to restart this training from its start") from None
+
+    def end_epoch(self, epoch, on_epoch_end, checkpoint, generators):
+        """The per-epoch schedule step, `on_epoch_end(epoch, model)`, and the periodic checkpoint."""
+        if not self.recipe.per_batch:
+            self.scheduler.step()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, self.unwrapped)
+            if not all(m.training for m in self.ddp_model.modules()):   # the hook evaluated the model
+                self.ddp_model.train()
+        every, epochs = self.recipe.checkpoint_every, self.recipe.epochs
+        if checkpoint and every > 0 and (epoch + 1) % every == 0 and epoch + 1 < epochs:
+            if self.accelerator.is_main_process:
+                save_torch(checkpoint, {
+                    "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                    **{name: generator.get_state() for name, generator in generators.items()}})
+            self.accelerator.wait_for_everyone()
+
+    def finish(self, checkpoint, *, broadcast):
+        """The trained model (unwrapped, in eval mode; with `broadcast`, every rank holds rank 0's state);
+        the checkpoint is deleted."""
+        accelerator = self.accelerator
+        model = accelerator.unwrap_model(self.ddp_model, keep_fp32_wrapper=False)
+        if broadcast:
+            broadcast_state(accelerator, model)  # every rank holds rank 0's buffers: the state that is saved
+        accelerator.free_memory()
+        accelerator.wait_for_everyone()
+        if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):
+            os.remove(checkpoint)
+        return model.eval()
+
+
+def train_model(accelerator, model, images, labels, recipe, *, mean, std, teacher=None, seed=0, desc="train",
+                on_epoch_end=None, on_batch=None, checkpoint=None):
+    """Train `model` in place on uint8 `images` (N,C,H,W) with int64 `labels` by `recipe` (a Recipe);
+    return (model, stats).
+
+    With `teacher` the loss is KD at the recipe's temperature (labels unused), else cross-entropy.
     `on_epoch_end(epoch, model)` is called on every rank after each epoch (for periodic evaluation).
     `on_batch(rows, logits)` is called on every rank after each forward pass, before the optimizer
     step, with this rank's rows of `images` (int64, on the device; a row may repeat where the last batch
     of an epoch wraps around) and the detached logits of their augmented views (training dynamics).
-    With `checkpoint` (a path) and `checkpoint_every` > 0, the full training state (weights, optimizer,
-    schedule, random generators) is saved every that many epochs, training continues from it when it
-    exists, and it is deleted at the end: a killed run resumes mid-training and ends exactly as an
+    With `checkpoint` (a path) and the recipe's `checkpoint_every` > 0, the full training state (weights,
+    optimizer, schedule, random generators) is saved every that many epochs, training continues from it
+    when it exists, and it is deleted at the end: a killed run resumes mid-training and ends exactly as an
     uninterrupted one.
     """
+    r = recipe
     device = accelerator.device
     n = len(images)
     rank, world = accelerator.process_index, accelerator.num_processes
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     images = images.to(device).contiguous(memory_format=memory_format)
     labels = labels.to(device)
-    augment = Augment(mean, std, images.shape[-1], scale_min=scale_min, flip=flip, crop=crop, padding=padding)
+    augment = Augment(mean, std, images.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
+                      padding=r.padding)
     height, width = images.shape[2], images.shape[3]
+    batch_size, epochs = r.batch_size, r.epochs
 
     split = world > 1                    # a data-parallel training (else `accelerator` is a dist.Local)
     if split and device.type == "cuda":  # global BatchNorm statistics (torch has no CPU SyncBatchNorm)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    # Accelerate's optimizer wrapper matters only for fp16 loss scaling; elsewhere the plain optimizer is
-    # stepped, which saves ~0.1 ms of Python per step (AcceleratedOptimizer.step looks up packages)
-    optimizer = optimizer if accelerator.scaler is not None else optimizer.optimizer
     steps_per_epoch = max(1, math.ceil(n / batch_size))
-    total = epochs * steps_per_epoch
-    if schedule_step not in ("batch", "epoch"):
-        raise ValueError(f"schedule_step must be 'batch' or 'epoch', got {schedule_step!r}")
-    per_batch = schedule_step == "batch"
-    unit = steps_per_epoch if per_batch else 1          # scheduler steps per epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(epochs * unit, warmup_epochs * unit, warmup_start))
-    if teacher is not None:
-        teacher = teacher.to(device, memory_format=memory_format).eval()
-    student_forward = compiled(ddp_model, compile)
-    teacher_forward = compiled(teacher, compile) if teacher is not None else None
+    session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
     lo, hi = rank_slice(batch_size, rank, world)          # this rank's rows of every (full) global batch
     share = hi - lo
     # batches augmented together (per-sample results are the same): fewer, larger kernels per step
     chunk_steps = max(1, min(steps_per_epoch, AUG_CHUNK_BYTES // max(1, share * images[0].numel() * 4)))
-    teacher_autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
 
-    order_gen = torch.Generator().manual_seed(seed)                       # same on every rank
-    aug_gen = torch.Generator(device=device).manual_seed(seeds.augmentation(seed))   # same on every rank
-    first_epoch = 0
-    if checkpoint and os.path.exists(checkpoint):
-        try:
-            # to the CPU first: under torchrun accelerator.device can be "cpu:0", which torch.load refuses
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            accelerator.unwrap_model(ddp_model).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            order_gen.set_state(state["order_gen"].cpu())
-            aug_gen.set_state(state["aug_gen"].cpu())
-            first_epoch = state["epoch"] + 1
-        except Exception as exc:                 # noqa: BLE001 - a damaged or foreign file, not a bug here
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise DataError(f"training state {checkpoint} cannot be resumed ({type(exc).__name__}: {first}); "
-                            f"delete it to restart this training from its start") from None
+    generators = {"order_gen": torch.Generator().manual_seed(seed),                         # same on every rank
+                  "aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
+    order_gen, aug_gen = generators["order_gen"], generators["aug_gen"]
+    first_epoch = session.resume(checkpoint, generators)
     _sync(device)
     start = time.perf_counter()
     seen = 0
     lrs = []                                              # lr at the first step of each epoch trained here
-    unwrapped = accelerator.unwrap_model(ddp_model)
-    ddp_model.train()
+    session.ddp_model.train()
     for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, initial=first_epoch, total=epochs):
-        lrs.append(optimizer.param_groups[0]["lr"])
+        lrs.append(session.optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
         perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n)).to(device)  # last batch wraps around
         boxes, flips = epoch_boxes(augment, steps_per_epoch * batch_size, height, width, aug_gen, device)
@@ -227,65 +361,14 @@ def train_model(accelerator, model, images, labels, *, mean, std, epochs, batch_
                 chunk_idx = mine[part].reshape(-1)
                 chunk_x = augment.apply(images.index_select(0, chunk_idx),   # index_select: see Split
                                         my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
-                if channels_last:
+                if r.channels_last:
                     chunk_x = chunk_x.contiguous(memory_format=torch.channels_last)
             idx = chunk_idx[j * share:(j + 1) * share]
-            train_step(accelerator, optimizer, scheduler if per_batch else None, student_forward, chunk_x[j * share:(j + 1) * share],
-                       labels[idx] if teacher is None else None, teacher_forward=teacher_forward,
-                       teacher_autocast=teacher_autocast, temperature=temperature, on_batch=on_batch, rows=idx)
+            session.step(chunk_x[j * share:(j + 1) * share], labels[idx] if teacher is None else None, idx, on_batch)
             seen += batch_size
-        if not per_batch:
-            scheduler.step()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, unwrapped)
-            if not all(m.training for m in ddp_model.modules()):   # the hook evaluated the model
-                ddp_model.train()
-        if checkpoint and checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs:
-            if accelerator.is_main_process:
-                save_torch(checkpoint, {
-                    "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch,
-                    "order_gen": order_gen.get_state(), "aug_gen": aug_gen.get_state()})
-            accelerator.wait_for_everyone()
+        session.end_epoch(epoch, on_epoch_end, checkpoint, generators)
     _sync(device)
     seconds = time.perf_counter() - start
-    model = accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)
-    if split:
-        broadcast_state(accelerator, model)      # every rank holds rank 0's buffers: the state that is saved
-    accelerator.free_memory()
-    accelerator.wait_for_everyone()
-    if checkpoint and accelerator.is_main_process and os.path.exists(checkpoint):
-        os.remove(checkpoint)
-    return model.eval(), {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                          "epochs": epochs, "batch_size": batch_size, "steps": total, "lrs": lrs}
-
-
-def recipe(cfg, *, ipc, class_size, per_class):
-    """Keyword arguments of train_model for filter and evaluation training, from the config.
-
-    Unset epochs / batch size follow the paper's rules: epochs by the final ratio ipc / class size,
-    batch size by the ratio of the current synthetic images per class to the class size.
-    """
-    t, a = cfg["train"], cfg["aug"]
-    return {
-        "epochs": t["epochs"] or paper_epochs(ipc, class_size),
-        "batch_size": t["batch_size"] or paper_batch_size(per_class, class_size),
-        "lr": t["lr"], "momentum": t["momentum"], "weight_decay": t["weight_decay"],
-        "warmup_epochs": t["warmup_epochs"], "warmup_start": t["warmup_start"], "schedule_step": t["schedule_step"],
-        "temperature": t["temperature"],
-        "scale_min": a["scale_min"], "flip": a["flip"], "channels_last": t["channels_last"],
-        "compile": t["compile"], "checkpoint_every": t["checkpoint_every"],
-    }
-
-
-RECORDED = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_start",
-            "schedule_step", "scale_min", "flip")   # the recipe written into each eval/<set>_run<r>.json
-
-
-def teacher_recipe(cfg):
-    """Keyword arguments of train_model for the teacher (trained on the full real training set)."""
-    t, a = cfg["teacher"], cfg["aug"]
-    return {"epochs": t["epochs"], "batch_size": t["batch_size"], "lr": t["lr"], "weight_decay": t["weight_decay"],
-            "warmup_epochs": t["warmup_epochs"], "scale_min": a["scale_min"], "flip": a["flip"],
-            "crop": t["crop"] or "resized", "padding": t["padding"],
-            "channels_last": cfg["train"]["channels_last"], "checkpoint_every": cfg["train"]["checkpoint_every"]}
+    model = session.finish(checkpoint, broadcast=split)
+    return model, {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
+                   "epochs": epochs, "batch_size": batch_size, "steps": epochs * steps_per_epoch, "lrs": lrs}

@@ -66,7 +66,7 @@ from ccfs_dist.evaluate import random_per_class
 from ccfs_dist.models import build_model, load_checkpoint
 from ccfs_dist.scorer import score
 from ccfs_dist.selection import phase_budgets, select
-from ccfs_dist.train import compiled, kd_loss, recipe, train_model
+from ccfs_dist.train import Recipe, compiled, kd_loss, train_model
 
 PHASES = ("filter_train", "score", "select", "select_1k", "eval_train")
 LABELS = {"filter_train": "filter training", "score": "scoring", "select": "selection",
@@ -230,19 +230,17 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     each run (cold start) is not paired. Figures are medians over the pairs.
     """
     device = acc.device
-    batch = rec["batch_size"]
-    kw = dict(rec, compile=compile_arg)
-    kw.pop("epochs")
-    kw.pop("checkpoint_every", None)
-    mf = torch.channels_last if rec["channels_last"] else torch.contiguous_format
+    batch = rec.batch_size
+    rec = rec.replace(compile=compile_arg, checkpoint_every=0)
+    mf = torch.channels_last if rec.channels_last else torch.contiguous_format
     x, y, epochs = _cut(images, labels, batch, steps)
     per_epoch = math.ceil(len(x) / batch)
     # pairs of at least 10 steps (whole epochs): switching between the two models costs some cache warmth
     chunk = min(max(1, math.ceil(10 / per_epoch)), max(1, (epochs - 1) // 2))
-    common = dict(mean=data.mean, std=data.std, teacher=teacher, desc=desc, **kw)
+    common = dict(mean=data.mean, std=data.std, teacher=teacher, desc=desc)
 
     def engine(e, xs, ys, on_epoch_end=None):
-        _, stats = train_model(acc, _build(cfg, data, seed), xs, ys, epochs=e, seed=seed,
+        _, stats = train_model(acc, _build(cfg, data, seed), xs, ys, rec.replace(epochs=e), seed=seed,
                                on_epoch_end=on_epoch_end, **common)
         return stats
 
@@ -258,8 +256,8 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     xb = normalize(x[rows].to(device), data.mean, data.std).contiguous(memory_format=mf)
     yb = y[rows].to(device)
     model = _build(cfg, data, seed).to(device, memory_format=mf).train()
-    opt = torch.optim.SGD(model.parameters(), lr=rec["lr"], momentum=rec["momentum"],
-                          weight_decay=rec["weight_decay"])
+    opt = torch.optim.SGD(model.parameters(), lr=rec.lr, momentum=rec.momentum,
+                          weight_decay=rec.weight_decay)
     ddp, opt = acc.prepare(model, opt)
     opt = opt if acc.scaler is not None else opt.optimizer              # as train_model steps it
     forward = compiled(ddp, compile_arg)
@@ -272,7 +270,7 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
         if teacher_forward is not None:
             with torch.no_grad(), acc.autocast():
                 t = teacher_forward(xb)
-            loss = kd_loss(logits, t, rec["temperature"])
+            loss = kd_loss(logits, t, rec.temperature)
         else:
             loss = F.cross_entropy(logits.float(), yb)
         opt.zero_grad(set_to_none=True)
@@ -405,7 +403,7 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
     s0 = _first_set(cfg, data, n_distilled)
     filt = _build(cfg, data, seeds.bench_filter(cfg["seed"]))
     if "filter_train" in phases:
-        rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=n_distilled)
+        rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=n_distilled)
         out["filter_train"] = bench_training(acc, cfg, data, kd_teacher, *s0, rec, steps=steps, repeats=repeats,
                                              compile_arg=compile_arg, desc="bench filter", seed=seeds.bench_filter(cfg["seed"]))
 
@@ -432,7 +430,7 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
 
     if "eval_train" in phases:
         final = data.train.fetch(random_per_class(data.train.labels.numpy(), c["ipc"], seeds.random_baseline(cfg["seed"])))
-        rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+        rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
         out["eval_train"] = bench_training(acc, cfg, data, kd_teacher, *final, rec, steps=steps, repeats=repeats,
                                            compile_arg=compile_arg, desc="bench eval", seed=seeds.bench_eval(cfg["seed"]))
 

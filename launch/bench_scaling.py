@@ -163,7 +163,7 @@ def split_sweep_worker(out):
     import torch
     from ccfs_dist.dist import Local, make_accelerator, wait_for_all
     from ccfs_dist.models import build_model
-    from ccfs_dist.train import train_model
+    from ccfs_dist.train import Recipe, train_model
     acc = make_accelerator()
     steps, rows = 12, []
     for batch in SWEEP_BATCHES:
@@ -175,7 +175,7 @@ def split_sweep_worker(out):
                 torch.manual_seed(0)
                 model = build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, 10, 3, 32)
                 _, stats = train_model(acc if mode == "split" else Local(acc), model, images, labels,
-                                       mean=(0.5,) * 3, std=(0.25,) * 3, epochs=2, batch_size=batch, lr=0.01)
+                                       Recipe(epochs=2, batch_size=batch, lr=0.01), mean=(0.5,) * 3, std=(0.25,) * 3)
                 times[mode] = stats["seconds"] / stats["steps"]
             wait_for_all(acc)
         rows.append({"batch": batch, "per_rank": batch // acc.num_processes, "whole_s": times.get("whole"),

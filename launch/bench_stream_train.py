@@ -39,6 +39,7 @@ def child(args):
     from ccfs_dist.models import build_model
     from ccfs_dist.shards import ShardSplit
     from ccfs_dist.stream_train import train_stream
+    from ccfs_dist.train import Recipe
     torch.set_num_threads(args.threads)
     acc = make_accelerator()
     split = ShardSplit(args.child, num_workers=args.workers)
@@ -78,7 +79,7 @@ def child(args):
                 raise _Stop
             state["t"] = time.perf_counter()
     try:
-        train_stream(acc, model, split, mean=mean, std=std, epochs=1, batch_size=args.batch_size, lr=0.05,
+        train_stream(acc, model, split, Recipe(epochs=1, batch_size=args.batch_size, lr=0.05), mean=mean, std=std,
                      on_batch=on_batch, shuffle_buffer=args.buffer, interleave=args.interleave)
     except _Stop:
         pass

@@ -80,13 +80,14 @@ def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
     from ccfs_dist.models import build_model
     from ccfs_dist.scorer import accuracy
     from ccfs_dist.stream_train import train_stream
-    from ccfs_dist.train import train_model
+    from ccfs_dist.train import Recipe, train_model
     out = []
     for seed in seeds:
-        kw = dict(mean=memory.mean, std=memory.std, epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4, seed=seed)
+        rec = Recipe(epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4)
+        kw = dict(mean=memory.mean, std=memory.std, seed=seed)
         row = []
-        for train in (lambda m: train_model(accelerator, m, memory.train.images, memory.train.labels, **kw),
-                      lambda m: train_stream(accelerator, m, streamed.train, **kw)):
+        for train in (lambda m: train_model(accelerator, m, memory.train.images, memory.train.labels, rec, **kw),
+                      lambda m: train_stream(accelerator, m, streamed.train, rec, **kw)):
             torch.manual_seed(seed)
             model, _ = train(build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"},
                                          memory.num_classes, memory.channels, memory.image_size))

@@ -13,7 +13,7 @@ from conftest import ROOT
 from ccfs_dist.augment import Augment, pad_boxes, pad_crop
 from ccfs_dist.config import load_config
 from ccfs_dist.selection import phase_budgets
-from ccfs_dist.train import lr_lambda, recipe, teacher_recipe, train_model
+from ccfs_dist.train import Recipe, lr_lambda, train_model
 
 # (config, classes, images per class): --epochs and --alpha of each command in scripts/ccfs_*.sh
 OFFICIAL = {
@@ -48,25 +48,25 @@ def test_paper_configs_give_the_official_recipe(name):
     assert budgets == phase_budgets(c["ipc"], c["alpha"], c["phases"], official=True)   # int(ipc * alpha) agrees
     sizes = [c["ipc"] - sum(budgets) + sum(budgets[:j]) for j in range(3)] + [c["ipc"]]   # phases 1-3, then eval
     for per_class in sizes:
-        rec = recipe(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)
-        assert rec["epochs"] == epochs, (name, per_class)
-        assert rec["batch_size"] == official_batch(name, per_class * num_classes, num_classes), (name, per_class)
-        assert (rec["lr"], rec["momentum"], rec["weight_decay"]) == (0.2, 0.9, 1e-4)
-        assert (rec["warmup_epochs"], rec["warmup_start"], rec["schedule_step"]) == (5, 0.01, "epoch")
-        assert (rec["scale_min"], rec["flip"], rec["temperature"]) == (0.08, True, 20.0)
+        rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)
+        assert rec.epochs == epochs, (name, per_class)
+        assert rec.batch_size == official_batch(name, per_class * num_classes, num_classes), (name, per_class)
+        assert (rec.lr, rec.momentum, rec.weight_decay) == (0.2, 0.9, 1e-4)
+        assert (rec.warmup_epochs, rec.warmup_start, rec.schedule_step) == (5, 0.01, "epoch")
+        assert (rec.scale_min, rec.flip, rec.temperature) == (0.08, True, 20.0)
     assert cfg["eval"]["runs"] == 5 and cfg["eval"]["best_after"] == 0.8
     mean, std = ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)) if name.startswith("tiny") else \
         ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
     assert tuple(cfg["data"]["mean"]) == mean and tuple(cfg["data"]["std"]) == std
-    teacher = teacher_recipe(cfg)
-    assert (teacher["epochs"], teacher["batch_size"], teacher["lr"], teacher["weight_decay"]) == (200, 128, 0.1, 5e-4)
+    teacher = Recipe.for_teacher(cfg)
+    assert (teacher.epochs, teacher.batch_size, teacher.lr, teacher.weight_decay) == (200, 128, 0.1, 5e-4)
     if not name.startswith("tiny"):
-        assert (teacher["crop"], teacher["padding"], teacher["flip"]) == ("pad", 4, True)   # SRe2L squeeze
+        assert (teacher.crop, teacher.padding, teacher.flip) == ("pad", 4, True)   # SRe2L squeeze
 
 
 def test_batch_rule_is_the_ratio_of_the_current_set():
     cfg = load_config(None)
-    batch = lambda per_class, class_size: recipe(cfg, ipc=10, class_size=class_size, per_class=per_class)["batch_size"]  # noqa: E731
+    batch = lambda per_class, class_size: Recipe.for_phase(cfg, ipc=10, class_size=class_size, per_class=per_class).batch_size  # noqa: E731
     assert [batch(p, 5000) for p in (499, 500, 999, 1000)] == [32, 64, 64, 128]      # CIFAR-10
     assert [batch(p, 500) for p in (49, 50, 99, 100)] == [32, 64, 64, 128]           # CIFAR-100 (was 32 for all)
     assert batch(20, 143.7) == 64                                                    # digits IPC 20: 13.9 %
@@ -99,14 +99,15 @@ def test_train_model_steps_the_schedule_once_per_epoch():
     acc = make_accelerator()
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40) % 4
-    common = dict(mean=(0.5,), std=(0.25,), epochs=8, batch_size=8, lr=0.2, warmup_epochs=2, scale_min=0.5)
+    common = dict(mean=(0.5,), std=(0.25,))
+    rec = Recipe(epochs=8, batch_size=8, lr=0.2, warmup_epochs=2, scale_min=0.5)
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
-    _, stats = train_model(acc, model, images, labels, warmup_start=0.01, schedule_step="epoch", **common)
+    _, stats = train_model(acc, model, images, labels, rec.replace(warmup_start=0.01, schedule_step="epoch"), **common)
     np.testing.assert_allclose(stats["lrs"], torch_chain(8, 2), rtol=1e-6)
     # per batch (the default): the factor advances every optimizer step, 5 steps per epoch here
     model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
-    _, stats = train_model(acc, model, images, labels, **common)
+    _, stats = train_model(acc, model, images, labels, rec, **common)
     factor = lr_lambda(8 * 5, 2 * 5)
     np.testing.assert_allclose(stats["lrs"], [0.2 * factor(5 * e) for e in range(8)], rtol=1e-6)
 
@@ -141,14 +142,14 @@ def test_official_protocol_counts_the_epochs_after_80_percent():
     acc = make_accelerator()
     data = load_real({"source": "digits"})
     x, y = data.train.fetch(np.arange(0, 1437, 10))
-    rec = recipe(load_config(None, ["train.epochs=10", "aug.scale_min=0.5", "aug.flip=false"]), ipc=10,
-                 class_size=143.7, per_class=10)
+    rec = Recipe.for_phase(load_config(None, ["train.epochs=10", "aug.scale_min=0.5", "aug.flip=false"]), ipc=10,
+                           class_size=143.7, per_class=10)
     model_cfg = {"name": "convnet", "width": 8, "depth": 2}
     runs = [evaluate_run(acc, x, y, data=data, model_cfg=model_cfg, recipe=rec, teacher=None, seed=s, desc="e",
                          best_after=after) for s, after in ((0, 0.8), (0, 0.5))]
     assert runs[0]["official_epochs"] == 1 and runs[1]["official_epochs"] == 4     # e > 8: 9;  e > 5: 6..9
     assert runs[0]["final"] == runs[1]["final"] == runs[0]["official"] <= runs[1]["official"]
-    assert runs[0]["recipe"] == {key: rec[key] for key in runs[0]["recipe"]} and runs[0]["recipe"]["epochs"] == 10
+    assert runs[0]["recipe"] == {key: getattr(rec, key) for key in runs[0]["recipe"]} and runs[0]["recipe"]["epochs"] == 10
     s = summarize(runs)
     assert s["official_mean"] == pytest.approx(np.mean([r["official"] for r in runs]))
     assert s["official_std"] == pytest.approx(np.std([r["official"] for r in runs]))

@@ -208,7 +208,7 @@ LOCAL_BF16 = """
 import torch
 from ccfs_dist.dist import Local, make_accelerator
 from ccfs_dist.models import build_model
-from ccfs_dist.train import train_model
+from ccfs_dist.train import Recipe, train_model
 acc = make_accelerator("bf16")
 local = Local(acc)
 torch.manual_seed(0)
@@ -216,8 +216,8 @@ model = build_model({"name": "convnet", "width": 8, "depth": 2, "norm": "batchno
 seen = []
 model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
 images, labels = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8), torch.arange(64) % 10
-trained, stats = train_model(local, model, images, labels, mean=(0.5,) * 3, std=(0.25,) * 3, epochs=1,
-                             batch_size=32, lr=0.01)
+trained, stats = train_model(local, model, images, labels, Recipe(epochs=1, batch_size=32, lr=0.01),
+                             mean=(0.5,) * 3, std=(0.25,) * 3)
 wrapped, _ = local.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
 print(type(trained).__name__, seen[0], wrapped(images[:2].float()).dtype, stats["steps"])
 """

@@ -16,6 +16,7 @@ from ccfs_dist.models import build_model
 from ccfs_dist.scores import training_dynamics
 from ccfs_dist.shards import ShardSplit, load_shards
 from ccfs_dist.stream_train import ShuffleBuffer, epoch_batches, epoch_plan, rank_run, train_stream
+from ccfs_dist.train import Recipe
 
 from conftest import ROOT
 from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
@@ -116,8 +117,8 @@ def test_a_corrupt_shard_stops_training_with_its_name(pools, tmp_path, accelerat
     split = load_shards(cfg).train
     torch.manual_seed(0)
     with pytest.raises(DataError, match="train-000001.tar"):
-        train_stream(accelerator, build_model(CONVNET, 10, 1, 8), split, mean=data.mean, std=data.std,
-                     epochs=1, batch_size=64, lr=0.05)
+        train_stream(accelerator, build_model(CONVNET, 10, 1, 8), split, Recipe(epochs=1, batch_size=64, lr=0.05),
+                     mean=data.mean, std=data.std)
 
 
 def test_stream_config_keys():
@@ -134,14 +135,14 @@ def test_stream_config_keys():
 
 def test_epoch_boundary_checkpoint_resumes_to_the_same_weights(pools, tmp_path, accelerator):
     data, streamed, _ = pools["generated"]
-    kw = dict(mean=data.mean, std=data.std, epochs=4, batch_size=64, lr=0.05, warmup_epochs=1, seed=3,
-              shuffle_buffer=128, interleave=2)
+    rec = Recipe(epochs=4, batch_size=64, lr=0.05, warmup_epochs=1)
+    kw = dict(mean=data.mean, std=data.std, seed=3, shuffle_buffer=128, interleave=2)
     model_cfg = dict(CONVNET, width=8)
 
     def fresh():
         torch.manual_seed(0)
         return build_model(model_cfg, 10, 3, 8)
-    whole, stats = train_stream(accelerator, fresh(), streamed.train, **kw)
+    whole, stats = train_stream(accelerator, fresh(), streamed.train, rec, **kw)
     assert stats["images"] == 4 * len(streamed.train) and stats["steps"] == 4 * len(epoch_plan(1500, 64, 1))
     state = str(tmp_path / "state.pt")
 
@@ -149,10 +150,11 @@ def test_epoch_boundary_checkpoint_resumes_to_the_same_weights(pools, tmp_path, 
         if epoch == 2:
             raise KeyboardInterrupt                          # after the checkpoint of epoch 1 (2 done)
     with pytest.raises(KeyboardInterrupt):
-        train_stream(accelerator, fresh(), streamed.train, checkpoint=state, checkpoint_every=1,
+        train_stream(accelerator, fresh(), streamed.train, rec.replace(checkpoint_every=1), checkpoint=state,
                      on_epoch_end=killed, **kw)
     assert torch.load(state, weights_only=True)["epoch"] == 1
-    resumed, _ = train_stream(accelerator, fresh(), streamed.train, checkpoint=state, checkpoint_every=1, **kw)
+    resumed, _ = train_stream(accelerator, fresh(), streamed.train, rec.replace(checkpoint_every=1), checkpoint=state,
+                              **kw)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert not os.path.exists(state)

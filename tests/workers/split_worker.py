@@ -35,8 +35,9 @@ def main(out):
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}, data.num_classes,
                         data.channels, data.image_size)
-    model, _ = train.train_model(acc, model, data.train.images[:512], data.train.labels[:512], mean=data.mean,
-                                 std=data.std, epochs=2, batch_size=64, lr=0.05, scale_min=0.5, flip=False, seed=0)
+    model, _ = train.train_model(acc, model, data.train.images[:512], data.train.labels[:512],
+                                 train.Recipe(epochs=2, batch_size=64, lr=0.05, scale_min=0.5, flip=False),
+                                 mean=data.mean, std=data.std, seed=0)
     after = acc.gather(flat(model)[None])
     if acc.is_main_process:
         np.savez(out, before=states["before"].numpy(), after=after.numpy(), world=acc.num_processes)
