@@ -72,7 +72,7 @@ class Split:
         for b in range(lo, hi):
             ids = index[b * batch_size:(b + 1) * batch_size]
             rows = ids.to(images.device)
-            # index_select copies whole rows: ~30x faster than images[rows] (the generic indexing kernel)
+            # index_select copies whole rows, far faster than images[rows] (the generic indexing kernel; BENCHMARKS.md)
             yield images.index_select(0, rows).to(device), labels[rows].to(device), ids.to(device)
 
 

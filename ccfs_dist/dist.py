@@ -40,12 +40,11 @@ def tune_malloc():
 
     With glibc's defaults a CPU forward pass of a batch gets its activation buffers (a few MB each)
     from fresh mmap()ed or re-grown heap pages and returns them on free (its dynamic mmap threshold
-    settles at exactly the size of the recurring buffers), so every batch page-faults them in again:
-    measured here, ConvNet-D3 scoring at batch 512 spent half its time in the kernel (650 k page faults
-    per 60 batches, 12.5 k img/s; 25 k img/s with this). The price: blocks up to 64 MB now share the
-    heap with small long-lived ones, which can fragment it (the scorer preallocates its records for
-    this reason). DataLoader workers inherit the setting (fork). CCFS_MALLOC_TUNING=0 keeps glibc's
-    defaults. Returns True when the tuning is in effect.
+    settles at exactly the size of the recurring buffers), so every batch page-faults them in again and
+    a CPU scoring pass spends much of its time in the kernel (figures: BENCHMARKS.md, "The allocator").
+    The price: blocks up to 64 MB now share the heap with small long-lived ones, which can fragment it
+    (the scorer preallocates its records for this reason). DataLoader workers inherit the setting (fork).
+    CCFS_MALLOC_TUNING=0 keeps glibc's defaults. Returns True when the tuning is in effect.
     """
     if os.environ.get("CCFS_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False

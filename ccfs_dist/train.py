@@ -227,7 +227,7 @@ class Session:
                                     weight_decay=recipe.weight_decay)
         self.ddp_model, optimizer = accelerator.prepare(model, optimizer)
         # Accelerate's optimizer wrapper matters only for fp16 loss scaling; elsewhere the plain optimizer is
-        # stepped, which saves Python work per step (AcceleratedOptimizer.step looks up packages)
+        # stepped: AcceleratedOptimizer.step looks up packages on every step (its cost: BENCHMARKS.md)
         self.optimizer = optimizer if accelerator.scaler is not None else optimizer.optimizer
         unit = steps_per_epoch if recipe.per_batch else 1          # scheduler steps per epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

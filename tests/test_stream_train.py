@@ -160,6 +160,26 @@ def test_epoch_boundary_checkpoint_resumes_to_the_same_weights(pools, tmp_path, 
     assert not os.path.exists(state)
 
 
+def test_a_damaged_training_state_stops_with_its_path(pools, tmp_path, accelerator):
+    """A checkpoint that cannot be loaded is a DataError naming it (train.Session.resume, as in train_model)."""
+    data, streamed, _ = pools["generated"]
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"not a torch file")
+    torch.manual_seed(0)
+    with pytest.raises(DataError, match="state.pt cannot be resumed"):
+        train_stream(accelerator, build_model(dict(CONVNET, width=8), 10, 3, 8), streamed.train,
+                     Recipe(epochs=2, batch_size=64, lr=0.05, checkpoint_every=1), mean=data.mean, std=data.std,
+                     checkpoint=str(state))
+    assert state.read_bytes() == b"not a torch file"                # left for the user to inspect or delete
+
+
+def test_recipe_rejects_an_unknown_schedule_step():
+    with pytest.raises(ValueError, match="schedule_step must be 'batch' or 'epoch'"):
+        Recipe(epochs=1, batch_size=8, lr=0.1, schedule_step="step")
+    rec = Recipe.for_scores(load_config(None, ["scores.epochs=7", "scores.batch_size=96"]))
+    assert (rec.epochs, rec.batch_size, rec.warmup_epochs, rec.compile) == (7, 96, 0, False)
+
+
 def test_teacher_from_shards_within_one_point_of_in_memory(tmp_path, accelerator):
     """The teacher recipe (30 epochs, batch 128, lr 0.1) on digits: test accuracy from the shards vs in memory,
     mean over 3 seeds (measured: 97.96 % in memory, 97.31 % streamed; per seed -0.8 to +1.9 points apart)."""
