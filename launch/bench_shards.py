@@ -136,7 +136,7 @@ def child(args):
     """One measurement in a fresh process (or one per rank): stream-score the pool, then the ceilings."""
     import torch
     from ccfs_dist.augment import normalize
-    from ccfs_dist.data import Split
+    from ccfs_dist.pool import Split
     from ccfs_dist.dist import gather_rows, make_accelerator
     from ccfs_dist.models import build_model
     from ccfs_dist.scorer import score

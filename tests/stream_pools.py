@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from ccfs_dist.data import RealData, Split
+from ccfs_dist.pool import RealData, Split
 from ccfs_dist.shards import FORMAT, encode_png, key_width, write_index, write_tar
 
 import sys

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ccfs_dist import cli
-from ccfs_dist.data import load_real
+from ccfs_dist.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
 
