@@ -30,6 +30,14 @@ the index's labels, its sample count the index's count; a violation, an unreadab
 image is a DataError naming the shard (and the sample key). The bytes read are hashed on the way: a shard
 whose sha256 or size differs from its index entry is a DataError once it has been read to its end (the
 samples already yielded are then discarded with the failing run); `verify_shards` checks whole shards.
+
+The tar code is this module's own (`write_tar`, `iter_tar`), not Python's tarfile or webdataset's (which
+reads through tarfile), for three measured reasons (BENCHMARKS.md, "Tar: tarfile or our own",
+`python launch/bench_tar.py`): tarfile's ustar headers differ from the shards already written (it leaves
+a regular file's devmajor/devminor empty and pads the archive to a 10,240-byte record), so the same
+input would no longer give the same bytes; tarfile's stream mode, the one a pipe or URL allows, ends
+silently at a corrupt header after the first, where `iter_tar` names the byte; and it reads a shard
+several times slower, in the loop that bounds a loader worker's samples per second.
 """
 import hashlib
 import io
@@ -88,7 +96,10 @@ def _tar_header(name, size):
 def write_tar(path, samples):
     """Write `samples` = iterable of (key, {ext: bytes}) as a ustar file at `path`, deterministically and
     atomically (temporary name, then rename). Members are `<key>.<ext>`, extensions sorted; every header
-    has the same mode, owner and mtime. Returns (bytes written, sha256 hex of the file)."""
+    has the same mode, owner and mtime. Returns (bytes written, sha256 hex of the file).
+
+    Not tarfile: its headers are not these bytes (see the module docstring), and the sha256 is taken
+    here on the way to the disk instead of by reading the file again."""
     folder, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
     digest, size = hashlib.sha256(), 0
@@ -778,6 +789,8 @@ def iter_tar(stream, where="tar"):
     A strict, fast reader for ustar / pax / GNU tar as written by `ccfs shards`, webdataset's TarWriter
     or GNU tar: every header's checksum is verified; a short read or a bad header is a DataError naming
     `where` and the byte offset. End of data at a member boundary ends the stream (the caller checks counts).
+    Not tarfile's stream mode, which takes a bad header after the first for the end of the archive and
+    reads several times slower (module docstring).
     """
     offset, long_name, pax = 0, None, {}
     while True:
