@@ -42,7 +42,8 @@ GEN = {}   # generation parameters, inherited by the writer processes (fork)
 
 
 def _gen_shard(job):
-    from ccfs_dist.shards import encode_png, write_tar
+    from ccfs_dist.images import encode_png
+    from ccfs_dist.shards import write_tar
     s, first, count = job
     rng = np.random.default_rng([GEN["seed"], s])
     size, labels, width = GEN["size"], GEN["labels"], GEN["width"]
