@@ -59,7 +59,7 @@ def cmd_scores(args):
         raise CCFSError(f"--method must name one or more of {', '.join(METHODS)} (comma-separated), "
                         f"got {args.method!r}")
     methods = list(dict.fromkeys(methods))
-    from .data import load_real
+    from .sources import load_real
     data = load_real(cfg["data"], num_workers=cfg["score"]["num_workers"])
     out = args.out or os.path.join("scores", f"{data.name}_{{method}}.npy")
     if len(methods) > 1 and "{method}" not in out:

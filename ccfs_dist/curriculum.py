@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from . import io, seeds
-from .data import Split, load_distilled, load_real, write_image_folder
+from .data import load_distilled, write_image_folder
+from .sources import load_real
 from .difficulty import load_score_file, to_hardness
 from .dist import gather_rows
 from .distill import recover
@@ -241,7 +242,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
-                                            streamed=not isinstance(data.train, Split))
+                                            streamed=not data.train.in_memory)
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
     trainings = Trainings(run, cfg, data, class_size)

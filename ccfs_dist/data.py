@@ -1,27 +1,23 @@
-"""Real and distilled image data: read every source into uint8 tensors, write distilled image folders.
+"""In-memory sources and the distilled set: read digits, CIFAR, Tiny-ImageNet and image folders into
+uint8 tensors (an in-memory pool, `pool.Split`), read and write distilled image folders.
 
 Each real training sample has a stable global index: its row in `RealData.train`, which follows the
 canonical order of its source (torchvision order for CIFAR, ImageFolder order for image folders).
+`sources.load_real` chooses between these sources and the streamed one (shards.py).
 """
-import math
 import os
 import pickle
 import re
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from .dist import rank_slice
 from .errors import ConfigError, DataError
-
-# torchvision's IMG_EXTENSIONS, so sorted-path order equals torchvision ImageFolder order.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from .images import IMG_EXTENSIONS, channel_stats, read_images
+from .pool import RealData, Split
 
 # Default normalisation per source (config keys data.mean / data.std override them). These follow the
 # official CCFS code, whose teacher checkpoints were trained with them (SRe2L's squeeze_cifar.py):
@@ -31,96 +27,11 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = CIFAR10_MEAN, CIFAR10_STD
 TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
 
-PROGRESS_MIN_FILES = 1000  # show a progress bar when decoding at least this many files
 
-
-@dataclass
-class Split:
-    """An in-memory split. The curriculum and scorer use only `labels`, `shape`, `fetch` and `batches`,
-    which a streamed split (WebDataset shards) provides too."""
-    images: torch.Tensor  # uint8, N x C x H x W, contiguous
-    labels: torch.Tensor  # int64, N
-
-    def __len__(self):
-        return int(self.labels.numel())
-
-    @property
-    def shape(self):
-        """(C, H, W) of every image."""
-        return tuple(int(d) for d in self.images.shape[1:])
-
-    def fetch(self, index, accelerator=None):
-        """(uint8 images, labels) of the samples `index`, in that order. (`accelerator`: for the streamed
-        split's interface; every rank holds an in-memory split whole.)"""
-        idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return self.images.index_select(0, idx), self.labels[idx]
-
-    def batches(self, index, batch_size, rank, world, device):
-        """Yield this rank's share of `index` as (uint8 images, labels, global ids) on `device`.
-
-        `index` is cut into global batches of `batch_size` (the last may be shorter), dealt whole to the
-        ranks in contiguous runs: a sample is scored in the same batch whatever the process count, so its
-        numbers do not depend on it (a kernel's arithmetic can depend on the batch it runs in).
-        On a GPU the whole split is moved there first when it takes less than half the free memory, so
-        batches are gathered on the device instead of copied from the host one at a time.
-        """
-        images, labels = self.images, self.labels
-        if device.type == "cuda" and images.numel() < 0.5 * torch.cuda.mem_get_info(device)[0]:
-            images, labels = images.to(device), labels.to(device)
-        index = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        lo, hi = rank_slice(math.ceil(len(index) / batch_size), rank, world)
-        for b in range(lo, hi):
-            ids = index[b * batch_size:(b + 1) * batch_size]
-            rows = ids.to(images.device)
-            # index_select copies whole rows, far faster than images[rows] (the generic indexing kernel; BENCHMARKS.md)
-            yield images.index_select(0, rows).to(device), labels[rows].to(device), ids.to(device)
-
-
-@dataclass
-class RealData:
-    name: str
-    classes: list  # class names, index = label
-    train: Split  # the pool: row i has global index i
-    test: Split
-    mean: tuple  # per channel, in [0, 1] units
-    std: tuple
-
-    @property
-    def num_classes(self):
-        return len(self.classes)
-
-    @property
-    def channels(self):
-        return self.train.shape[0]
-
-    @property
-    def image_size(self):
-        return self.train.shape[1]
-
-
-def load_real(data_cfg, num_workers=0):
-    """Load the real train/test data named by the `data` config section.
-
-    `num_workers`: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
-    data.mean / data.std, when set, replace the source's default normalisation.
-    """
-    data = _load_source(data_cfg, num_workers)
-    for key in ("mean", "std"):
-        values = data_cfg.get(key)
-        if values is None:
-            continue
-        if len(values) != data.channels:
-            raise ConfigError(f"config key 'data.{key}' has {len(values)} value(s) but the images of source "
-                              f"'{data_cfg['source']}' have {data.channels} channel(s)")
-        setattr(data, key, tuple(float(v) for v in values))
-    return data
-
-
-def _load_source(data_cfg, num_workers):
+def load_source(data_cfg):
+    """RealData of the in-memory source named by the `data` config section (not `webdataset`), with the
+    source's own normalisation (`set_normalisation` applies data.mean / data.std)."""
     source, root, image_size = data_cfg["source"], data_cfg.get("root"), data_cfg.get("image_size")
-    if source == "webdataset":
-        from .shards import load_shards
-        return load_shards(data_cfg, num_workers=num_workers)
     if source in ("digits", "cifar10", "cifar100") and image_size is not None:
         native = 8 if source == "digits" else 32
         if image_size != native:
@@ -144,6 +55,19 @@ def _load_source(data_cfg, num_workers):
         return _load_imagefolder(root, image_size)
     raise ConfigError(f"unknown data.source '{source}' "
                       f"(choose digits, cifar10, cifar100, tiny-imagenet, imagefolder or webdataset)")
+
+
+def set_normalisation(data, data_cfg):
+    """`data` with data.mean / data.std, when set, in place of its source's normalisation."""
+    for key in ("mean", "std"):
+        values = data_cfg.get(key)
+        if values is None:
+            continue
+        if len(values) != data.channels:
+            raise ConfigError(f"config key 'data.{key}' has {len(values)} value(s) but the images of source "
+                              f"'{data_cfg['source']}' have {data.channels} channel(s)")
+        setattr(data, key, tuple(float(v) for v in values))
+    return data
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -370,88 +294,6 @@ def _short(items, limit=10):
 def _read_split(files, labels, mode, size, desc, crop=True):
     images = read_images(files, mode, size, resize="crop" if crop and size is not None else None, desc=desc)
     return Split(images, torch.tensor(labels, dtype=torch.int64))
-
-
-def read_images(paths, mode, size=None, resize=None, desc=None, exact_mode=False,
-                hint="set data.image_size to resize and center-crop all images"):
-    """Decode image files into a uint8 N x C x size x size tensor, in the order given.
-
-    mode: "RGB" or "L"; with `exact_mode` every file must already be in that mode (else converted).
-    resize: None (every image must already be size x size; size None = the first image's, which must be
-    square; `hint` says how to resize instead), "crop" (shorter side to size, then center crop, like
-    torchvision Resize(size) + CenterCrop(size)) or "stretch" (bilinear to size x size).
-    """
-    channels = 1 if mode == "L" else 3
-    if not paths:
-        return torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)
-    if size is None:
-        w, h = _open(paths[0], mode, exact_mode, hint).size
-        if w != h:
-            raise DataError(f"{paths[0]}: image is {w}x{h}, not square; set data.image_size to "
-                            f"resize and center-crop all images")
-        size = w
-    out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
-
-    def load(path):
-        img = _open(path, mode, exact_mode, hint)
-        if resize == "crop":
-            img = _resize_center_crop(img, size)
-        elif resize == "stretch" and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        elif img.size != (size, size):
-            raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]}, expected {size}x{size} "
-                            f"like {paths[0]}; {hint}")
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-
-    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without holding the GIL
-    try:
-        bar = tqdm(pool.map(load, paths), total=len(paths), desc=desc or "decoding images",
-                   unit="img", disable=len(paths) < PROGRESS_MIN_FILES)
-        for i, pixels in enumerate(bar):
-            out[i] = pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error, stop decoding the remaining files
-    return out
-
-
-def _open(path, mode, exact_mode=False, hint=""):
-    try:
-        with Image.open(path) as img:
-            found = img.mode
-            if not exact_mode or found == mode:
-                return img.convert(mode)
-    except Exception as e:
-        raise DataError(f"cannot read image {path}: {e} (replace or delete the file)") from e
-    names = {"L": "grey (L)", "RGB": "colour (RGB)"}
-    raise DataError(f"{path}: image mode {found}, expected {names.get(mode, mode)} like the data; {hint}")
-
-
-def _resize_center_crop(img, size):
-    w, h = img.size
-    if (w, h) != (size, size):
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    return img
-
-
-def channel_stats(images, chunk=4096):
-    """Per-channel mean and (population) std of a uint8 N x C x H x W tensor, in [0, 1] units."""
-    c = images.shape[1]
-    total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].to(torch.float64).div_(255.0).transpose(0, 1).reshape(c, -1)
-        total += x.sum(1)
-        total_sq += (x * x).sum(1)
-        count += x.shape[1]
-    if count == 0:
-        raise DataError("cannot compute mean/std of an empty training split")
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 # ---------------------------------------------------------------------------------- distilled set

@@ -31,6 +31,12 @@ HARDER_IS_HIGHER = {
     "logits": False,      # filter logit of the true class, higher = easier
 }
 
+# The methods `ccfs scores` computes (scores.py); here, beside their directions, so that the plan can
+# name them without importing the training code.
+DYNAMICS = ("forgetting", "loss", "el2n")          # from training runs; ccfs.difficulty may name these
+CHECKPOINT = ("margin", "logits")                  # one scoring pass of a given model
+METHODS = DYNAMICS + CHECKPOINT
+
 DEFAULT_METHOD = {".npy": "forgetting", ".npz": "cscore"}
 
 

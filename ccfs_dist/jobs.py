@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from . import io, seeds
-from .data import Split
 from .dist import Local, wait_for_all
 from .evaluate import evaluate_run
 from .models import build_model, load_checkpoint, state_dict_of
@@ -71,7 +70,7 @@ class Trainings:
         seed = seeds.teacher(cfg["seed"])
         rec = Recipe.for_teacher(cfg)
         kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher", checkpoint=self.run.path("teacher_state.pt"))
-        if isinstance(data.train, Split):
+        if data.train.in_memory:
             model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, rec, **kw)
         else:                                 # a streamed pool: on the shards, over all ranks (a split job)
             model, stats = train_stream(acc, build(cfg, data, seed), data.train, rec, **kw, **stream_options(cfg))

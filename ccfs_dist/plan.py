@@ -19,7 +19,7 @@ the wall time, and a resumed run (with any process count) skips the trainings wh
 import math
 from dataclasses import dataclass, field
 
-from .scores import DYNAMICS
+from .difficulty import DYNAMICS
 from .selection import phase_budgets
 from .train import Recipe
 

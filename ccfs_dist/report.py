@@ -48,7 +48,7 @@ def write_report(run_dir, data=None, name=None):
         notes.append(f"config.yaml could not be read ({e}); image grids skipped")
     if cfg is not None and data is None and _phase_dirs(run_dir):
         try:
-            from .data import load_real
+            from .sources import load_real
             data = load_real(cfg["data"])
         except (CCFSError, OSError) as e:
             notes.append(f"the real data could not be loaded ({e}); selected-image grid skipped")

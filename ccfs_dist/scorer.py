@@ -102,7 +102,7 @@ def _empty(field, device, n=0):
 
 
 def accuracy(accelerator, model, split, *, mean, std, batch_size=512, desc="test"):
-    """Top-1 accuracy of `model` on a Split, scored across ranks."""
+    """Top-1 accuracy of `model` on a pool (pool.Pool), scored across ranks."""
     results, _ = score(accelerator, model, split, np.arange(len(split)), mean=mean, std=std,
                        batch_size=batch_size, desc=desc)
     return float((results["pred"] == results["label"]).mean())

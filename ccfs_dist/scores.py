@@ -49,18 +49,15 @@ import torch
 import torch.nn.functional as F
 
 from . import io, seeds
-from .data import Split
-from .difficulty import HARDER_IS_HIGHER, labels_fingerprint, load_score_file
+from .difficulty import CHECKPOINT, DYNAMICS, HARDER_IS_HIGHER, METHODS, labels_fingerprint, load_score_file
 from .dist import Local, gather_rows
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
+from .plan import split_training
 from .scorer import score
 from .stream_train import stream_options, train_stream
 from .train import Recipe, train_model
 
-DYNAMICS = ("forgetting", "loss", "el2n")          # from training runs; ccfs.difficulty may name these
-CHECKPOINT = ("margin", "logits")                  # one scoring pass of a given model
-METHODS = DYNAMICS + CHECKPOINT
 _KEY_STRIDE = 1 << 24                              # > any local batch size: orders observations in an epoch
 
 
@@ -187,7 +184,7 @@ def dynamics_run(accelerator, cfg, data, r):
                            gaussian_last_weights(epochs, s["loss_sigma"]))
     kw = dict(mean=data.mean, std=data.std, seed=seed, desc=f"scores run {r + 1}/{s['runs']}",
               on_batch=dyn.on_batch, on_epoch_end=lambda epoch, _model: dyn.end_epoch(epoch))
-    if isinstance(data.train, Split):
+    if data.train.in_memory:
         _, stats = train_model(accelerator, model, data.train.images, data.train.labels, rec, **kw)
     else:                                     # a streamed pool: train on the shards (stream_train)
         _, stats = train_stream(accelerator, model, data.train, rec, **kw, **stream_options(cfg))
@@ -218,10 +215,9 @@ def training_dynamics(accelerator, cfg, data):
     plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks; so is
     every run on a streamed pool (stream_train deals the stream to the ranks).
     """
-    from .plan import split_training          # here: plan.py imports this module
     s = cfg["scores"]
     world, rank = accelerator.num_processes, accelerator.process_index
-    streamed = not isinstance(data.train, Split)
+    streamed = not data.train.in_memory
     if streamed or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
         return combine_runs([dynamics_run(accelerator, cfg, data, r) for r in range(s["runs"])])
     if world == 1:

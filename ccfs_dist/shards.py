@@ -1,4 +1,4 @@
-"""WebDataset shards: write any source as tar shards plus an index JSON, and stream them as a Split.
+"""WebDataset shards: write any source as tar shards plus an index JSON, and stream them as a pool (pool.Pool).
 
 Writing (`ccfs shards`):
 
@@ -19,7 +19,7 @@ of the index's folder unless data.allow_outside.
 
 Reading (`data.source: webdataset`):
 
-    ShardSplit(index_path, image_size=None, num_workers=0) -> the Split interface: labels, len, shape, fetch, batches
+    ShardSplit(index_path, image_size=None, num_workers=0) -> a pool.Pool: labels, len, shape, fetch, batches
     load_shards(data_cfg, num_workers=0)                -> RealData with ShardSplit train / test
 
 `batches` streams the shards that hold wanted samples: split over ranks (shard i goes to rank i % world),
@@ -30,6 +30,14 @@ the index's labels, its sample count the index's count; a violation, an unreadab
 image is a DataError naming the shard (and the sample key). The bytes read are hashed on the way: a shard
 whose sha256 or size differs from its index entry is a DataError once it has been read to its end (the
 samples already yielded are then discarded with the failing run); `verify_shards` checks whole shards.
+
+The tar code is this module's own (`write_tar`, `iter_tar`), not Python's tarfile or webdataset's (which
+reads through tarfile), for three measured reasons (BENCHMARKS.md, "Tar: tarfile or our own",
+`python launch/bench_tar.py`): tarfile's ustar headers differ from the shards already written (it leaves
+a regular file's devmajor/devminor empty and pads the archive to a 10,240-byte record), so the same
+input would no longer give the same bytes; tarfile's stream mode, the one a pipe or URL allows, ends
+silently at a corrupt header after the first, where `iter_tar` names the byte; and it reads a shard
+several times slower, in the loop that bounds a loader worker's samples per second.
 """
 import hashlib
 import io
@@ -43,11 +51,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation
 from .errors import CCFSError, ConfigError, DataError
+from .images import decode_image, encode_png, fast_png_decoder, open_image
+from .pool import RealData
 
 FORMAT = "ccfs-shards/1"
 TAR_MTIME = 0                 # fixed tar metadata: the same input gives byte-identical shards
-PNG_LEVEL = 6                 # zlib level of the lossless PNGs written for in-memory sources
 READ_BUFFER = 1 << 20
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")     # pipe:, http:, s3:, file:, ... (not a one-letter drive)
@@ -62,15 +72,6 @@ def shard_name(split, i):
 def key_width(n):
     """Digits of the zero-padded sample key: at least 8 (room for 100 M samples)."""
     return max(8, len(str(max(n - 1, 0))))
-
-
-def encode_png(pixels, level=PNG_LEVEL):
-    """Lossless PNG bytes of one uint8 C x H x W image (C = 1 or 3)."""
-    arr = np.ascontiguousarray(np.asarray(pixels, dtype=np.uint8).transpose(1, 2, 0))
-    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=level)
-    return buf.getvalue()
 
 
 def _tar_header(name, size):
@@ -95,7 +96,10 @@ def _tar_header(name, size):
 def write_tar(path, samples):
     """Write `samples` = iterable of (key, {ext: bytes}) as a ustar file at `path`, deterministically and
     atomically (temporary name, then rename). Members are `<key>.<ext>`, extensions sorted; every header
-    has the same mode, owner and mtime. Returns (bytes written, sha256 hex of the file)."""
+    has the same mode, owner and mtime. Returns (bytes written, sha256 hex of the file).
+
+    Not tarfile: its headers are not these bytes (see the module docstring), and the sha256 is taken
+    here on the way to the disk instead of by reading the file again."""
     folder, base = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
     digest, size = hashlib.sha256(), 0
@@ -155,7 +159,6 @@ class _Source:
 
 def _open_source(data_cfg, split):
     """The `_Source` of a `data` config section's split (digits, CIFAR: decoded; image files: by path)."""
-    from . import data as D
     source, image_size = data_cfg["source"], data_cfg.get("image_size")
     if source == "webdataset":
         raise ConfigError("data.source is already 'webdataset'; name the original source (digits, cifar10, "
@@ -167,24 +170,24 @@ def _open_source(data_cfg, split):
         root = os.path.expanduser(os.fspath(root))
         if not os.path.isdir(root):
             raise DataError(f"data.root folder not found: {root}")
-        train_files, train_labels, classes = D.image_files(source, root, "train")
-        files, labels = (train_files, train_labels) if split == "train" else D.image_files(source, root, split)[:2]
+        train_files, train_labels, classes = image_files(source, root, "train")
+        files, labels = (train_files, train_labels) if split == "train" else image_files(source, root, split)[:2]
         size = image_size
         if size is None:
-            w, h = D._open(train_files[0], "RGB").size
+            w, h = open_image(train_files[0], "RGB").size
             if w != h:
                 raise DataError(f"{train_files[0]}: image is {w}x{h}, not square; set data.image_size to "
                                 f"resize and center-crop all images")
             size = w
         if source == "tiny-imagenet":
-            mean, std, stats = D.TINY_MEAN, D.TINY_STD, False
+            mean, std, stats = TINY_MEAN, TINY_STD, False
         else:
             mean, std, stats = None, None, split == "train"   # imagefolder: measured while writing train
         return _Source(source, split, classes, labels, (3, size, size), mean, std, files=files, stats=stats,
                        image_size=size)
-    data = D.load_real(data_cfg)
-    part = data.train if split == "train" else data.test
-    return _Source(data.name, split, list(data.classes), part.labels.numpy(), part.shape, data.mean, data.std,
+    real = set_normalisation(load_source(data_cfg), data_cfg)
+    part = real.train if split == "train" else real.test
+    return _Source(real.name, split, list(real.classes), part.labels.numpy(), part.shape, real.mean, real.std,
                    images=part.images)
 
 
@@ -400,69 +403,14 @@ def read_index(path, allow_urls=False, allow_outside=False):
     return meta, shards
 
 
-def decode_image(data, mode, shape, what="image"):
-    """Decode image bytes to a uint8 C x H x W tensor of `shape`, like the in-memory sources: convert to
-    `mode`; when the size differs, resize the shorter side and center-crop (data._resize_center_crop).
-
-    An 8-bit PNG that already has the wanted colour type and size (what `ccfs shards` writes for digits
-    and CIFAR) is decoded by torchvision's libpng binding: the same pixels as PIL, a few times faster.
-    """
-    size = shape[1]
-    if _png_as_is(data, mode, size) and _fast_png() is not None:
-        try:
-            return _fast_png()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        except Exception:
-            pass                                              # let PIL decode it (and name the problem)
-    from .data import _resize_center_crop
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert(mode)
-    except Exception as e:
-        raise DataError(f"cannot decode {what}: {e}") from e
-    if img.size != (size, size):
-        img = _resize_center_crop(img, size)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1).contiguous()
-
-
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_FAST_PNG = []
-
-
-def _fast_png():
-    """torchvision's PNG decoding op (its Python wrapper is deprecated and warns on every call), or None
-    when this torchvision lacks it or it disagrees with PIL on a test image."""
-    if not _FAST_PNG:
-        op = None
-        try:
-            import torchvision.io  # noqa: F401  (registers torch.ops.image)
-            op = lambda t: torch.ops.image.decode_png(t, 0, False)  # noqa: E731  (mode 0: unchanged)
-            probe = np.arange(2 * 3 * 5 * 5, dtype=np.uint8).reshape(2, 3, 5, 5) * 7
-            for img in (probe[0], probe[1][:1]):
-                png = encode_png(img)
-                if not torch.equal(op(torch.frombuffer(bytearray(png), dtype=torch.uint8)), torch.from_numpy(img)):
-                    op = None
-        except Exception:
-            op = None
-        _FAST_PNG.append(op)
-    return _FAST_PNG[0]
-
-
-def _png_as_is(data, mode, size):
-    """True for a PNG whose IHDR says size x size, bit depth 8, grey (mode L) or RGB (mode RGB)."""
-    if len(data) < 33 or data[:8] != _PNG_MAGIC or data[12:16] != b"IHDR":
-        return False
-    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return w == size and h == size and data[24] == 8 and data[25] == (0 if mode == "L" else 2)
-
-
 class ShardSplit:
-    """A split stored as WebDataset shards, with the in-memory Split's interface.
+    """A split stored as WebDataset shards: a streamed pool (pool.Pool, `in_memory` False).
 
     `labels` come from the index JSON, so selection never reads an image; `fetch` and `batches` stream
     only the shards that hold wanted samples. `image_size` overrides the index's image size (images are
     then resized and center-cropped). `num_workers` DataLoader workers decode per rank.
     """
+    in_memory = False
 
     def __init__(self, index_path, image_size=None, num_workers=0, check_files=True, allow_urls=False,
                  allow_outside=False):
@@ -551,7 +499,7 @@ class ShardSplit:
         """(images, labels, ids) views of the packed batches of a _ShardStream, through loader workers."""
         workers = min(self.num_workers, n_shards)
         if workers:
-            _fast_png()             # probe (and import torchvision) once here, not in every forked worker
+            fast_png_decoder()             # probe (and import torchvision) once here, not in every forked worker
         loader = stream if workers == 0 else DataLoader(
             stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
             prefetch_factor=2)
@@ -575,7 +523,7 @@ class ShardSplit:
             else:   # labels and ids of their own: a consumer keeping them must not keep the batch buffer alive
                 yield x, y.clone(), ids.clone()
 
-    def fetch(self, index, batch_size=256, accelerator=None):
+    def fetch(self, index, accelerator=None, batch_size=256):
         """(uint8 images, labels) of the samples `index`, in that order: one pass over the shards holding them.
 
         With an `accelerator` of N processes (every rank must call it, with the same index) the shards are
@@ -841,6 +789,8 @@ def iter_tar(stream, where="tar"):
     A strict, fast reader for ustar / pax / GNU tar as written by `ccfs shards`, webdataset's TarWriter
     or GNU tar: every header's checksum is verified; a short read or a bad header is a DataError naming
     `where` and the byte offset. End of data at a member boundary ends the stream (the caller checks counts).
+    Not tarfile's stream mode, which takes a bad header after the first for the end of the archive and
+    reads several times slower (module docstring).
     """
     offset, long_name, pax = 0, None, {}
     while True:
@@ -923,7 +873,6 @@ def iter_samples(stream, where="tar"):
 
 def load_shards(data_cfg, num_workers=0):
     """RealData of a `webdataset` source: data.root = train index JSON, data.test_root = test index JSON."""
-    from .data import RealData
     root, test_root, image_size = data_cfg.get("root"), data_cfg.get("test_root"), data_cfg.get("image_size")
     if root is None:
         raise ConfigError("data source 'webdataset' needs 'data.root' (the train index JSON written by "

@@ -359,7 +359,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
             if j == 0:                                     # augment the next chunk_steps batches at once
                 part = slice(step, step + chunk_steps)
                 chunk_idx = mine[part].reshape(-1)
-                chunk_x = augment.apply(images.index_select(0, chunk_idx),   # index_select: see Split
+                chunk_x = augment.apply(images.index_select(0, chunk_idx),   # index_select: see pool.Split.batches
                                         my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
                 if r.channels_last:
                     chunk_x = chunk_x.contiguous(memory_format=torch.channels_last)

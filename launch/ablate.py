@@ -110,7 +110,7 @@ def resolve_scores(args, acc, cfg, centre):
         else:
             raise CCFSError(f"--scores: {s!r} is neither logits, {', '.join(COMPUTED)} nor an existing score file")
     if todo:
-        from ccfs_dist.data import load_real
+        from ccfs_dist.sources import load_real
         from ccfs_dist.scores import compute_score_files
         compute_score_files(acc, cfg, load_real(cfg["data"]), todo, reuse=True)
         resolved.update(todo)

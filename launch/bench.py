@@ -59,7 +59,9 @@ from ccfs_dist import seeds
 from ccfs_dist.augment import normalize
 from ccfs_dist.cli import add_timeout_arg
 from ccfs_dist.config import load_config
-from ccfs_dist.data import RealData, Split, load_distilled, load_real
+from ccfs_dist.data import load_distilled
+from ccfs_dist.pool import RealData, Split
+from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, rank_slice, relaunch_cpu_processes
 from ccfs_dist.errors import CCFSError
 from ccfs_dist.evaluate import random_per_class

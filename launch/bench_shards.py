@@ -42,7 +42,8 @@ GEN = {}   # generation parameters, inherited by the writer processes (fork)
 
 
 def _gen_shard(job):
-    from ccfs_dist.shards import encode_png, write_tar
+    from ccfs_dist.images import encode_png
+    from ccfs_dist.shards import write_tar
     s, first, count = job
     rng = np.random.default_rng([GEN["seed"], s])
     size, labels, width = GEN["size"], GEN["labels"], GEN["width"]
@@ -136,7 +137,7 @@ def child(args):
     """One measurement in a fresh process (or one per rank): stream-score the pool, then the ceilings."""
     import torch
     from ccfs_dist.augment import normalize
-    from ccfs_dist.data import Split
+    from ccfs_dist.pool import Split
     from ccfs_dist.dist import gather_rows, make_accelerator
     from ccfs_dist.models import build_model
     from ccfs_dist.scorer import score

@@ -31,7 +31,7 @@ def main():
     from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
     from test_scores import auroc, spearman
     from ccfs_dist.config import load_config
-    from ccfs_dist.data import load_real
+    from ccfs_dist.sources import load_real
     from ccfs_dist.dist import make_accelerator
     from ccfs_dist.scores import training_dynamics
     from ccfs_dist.shards import load_shards

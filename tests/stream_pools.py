@@ -11,8 +11,9 @@ import os
 import numpy as np
 import torch
 
-from ccfs_dist.data import RealData, Split
-from ccfs_dist.shards import FORMAT, encode_png, key_width, write_index, write_tar
+from ccfs_dist.pool import RealData, Split
+from ccfs_dist.images import encode_png
+from ccfs_dist.shards import FORMAT, key_width, write_index, write_tar
 
 import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from ccfs_dist.cli import main
-from ccfs_dist.data import load_real, write_image_folder
+from ccfs_dist.data import write_image_folder
+from ccfs_dist.sources import load_real
 from ccfs_dist.models import build_model
 from ccfs_dist.shards import write_shards
 

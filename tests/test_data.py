@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ccfs_dist.data import channel_stats, load_distilled, load_real, write_image_folder
+from ccfs_dist.data import load_distilled, write_image_folder
+from ccfs_dist.images import channel_stats
+from ccfs_dist.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
 
 

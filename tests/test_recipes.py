@@ -136,7 +136,7 @@ def test_teacher_random_crop_is_torchvisions_random_crop():
 
 
 def test_official_protocol_counts_the_epochs_after_80_percent():
-    from ccfs_dist.data import load_real
+    from ccfs_dist.sources import load_real
     from ccfs_dist.dist import make_accelerator
     from ccfs_dist.evaluate import evaluate_run, summarize
     acc = make_accelerator()

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from ccfs_dist import cli, curriculum
 from ccfs_dist.config import load_config
-from ccfs_dist.data import load_real
+from ccfs_dist.sources import load_real
 from ccfs_dist.difficulty import labels_fingerprint, load_score_file, to_hardness
 from ccfs_dist.dist import make_accelerator
 from ccfs_dist.errors import ConfigError, DataError

@@ -1,5 +1,6 @@
 """WebDataset shards: writer (determinism, bytes as stored, index), ShardSplit (fetch, streaming scorer equal to
 the in-memory one over 1/2 processes and 0/2/3 loader workers, uneven layouts), errors, and a whole CCFS run."""
+import hashlib
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from ccfs_dist import cli
-from ccfs_dist.data import load_real
+from ccfs_dist.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
 
@@ -157,6 +158,25 @@ def test_shards_interoperate_with_webdataset(pools, tmp_path):
     with open(tmp_path / "w.tar", "rb") as f:
         got = list(iter_samples(f))
     assert [k for k, _ in got] == ["00000000", "00000001", "00000002"] and got[2][1]["png"] == b"x" * 102
+
+
+def test_own_tar_writer_is_ustar_with_fixed_metadata(tmp_path):
+    """write_tar (kept instead of tarfile: BENCHMARKS.md) writes what tarfile reads as plain ustar members
+    with one mode, owner and mtime, ending after the two zero blocks."""
+    from ccfs_dist.shards import TAR_MTIME, write_tar
+    samples = [("00000007", {"png": b"\x89PNG" + bytes(700), "cls": b"3"}), ("00000008", {"cls": b"0", "jpg": b""})]
+    size, sha = write_tar(tmp_path / "t.tar", samples)
+    raw = (tmp_path / "t.tar").read_bytes()
+    assert size == len(raw) == 512 * (4 + 1 + 2 + 1) + 1024 and raw[-1024:] == bytes(1024)   # headers, data, end
+    assert sha == hashlib.sha256(raw).hexdigest()
+    with tarfile.open(tmp_path / "t.tar", format=tarfile.USTAR_FORMAT) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == ["00000007.cls", "00000007.png", "00000008.cls", "00000008.jpg"]
+        assert {(m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {
+            (tarfile.REGTYPE, 0o444, 0, 0, "", "", TAR_MTIME)}
+        assert tar.extractfile(members[1]).read() == samples[0][1]["png"] and members[3].size == 0
+    with open(tmp_path / "t.tar", "rb") as f:
+        assert list(iter_samples(f)) == [(k, dict(sorted(v.items()))) for k, v in samples]
 
 
 # ------------------------------------------------------------------------------------------- reading

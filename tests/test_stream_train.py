@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ccfs_dist.config import load_config
-from ccfs_dist.data import load_real
+from ccfs_dist.sources import load_real
 from ccfs_dist.dist import make_accelerator
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.models import build_model

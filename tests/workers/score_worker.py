@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist.data import load_real
+from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.models import build_model
 from ccfs_dist.scorer import score

@@ -19,7 +19,8 @@ import torch
 
 from ccfs_dist.config import load_config
 from ccfs_dist.cli import DEFAULT_CONFIG as DIGITS_CONFIG
-from ccfs_dist.data import RealData, Split, load_real
+from ccfs_dist.pool import RealData, Split
+from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.scores import training_dynamics
 

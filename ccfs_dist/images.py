@@ -1,0 +1,167 @@
+"""Image decoding and resizing shared by every source: files into uint8 tensors (in-memory sources, the
+distilled folder), shard members into tensors (the streamed pool), lossless PNG for the shard writer.
+
+One module, so that the in-memory and the streamed sources decode, convert and crop alike (a sample
+has the same pixels whichever way it is read) without importing each other.
+"""
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import DataError
+
+# torchvision's IMG_EXTENSIONS, so sorted-path order equals torchvision ImageFolder order.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+PROGRESS_MIN_FILES = 1000  # show a progress bar when decoding at least this many files
+PNG_LEVEL = 6              # zlib level of the lossless PNGs written for in-memory sources (shards)
+
+
+def read_images(paths, mode, size=None, resize=None, desc=None, exact_mode=False,
+                hint="set data.image_size to resize and center-crop all images"):
+    """Decode image files into a uint8 N x C x size x size tensor, in the order given.
+
+    mode: "RGB" or "L"; with `exact_mode` every file must already be in that mode (else converted).
+    resize: None (every image must already be size x size; size None = the first image's, which must be
+    square; `hint` says how to resize instead), "crop" (shorter side to size, then center crop, like
+    torchvision Resize(size) + CenterCrop(size)) or "stretch" (bilinear to size x size).
+    """
+    channels = 1 if mode == "L" else 3
+    if not paths:
+        return torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)
+    if size is None:
+        w, h = open_image(paths[0], mode, exact_mode, hint).size
+        if w != h:
+            raise DataError(f"{paths[0]}: image is {w}x{h}, not square; set data.image_size to "
+                            f"resize and center-crop all images")
+        size = w
+    out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
+
+    def load(path):
+        img = open_image(path, mode, exact_mode, hint)
+        if resize == "crop":
+            img = resize_center_crop(img, size)
+        elif resize == "stretch" and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        elif img.size != (size, size):
+            raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]}, expected {size}x{size} "
+                            f"like {paths[0]}; {hint}")
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without holding the GIL
+    try:
+        bar = tqdm(pool.map(load, paths), total=len(paths), desc=desc or "decoding images",
+                   unit="img", disable=len(paths) < PROGRESS_MIN_FILES)
+        for i, pixels in enumerate(bar):
+            out[i] = pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, stop decoding the remaining files
+    return out
+
+
+def open_image(path, mode, exact_mode=False, hint=""):
+    try:
+        with Image.open(path) as img:
+            found = img.mode
+            if not exact_mode or found == mode:
+                return img.convert(mode)
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e} (replace or delete the file)") from e
+    names = {"L": "grey (L)", "RGB": "colour (RGB)"}
+    raise DataError(f"{path}: image mode {found}, expected {names.get(mode, mode)} like the data; {hint}")
+
+
+def resize_center_crop(img, size):
+    w, h = img.size
+    if (w, h) != (size, size):
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def channel_stats(images, chunk=4096):
+    """Per-channel mean and (population) std of a uint8 N x C x H x W tensor, in [0, 1] units."""
+    c = images.shape[1]
+    total, total_sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].to(torch.float64).div_(255.0).transpose(0, 1).reshape(c, -1)
+        total += x.sum(1)
+        total_sq += (x * x).sum(1)
+        count += x.shape[1]
+    if count == 0:
+        raise DataError("cannot compute mean/std of an empty training split")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def encode_png(pixels, level=PNG_LEVEL):
+    """Lossless PNG bytes of one uint8 C x H x W image (C = 1 or 3)."""
+    arr = np.ascontiguousarray(np.asarray(pixels, dtype=np.uint8).transpose(1, 2, 0))
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
+def decode_image(data, mode, shape, what="image"):
+    """Decode image bytes to a uint8 C x H x W tensor of `shape`, like the in-memory sources: convert to
+    `mode`; when the size differs, resize the shorter side and center-crop (resize_center_crop).
+
+    An 8-bit PNG that already has the wanted colour type and size (what `ccfs shards` writes for digits
+    and CIFAR) is decoded by torchvision's libpng binding: the same pixels as PIL, a few times faster.
+    """
+    size = shape[1]
+    if _png_as_is(data, mode, size) and fast_png_decoder() is not None:
+        try:
+            return fast_png_decoder()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except Exception:
+            pass                                              # let PIL decode it (and name the problem)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert(mode)
+    except Exception as e:
+        raise DataError(f"cannot decode {what}: {e}") from e
+    if img.size != (size, size):
+        img = resize_center_crop(img, size)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1).contiguous()
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_FAST_PNG = []
+
+
+def fast_png_decoder():
+    """torchvision's PNG decoding op (its Python wrapper is deprecated and warns on every call), or None
+    when this torchvision lacks it or it disagrees with PIL on a test image."""
+    if not _FAST_PNG:
+        op = None
+        try:
+            import torchvision.io  # noqa: F401  (registers torch.ops.image)
+            op = lambda t: torch.ops.image.decode_png(t, 0, False)  # noqa: E731  (mode 0: unchanged)
+            probe = np.arange(2 * 3 * 5 * 5, dtype=np.uint8).reshape(2, 3, 5, 5) * 7
+            for img in (probe[0], probe[1][:1]):
+                png = encode_png(img)
+                if not torch.equal(op(torch.frombuffer(bytearray(png), dtype=torch.uint8)), torch.from_numpy(img)):
+                    op = None
+        except Exception:
+            op = None
+        _FAST_PNG.append(op)
+    return _FAST_PNG[0]
+
+
+def _png_as_is(data, mode, size):
+    """True for a PNG whose IHDR says size x size, bit depth 8, grey (mode L) or RGB (mode RGB)."""
+    if len(data) < 33 or data[:8] != _PNG_MAGIC or data[12:16] != b"IHDR":
+        return False
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return w == size and h == size and data[24] == 8 and data[25] == (0 if mode == "L" else 2)
