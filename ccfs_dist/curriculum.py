@@ -24,17 +24,17 @@ import torch
 from . import io, seeds
 from .data import Split, load_distilled, load_real, write_image_folder
 from .difficulty import load_score_file, to_hardness
-from .dist import gather_rows
+from .dist import dealt, gather_rows
 from .distill import recover
 from .errors import DataError
-from .evaluate import random_per_class, summarize
+from .evaluate import summarize
 from .jobs import Trainings, fresh, run_stage
 from .plan import describe, eval_sets, make_plan
 from .report import fallback_line, write_report
 from .rundir import Run
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_score_files
-from .selection import phase_budgets, select, select_official
+from .selection import phase_budgets, random_per_class, select, select_official
 
 
 def load_given_teacher(cfg, data):
@@ -58,12 +58,11 @@ def make_distilled(run, cfg, data, teacher, per_class):
     d = cfg["distill"]
     chunks = torch.arange(data.num_classes).split(d["batch_classes"])
     items = [(b, c) for b in range(per_class) for c in range(len(chunks))]
-    world, rank = run.acc.num_processes, run.acc.process_index
     labels_np = data.train.labels.numpy()
-    run.log(f"base distiller: {len(items)} recovery batches of up to {d['batch_classes']} classes over {world} "
-            f"process(es), {d['iterations']} iterations each")
+    run.log(f"base distiller: {len(items)} recovery batches of up to {d['batch_classes']} classes over "
+            f"{run.acc.num_processes} process(es), {d['iterations']} iterations each")
     images, labels, order = [], [], []
-    for gid in range(rank, len(items), world):                 # item gid is seeded by gid: any world size
+    for gid in dealt(run.acc, len(items)):                     # item gid is seeded by gid: any world size
         b, c = items[gid]
         gen = torch.Generator(device=run.acc.device).manual_seed(seeds.distill_batch(cfg["seed"], gid))
         init = None

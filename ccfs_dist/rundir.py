@@ -31,7 +31,7 @@ import yaml
 
 from . import io
 from .config import dump_config, flatten
-from .dist import main_says
+from .dist import log, main_says
 from .errors import CCFSError, ConfigError
 
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)$")      # io.atomic_path and write_image_folder temporaries
@@ -197,8 +197,7 @@ class Run(Layout):
         self.acc.wait_for_everyone()
 
     def log(self, message):
-        if self.acc.is_main_process:
-            print(message, flush=True)
+        log(self.acc, message)
 
     # ------------------------------------------------------------------------------------ before work
 

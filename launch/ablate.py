@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ccfs_dist import io  # noqa: E402
 from ccfs_dist.cli import DEFAULT_CONFIG  # noqa: E402
 from ccfs_dist.config import load_config  # noqa: E402
+from ccfs_dist.dist import dealt, log  # noqa: E402
 from ccfs_dist.errors import CCFSError  # noqa: E402
 from ccfs_dist.rundir import Layout  # noqa: E402
 from ccfs_dist.selection import phase_budgets  # noqa: E402
@@ -139,11 +140,6 @@ def make_base(acc, args, per_class):
             f"data.distilled={given_distilled or base_run.distilled()}"]
 
 
-def log(acc, message):
-    if acc.is_main_process:
-        print(message, flush=True)
-
-
 def fmt(values):
     if not values:
         return "–"
@@ -243,10 +239,10 @@ def main(argv=None):
     log(acc, f"ablation: {len(cells)} cells in {os.path.join(args.out, 'cells')}")
 
     # cells are independent runs: each runs whole on one rank (dist.Local), dealt round-robin in grid order
-    local = Local(acc)
+    local, mine = Local(acc), dealt(acc, len(cells))
     for i, (name, s) in enumerate(cells.items(), 1):
         out = os.path.join(args.out, "cells", name)
-        if (i - 1) % acc.num_processes != acc.process_index:
+        if i - 1 not in mine:
             continue
         if Layout(out).complete():
             print(f"[{i}/{len(cells)}] {name}: done, skipped", flush=True)
