@@ -1,8 +1,9 @@
 """The CCFS pipeline: config -> data -> teacher -> distilled set -> curriculum phases -> evaluation.
 
-This module owns the run directory's contents (rundir.Run: where, locking, staging). Each step writes its
-artifacts atomically (rank 0; a training: the rank that ran it) and is skipped on `resume` when its final
-artifact exists, so a killed run continues from the last finished step, with any number of processes.
+The run directory is rundir.Run's (where, locking, staging, and the name of every artifact). Each step
+writes its artifacts atomically (rank 0; a training: the rank that ran it), its final artifact last, and
+on `resume` a step whose final artifact exists is loaded instead of run (`run.resumable`), so a killed run
+continues from the last finished step, with any number of processes.
 The trainings (teacher, score runs, filters, evaluation models) are jobs dealt to ranks by the plan
 (plan.py, jobs.py); the rest runs on every rank alike.
 
@@ -24,36 +25,33 @@ from . import io, seeds
 from .data import load_distilled, write_image_folder
 from .sources import load_real
 from .difficulty import load_score_file, to_hardness
-from .dist import gather_rows
+from .dist import dealt, gather_rows
 from .distill import recover
-from .errors import ConfigError, DataError
-from .evaluate import random_per_class, summarize
-from .jobs import Trainings, build, run_stage, set_stem
-from .models import load_checkpoint
+from .errors import DataError
+from .evaluate import summarize
+from .jobs import Trainings, fresh, run_stage
 from .plan import describe, eval_sets, make_plan
 from .report import fallback_line, write_report
 from .rundir import Run
 from .scorer import accuracy, score
 from .scores import DYNAMICS, compute_score_files
-from .selection import phase_budgets, select, select_official
+from .selection import phase_budgets, random_per_class, select, select_official
 
 
 def load_given_teacher(cfg, data):
     """The teacher named by teacher.checkpoint (checked before the run dir is touched), else None."""
     if not cfg["teacher"]["checkpoint"]:
-        build(cfg, data, cfg["seed"])          # an unknown or unfit model.name fails before the run dir is touched
+        fresh(cfg, data)()                     # an unknown or unfit model.name fails before the run dir is touched
         return None
-    return load_checkpoint(build(cfg, data, cfg["seed"]), cfg["teacher"]["checkpoint"]).eval()
+    return Run.load_model(cfg["teacher"]["checkpoint"], fresh(cfg, data)).eval()
 
 
 def get_teacher(run, cfg, data, given):
     """The teacher: given, or trained by the start stage's teacher job (read back from teacher.pt)."""
     if given is not None:
         return given, {"source": cfg["teacher"]["checkpoint"]}
-    path = io.wait_for(run.path("teacher.pt"))                         # written by the teacher's rank
-    teacher = load_checkpoint(build(cfg, data, seeds.teacher(cfg["seed"])), path).eval()
-    stats = run.path("teacher.json")
-    return teacher, io.read_json(stats) if os.path.exists(stats) else {"source": "resumed"}
+    teacher = run.load_model(io.wait_for(run.teacher()), fresh(cfg, data)).eval()   # by the teacher's rank
+    return teacher, run.read_json(run.teacher_stats()) or {"source": "resumed"}
 
 
 def make_distilled(run, cfg, data, teacher, per_class):
@@ -61,12 +59,11 @@ def make_distilled(run, cfg, data, teacher, per_class):
     d = cfg["distill"]
     chunks = torch.arange(data.num_classes).split(d["batch_classes"])
     items = [(b, c) for b in range(per_class) for c in range(len(chunks))]
-    world, rank = run.acc.num_processes, run.acc.process_index
     labels_np = data.train.labels.numpy()
-    run.log(f"base distiller: {len(items)} recovery batches of up to {d['batch_classes']} classes over {world} "
-            f"process(es), {d['iterations']} iterations each")
+    run.log(f"base distiller: {len(items)} recovery batches of up to {d['batch_classes']} classes over "
+            f"{run.acc.num_processes} process(es), {d['iterations']} iterations each")
     images, labels, order = [], [], []
-    for gid in range(rank, len(items), world):                 # item gid is seeded by gid: any world size
+    for gid in dealt(run.acc, len(items)):                     # item gid is seeded by gid: any world size
         b, c = items[gid]
         gen = torch.Generator(device=run.acc.device).manual_seed(seeds.distill_batch(cfg["seed"], gid))
         init = None
@@ -92,15 +89,15 @@ def get_teacher_predictions(run, cfg, data, teacher):
     """The teacher's prediction on every training sample (global index order), kept in
     teacher_predictions.npz (index, label, pred) so that the teacher-correct rule can be checked or
     re-applied from the run directory alone."""
-    path = run.path("teacher_predictions.npz")
-    if run.done("teacher_predictions.npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return {key: f[key] for key in f.files}
-    tp, _ = score(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
-                  batch_size=cfg["score"]["batch_size"], desc="teacher score")
-    tp = {key: tp[key] for key in ("index", "label", "pred")}
-    run.write(io.write_npz, path, **tp)
-    return tp
+    path = run.teacher_predictions()
+
+    def make():
+        tp, _ = score(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
+                      batch_size=cfg["score"]["batch_size"], desc="teacher score")
+        tp = {key: tp[key] for key in ("index", "label", "pred")}
+        run.write(io.write_npz, path, **tp)
+        return tp
+    return run.resumable(path, lambda: run.read_npz(path), make)
 
 
 def load_given_distilled(cfg, data, per_class):
@@ -114,11 +111,16 @@ def load_given_distilled(cfg, data, per_class):
 def get_distilled(run, cfg, data, teacher, per_class, given):
     if given is not None:
         return given
-    folder = run.path("distilled")
-    if not run.done("distilled"):
+    folder = run.distilled()
+
+    def load():      # read back from the PNGs, also when just made: every run uses the same rounded images
+        return load_distilled(folder, data.classes, per_class, data.channels, data.image_size)
+
+    def make():
         images, labels = make_distilled(run, cfg, data, teacher, per_class)
         run.write(write_image_folder, folder, images, labels, data.classes)
-    return load_distilled(folder, data.classes, per_class, data.channels, data.image_size)
+        return load()
+    return run.resumable(folder, load, make)
 
 
 def get_hardness_source(cfg, data):
@@ -136,8 +138,8 @@ def get_hardness_source(cfg, data):
 def computed_hardness(run, cfg, data, method, trainings):
     """Scores the run computes itself, as hardness: from the start stage's score runs (or the scores file
     an interrupted run left)."""
-    path = run.path(f"scores_{method}.npy")
-    runs = None if run.done(f"scores_{method}.npy") else trainings.score_runs()
+    path = run.scores(method)
+    runs = None if run.done(path) else trainings.score_runs()
     scores = compute_score_files(run.acc, cfg, data, {method: path}, runs=runs)[method]
     return to_hardness(scores, method)
 
@@ -155,30 +157,35 @@ def check_budget(cfg, data):
 def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
     """The collective part of phase j, after its filter was trained (a job of the plan): score the pool
     with the filter (every rank a share of the global batches), select k per class."""
-    c = cfg["ccfs"]
-    pdir = f"phase_{j}"
-    if run.done(pdir, "metrics.json"):
+    done = run.phase(j, "metrics.json")
+
+    def load():
         run.log(f"phase {j}: resumed")
-        return (np.load(run.path(pdir, "selected.npy"), allow_pickle=False),
-                io.read_json(run.path(pdir, "metrics.json")))
-    steps = io.read_json(io.wait_for(run.path(pdir, "steps.json")))      # written last by the filter's rank
-    filt = load_checkpoint(build(cfg, data, seeds.filter_model(cfg["seed"], j)), run.path(pdir, "filter.pt"))
+        return run.read_npy(run.phase(j, "selected.npy")), io.read_json(done)
+    return run.resumable(done, load, lambda: score_and_select(run, cfg, data, j, k, synthetic_size, selected,
+                                                               hardness, method, teacher_ok))
+
+
+def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
+    c = cfg["ccfs"]
+    steps = io.read_json(io.wait_for(run.phase(j, "steps.json")))      # written last by the filter's rank
+    filt = run.load_model(run.phase(j, "filter.pt"), fresh(cfg, data))
     filter_acc = accuracy(run.acc, filt, data.test, mean=data.mean, std=data.std)
 
     official = c["compat"] == "official"
     # the official code scores every training sample (selected ones too: they shape its candidate set)
     pool = np.setdiff1d(np.arange(len(data.train)), selected)
     scored = np.arange(len(data.train)) if official else pool
-    if run.done(pdir, "predictions.npz") and "score" in steps:      # scored before an interruption
-        with np.load(run.path(pdir, "predictions.npz"), allow_pickle=False) as f:
-            preds = {key: f[key] for key in f.files}
+    predictions = run.phase(j, "predictions.npz")
+    if run.done(predictions) and "score" in steps:      # scored before an interruption (steps.json says so)
+        preds = run.read_npz(predictions)
     else:
         preds, sstats = score(run.acc, filt, data.train, scored, mean=data.mean, std=data.std,
                               batch_size=cfg["score"]["batch_size"], channels_last=cfg["train"]["channels_last"],
                               desc=f"phase {j} score")
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
-        run.write(io.write_npz, run.path(pdir, "predictions.npz"), **preds)
-        run.write(io.write_json, run.path(pdir, "steps.json"), steps)
+        run.write(io.write_npz, predictions, **preds)
+        run.write(io.write_json, run.phase(j, "steps.json"), steps)
     t0 = time.perf_counter()
     h = to_hardness(preds["true_logit"], "logits") if hardness is None else hardness[preds["index"]]
     rule = dict(coarse=c["coarse"], fine=c["fine"], balance=c["balance"], num_classes=data.num_classes,
@@ -211,8 +218,8 @@ def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, metho
     }
 
     def write_all():
-        io.write_npy(run.path(pdir, "selected.npy"), sel.indices.astype(np.int64))
-        io.write_json(run.path(pdir, "metrics.json"), metrics)          # last: marks the phase finished
+        io.write_npy(run.phase(j, "selected.npy"), sel.indices.astype(np.int64))
+        io.write_json(run.phase(j, "metrics.json"), metrics)          # last: marks the phase finished
     run.write(write_all)
     run.log(f"phase {j}: filter test acc {filter_acc:.4f}, pool {len(pool)}, misclassified "
             f"{metrics['pool_misclassification_rate']:.3f}, selected {len(sel.indices)} "
@@ -280,7 +287,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         wall[f"phase {j}"] = lap()
     # ccfs.compat official: idx_selected in selection order, as the official code writes it
     order = selected if c["compat"] == "official" else np.sort(selected)
-    run.write(io.write_json, run.path("selected_indices.json"),
+    run.write(io.write_json, run.selected_indices(),
               {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": order.tolist()})
 
     trainings.sets["ccfs"] = synthetic
@@ -294,7 +301,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         "phases": phases, "evaluation": evaluation, "best_after": cfg["eval"]["best_after"],
         "wall_seconds": wall,
     }
-    run.write(io.write_json, run.path("summary.json"), summary)
+    run.write(io.write_json, run.summary(), summary)
     run.log(format_table(summary))
     run.write(write_report, run.dir, data=data, name=os.path.basename(run.out))
     run.commit()
@@ -331,7 +338,7 @@ def gather_evaluation(run, cfg, trainings):
     for name in eval_sets(cfg):
         runs = [io.read_json(io.wait_for(trainings.artifact("eval", name, r))) for r in range(cfg["eval"]["runs"])]
         results[name] = summarize(runs)
-        run.write(io.write_json, run.path(f"eval_{set_stem(name)}.json"), results[name])
+        run.write(io.write_json, run.eval_summary(name), results[name])
     return results
 
 

@@ -75,6 +75,19 @@ def rank_slice(n, rank, world):
     return start, start + base + (1 if rank < extra else 0)
 
 
+def dealt(accelerator, n):
+    """This rank's items of n dealt round-robin (item i to rank i mod world). Which rank runs an item depends
+    on the world size; what the item computes must not (seed it by its own index)."""
+    return range(accelerator.process_index, n, accelerator.num_processes)
+
+
+def log(accelerator, message):
+    """`message` printed once, by the main process, flushed (so it interleaves in order with the other
+    ranks' output). Not `accelerator.print`: that prints once per node, and a dist.Local has none."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def gather_rows_in_pieces(accelerator, tensors, piece_bytes=256 << 20):
     """gather_rows a piece at a time: yields the gathered rows (on the CPU) of at most `piece_bytes` per
     rank, so that a large result (images) never has to fit on the device, nor be held twice on the host.

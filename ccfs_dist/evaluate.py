@@ -1,25 +1,11 @@
-"""Evaluation: train fresh models on a final set and report test accuracy; the random baselines."""
+"""Evaluation: train fresh models on a final set and report test accuracy (the random baselines' indices
+are drawn by selection.random_per_class)."""
 import numpy as np
 import torch
 
 from .models import build_model
 from .scorer import accuracy
 from .train import train_model
-
-
-def random_per_class(labels, per_class, seed, exclude=None):
-    """`per_class` random global indices of each class (sorted), never from `exclude`; deterministic in seed."""
-    labels = np.asarray(labels)
-    allowed = np.ones(len(labels), dtype=bool)
-    if exclude is not None:
-        allowed[np.asarray(exclude, dtype=np.int64)] = False
-    keys = np.random.default_rng(seed).random(len(labels))
-    order = np.lexsort((keys, labels))                       # by class, then random key
-    order = order[allowed[order]]
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
-    rank_in_class = np.arange(len(order)) - starts
-    return np.sort(order[rank_in_class < per_class])
 
 
 def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teacher, seed, desc, checkpoint=None,

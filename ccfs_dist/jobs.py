@@ -2,7 +2,7 @@
 accelerator it is given (a dist.Local when it runs whole on one rank), and writes its own artifact into
 the run directory, atomically, last of all; a job whose artifact exists is skipped on resume.
 
-    teacher        teacher.json (its training stats), teacher.pt
+    teacher        teacher.json (its training stats), teacher.pt             (rundir.Layout names them)
     score_run r    scores_runs/run<r>.npz  (the run's per-sample forgetting, loss, el2n)
     filter j       phase_<j>/filter.pt, phase_<j>/steps.json
     eval set r     eval/<set>_run<r>.json
@@ -10,8 +10,6 @@ the run directory, atomically, last of all; a job whose artifact exists is skipp
 Trainings keep their mid-training state in <artifact stem>_state.pt (train.checkpoint_every), which
 loads on any rank, so a resumed run continues a killed training wherever the new plan puts it.
 """
-import os
-
 import numpy as np
 import torch
 
@@ -30,8 +28,9 @@ def build(cfg, data, seed):
     return build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
 
 
-def set_stem(name):
-    return name.replace("+", "_")
+def fresh(cfg, data):
+    """A model of the run's architecture, to load saved weights into (rundir.Layout.load_model)."""
+    return lambda: build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
 
 
 class Trainings:
@@ -45,20 +44,22 @@ class Trainings:
 
     def artifact(self, kind, *key):
         """The file whose existence means the job (kind, key) is finished."""
+        run = self.run
         if kind == "teacher":
-            return self.run.path("teacher.pt")
+            return run.teacher()
         if kind == "score_run":
-            return self.run.path("scores_runs", f"run{key[0]}.npz")
+            return run.score_run(key[0])
         if kind == "filter":
-            return self.run.path(f"phase_{key[0]}", "steps.json")
-        return self.run.path("eval", f"{set_stem(key[0])}_run{key[1]}.json")
+            return run.phase(key[0], "steps.json")
+        return run.eval_run(*key)
 
     def finished(self, job):
-        if job.kind == "score_run" and self.run.done(f"scores_{self.cfg['ccfs']['difficulty']}.npy"):
+        run = self.run
+        if job.kind == "score_run" and run.done(run.scores(self.cfg["ccfs"]["difficulty"])):
             return True                          # the scores themselves exist: no run is needed
-        if job.kind == "filter" and self.run.done(f"phase_{job.key[0]}", "metrics.json"):
-            return True
-        return self.run.resume and os.path.exists(self.artifact(job.kind, *job.key))
+        if job.kind == "filter" and run.done(run.phase(job.key[0], "metrics.json")):
+            return True                          # the whole phase is finished
+        return run.done(self.artifact(job.kind, *job.key))
 
     def do(self, job):
         """Run `job` on this rank (whole) or with every rank (job.split); its writer writes the artifact."""
@@ -69,15 +70,15 @@ class Trainings:
         cfg, data = self.cfg, self.data
         seed = seeds.teacher(cfg["seed"])
         rec = Recipe.for_teacher(cfg)
-        kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher", checkpoint=self.run.path("teacher_state.pt"))
+        kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher", checkpoint=self.run.teacher_state())
         if data.train.in_memory:
             model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, rec, **kw)
         else:                                 # a streamed pool: on the shards, over all ranks (a split job)
             model, stats = train_stream(acc, build(cfg, data, seed), data.train, rec, **kw, **stream_options(cfg))
         if acc.is_main_process:
-            io.write_json(self.run.path("teacher.json"),
+            io.write_json(self.run.teacher_stats(),
                           {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}})
-            io.save_torch(self.run.path("teacher.pt"), state_dict_of(model))
+            io.save_torch(self.run.teacher(), state_dict_of(model))
 
     def train_score_run(self, acc, r):
         result, info = dynamics_run(acc, self.cfg, self.data, r)
@@ -89,37 +90,36 @@ class Trainings:
         """[(result, info), ...] of every score run, read back from their artifacts (after the start stage)."""
         runs = []
         for r in range(self.cfg["scores"]["runs"]):
-            with np.load(io.wait_for(self.artifact("score_run", r)), allow_pickle=False) as f:
-                runs.append(({m: f[m] for m in DYNAMICS}, {"seconds": float(f["info"][0]),
-                                                           "accuracy": float(f["info"][1])}))
+            f = self.run.read_npz(io.wait_for(self.artifact("score_run", r)))
+            runs.append(({m: f[m] for m in DYNAMICS}, {"seconds": float(f["info"][0]),
+                                                       "accuracy": float(f["info"][1])}))
         return runs
 
     def train_filter(self, acc, j):
         cfg, data, run = self.cfg, self.data, self.run
-        pdir, seed = f"phase_{j}", seeds.filter_model(cfg["seed"], j)
+        seed = seeds.filter_model(cfg["seed"], j)
         filt = build(cfg, data, seed)
         if cfg["ccfs"]["warm_start"] and j > 1:              # from phase j-1's filter, as saved
-            load_checkpoint(filt, run.path(f"phase_{j - 1}", "filter.pt"))
+            load_checkpoint(filt, run.phase(j - 1, "filter.pt"))
         per_class = len(self.synthetic[0]) / data.num_classes
         rec = Recipe.for_phase(cfg, ipc=cfg["ccfs"]["ipc"], class_size=self.class_size, per_class=per_class)
         filt, stats = train_model(acc, filt, *self.synthetic, rec, mean=data.mean, std=data.std,
                                   teacher=self.teacher if cfg["train"]["kd"] else None, seed=seed,
-                                  desc=f"phase {j} filter", checkpoint=run.path(pdir, "filter_state.pt"))
+                                  desc=f"phase {j} filter", checkpoint=run.phase(j, "filter_state.pt"))
         if acc.is_main_process:
-            io.save_torch(run.path(pdir, "filter.pt"), state_dict_of(filt))
-            io.write_json(run.path(pdir, "steps.json"),
+            io.save_torch(run.phase(j, "filter.pt"), state_dict_of(filt))
+            io.write_json(run.phase(j, "steps.json"),
                           {"train": {k: stats[k] for k in ("seconds", "images_per_s", "epochs", "batch_size")}})
 
     def train_eval(self, acc, name, r):
         cfg, data, c = self.cfg, self.data, self.cfg["ccfs"]
         x, y = self.sets[name]
-        stem = set_stem(name)
         result = evaluate_run(acc, x, y, data=data, model_cfg=cfg["model"],
                               recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
                               teacher=self.teacher if cfg["train"]["kd"] else None,
                               seed=seeds.eval_run(cfg["seed"], r), desc=f"eval {name} {r + 1}/{cfg['eval']['runs']}",
                               best_after=cfg["eval"]["best_after"],
-                              checkpoint=self.run.path("eval", f"{stem}_run{r}_state.pt"))
+                              checkpoint=self.run.eval_run(name, r, state=True))
         if acc.is_main_process:
             io.write_json(self.artifact("eval", name, r), result)
 

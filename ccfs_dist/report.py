@@ -13,7 +13,6 @@ Small images are upscaled with nearest-neighbour so 8x8 digits stay readable.
 import glob
 import math
 import os
-import re
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torchvision.utils import make_grid
 
 from . import io
 from .errors import CCFSError
+from .rundir import Layout
 
 SET_LABELS = {"ccfs": "CCFS (distilled + selected real)", "distilled+random": "distilled + random real",
               "random": "random real only"}
@@ -34,65 +34,48 @@ def write_report(run_dir, data=None, name=None):
     """Write run_dir/report.md and its figures; `data` (a RealData) saves reloading the real images.
     `name`: the run's name in the title (default: run_dir's; a staged run is written under another name)."""
     run_dir = os.fspath(run_dir)
-    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+    run = Layout(run_dir)
+    if not os.path.exists(run.config()):
         raise CCFSError(f"{run_dir} is not a run directory (no config.yaml in it)")
-    summary = _read(run_dir, "summary.json")
-    phases = summary["phases"] if summary else _phase_metrics(run_dir)
+    summary = run.read_json(run.summary())
+    finished = run.finished_phases()
+    phases = summary["phases"] if summary else [io.read_json(run.phase(j, "metrics.json")) for j, _ in finished]
     notes, figures = [], []
 
     cfg = None
     try:
         from .config import load_config
-        cfg = load_config(os.path.join(run_dir, "config.yaml"))
+        cfg = load_config(run.config())
     except CCFSError as e:
         notes.append(f"config.yaml could not be read ({e}); image grids skipped")
-    if cfg is not None and data is None and _phase_dirs(run_dir):
+    if cfg is not None and data is None and finished:
         try:
             from .sources import load_real
             data = load_real(cfg["data"])
         except (CCFSError, OSError) as e:
             notes.append(f"the real data could not be loaded ({e}); selected-image grid skipped")
-    if cfg is not None and data is not None and _phase_dirs(run_dir):
-        figures.append(("Selected real images per phase", _selected_grid(run_dir, cfg, data, notes)))
+    if cfg is not None and data is not None and finished:
+        figures.append(("Selected real images per phase", _selected_grid(run, cfg, data, notes)))
     if cfg is not None:
-        figures.append(("Distilled images", _distilled_grid(run_dir, cfg, summary, data, notes)))
+        figures.append(("Distilled images", _distilled_grid(run, cfg, summary, data, notes)))
     if phases:
-        figures.append(("Per-phase filter and selection", _phase_plot(run_dir, phases, notes)))
+        figures.append(("Per-phase filter and selection", _phase_plot(run, phases, notes)))
 
     text = _markdown(name or os.path.basename(os.path.abspath(run_dir)), cfg, summary, phases,
                      [(t, f) for t, f in figures if f], notes)
-    path = os.path.join(run_dir, "report.md")
+    path = run.report()
     io.write_text(path, text)
     return path
 
 
 # ------------------------------------------------------------------------------------------ reading
 
-def _read(run_dir, name):
-    path = os.path.join(run_dir, name)
-    return io.read_json(path) if os.path.exists(path) else None
-
-
-def _phase_dirs(run_dir):
-    """Finished phases as [(j, folder)], in phase order."""
-    found = []
-    for d in glob.glob(os.path.join(run_dir, "phase_*")):
-        m = re.fullmatch(r"phase_(\d+)", os.path.basename(d))
-        if m and os.path.exists(os.path.join(d, "metrics.json")):
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def _phase_metrics(run_dir):
-    return [io.read_json(os.path.join(d, "metrics.json")) for _, d in _phase_dirs(run_dir)]
-
-
-def _hardness(run_dir, cfg, data, folder):
-    """(index, hardness) over a phase's pool in the order its selection used, and how it was ordered."""
-    preds = np.load(os.path.join(folder, "predictions.npz"), allow_pickle=False)
+def _hardness(run, cfg, data, j):
+    """(index, hardness) over phase j's pool in the order its selection used, and how it was ordered."""
+    preds = run.read_npz(run.phase(j, "predictions.npz"))
     index = preds["index"]
     spec = cfg["ccfs"]["difficulty"]
-    path = spec if os.path.isfile(spec) else os.path.join(run_dir, f"scores_{spec}.npy")   # computed in the run
+    path = spec if os.path.isfile(spec) else run.scores(spec)   # a given score file, or computed in the run
     if spec != "logits" and os.path.isfile(path):
         from .difficulty import load_score_file, to_hardness
         scores, method = load_score_file(path, len(data.train), method=cfg["ccfs"]["difficulty_method"])
@@ -142,14 +125,14 @@ def _labelled(blocks, row_names, col_names, path):
         canvas.save(tmp, format="PNG")
 
 
-def _selected_grid(run_dir, cfg, data, notes):
+def _selected_grid(run, cfg, data, notes):
     """rows = classes, a block of PER_CELL columns per phase: selected samples of median difficulty."""
     classes = _shown_classes(data.num_classes)
     blank = torch.ones(data.channels, data.image_size, data.image_size, dtype=torch.uint8) * 255
     blocks, names, how = [], [], None
-    for j, folder in _phase_dirs(run_dir):
-        selected = np.load(os.path.join(folder, "selected.npy"), allow_pickle=False)
-        index, hardness, how = _hardness(run_dir, cfg, data, folder)       # predictions are sorted by index
+    for j, _ in run.finished_phases():
+        selected = run.read_npy(run.phase(j, "selected.npy"))
+        index, hardness, how = _hardness(run, cfg, data, j)       # predictions are sorted by index
         h = hardness[np.clip(np.searchsorted(index, selected), 0, len(index) - 1)]
         labels = data.train.labels.numpy()[selected]
         cols = max(1, min(PER_CELL, max(int((labels == c).sum()) for c in classes)))
@@ -163,15 +146,15 @@ def _selected_grid(run_dir, cfg, data, notes):
         x = _to_float(torch.stack(tiles), data.channels)
         blocks.append(make_grid(x, nrow=cols, padding=2, pad_value=1.0))
         names.append(f"phase {j}")
-    path = os.path.join(run_dir, "selected_per_phase.png")
+    path = run.path("selected_per_phase.png")
     _labelled(blocks, [str(data.classes[c])[:12] for c in classes], names, path)
     notes.append(f"selected images are ordered by {how}; each cell shows up to {PER_CELL} images around the "
                  f"median difficulty of what the phase selected in that class (blank = fewer selected)")
     return os.path.basename(path)
 
 
-def _distilled_grid(run_dir, cfg, summary, data, notes):
-    folder = os.path.join(run_dir, "distilled")
+def _distilled_grid(run, cfg, summary, data, notes):
+    folder = run.distilled()
     if not os.path.isdir(folder):
         folder = cfg["data"]["distilled"]
     per_class = summary["distilled_per_class"] if summary else math.floor(cfg["ccfs"]["ipc"] * cfg["ccfs"]["alpha"])
@@ -199,13 +182,13 @@ def _distilled_grid(run_dir, cfg, summary, data, notes):
     cols = min(per_class, 10)
     rows = [distilled.images[distilled.labels == c][:cols] for c in shown]
     x = _to_float(torch.cat(rows), channels)
-    path = os.path.join(run_dir, "distilled.png")
+    path = run.path("distilled.png")
     _labelled([make_grid(x, nrow=cols, padding=2, pad_value=1.0)], [str(classes[c])[:12] for c in shown],
               [f"distilled ({per_class} per class, first {cols} shown)"], path)
     return os.path.basename(path)
 
 
-def _phase_plot(run_dir, phases, notes):
+def _phase_plot(run, phases, notes):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -227,7 +210,7 @@ def _phase_plot(run_dir, phases, notes):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(run_dir, "phases.png")
+    path = run.path("phases.png")
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -13,6 +13,10 @@ uncommitted staged run. `commit` is two renames and a delete; a run killed anywh
 leaves a state that the next run or resume of RUN repairs first (`_recover`): the earlier run put back, or
 the finished new one put in place. Temporary files of a killed run (`.name.*.tmp`, `.distilled.*.old`) are
 removed when a run opens RUN.
+
+`Layout` is the one place that names what is inside RUN (docs/outputs.md lists it): every module that
+writes, resumes from or reads back a run (curriculum, jobs, report, launch/ablate.py) asks it for a path,
+whether a step is done, or an artifact loaded, instead of spelling a file name.
 """
 import atexit
 import errno
@@ -21,11 +25,13 @@ import os
 import re
 import shutil
 
+import numpy as np
+import torch
 import yaml
 
 from . import io
 from .config import dump_config, flatten
-from .dist import main_says
+from .dist import log, main_says
 from .errors import CCFSError, ConfigError
 
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)$")      # io.atomic_path and write_image_folder temporaries
@@ -54,7 +60,111 @@ def holds_run(folder):
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
-class Run:
+def set_stem(name):
+    """An evaluation set's name as it appears in file names ('distilled+random' -> 'distilled_random')."""
+    return name.replace("+", "_")
+
+
+class Layout:
+    """The names of a run directory's artifacts, and their loaders. `dir` is the folder they live in.
+
+    A step is finished when its final artifact (written last, atomically) exists: `finished`; a training
+    keeps its mid-training state beside its artifact (`*_state.pt`) until it ends."""
+
+    def __init__(self, folder):
+        self.dir = os.fspath(folder)
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    # ------------------------------------------------------------------------------- artifact names
+    def config(self):
+        return self.path("config.yaml")
+
+    def summary(self):
+        return self.path("summary.json")
+
+    def report(self):
+        return self.path("report.md")
+
+    def teacher(self):
+        return self.path("teacher.pt")
+
+    def teacher_stats(self):
+        return self.path("teacher.json")
+
+    def teacher_state(self):
+        return self.path("teacher_state.pt")
+
+    def teacher_predictions(self):
+        return self.path("teacher_predictions.npz")
+
+    def distilled(self):
+        return self.path("distilled")
+
+    def scores(self, method):
+        """The difficulty scores the run computed (`ccfs.difficulty: forgetting` etc.; + .json beside it)."""
+        return self.path(f"scores_{method}.npy")
+
+    def score_run(self, r):
+        return self.path("scores_runs", f"run{r}.npz")
+
+    def phase(self, j, name=""):
+        """phase_<j>/<name>: filter.pt, filter_state.pt, steps.json, predictions.npz, selected.npy,
+        metrics.json (written last: the phase is finished)."""
+        return self.path(f"phase_{j}", name)
+
+    def eval_run(self, name, r, state=False):
+        return self.path("eval", f"{set_stem(name)}_run{r}{'_state.pt' if state else '.json'}")
+
+    def eval_summary(self, name):
+        return self.path(f"eval_{set_stem(name)}.json")
+
+    def selected_indices(self):
+        return self.path("selected_indices.json")
+
+    # ------------------------------------------------------------------------------------ reading
+    def finished(self, path):
+        return os.path.exists(path)
+
+    def complete(self):
+        """The whole run has finished: summary.json is written last (then only report.md)."""
+        return self.finished(self.summary())
+
+    def finished_phases(self):
+        """[(j, folder)] of the phases whose metrics.json exists, in phase order."""
+        found = []
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+            m = re.fullmatch(r"phase_(\d+)", name)
+            if m and os.path.exists(self.phase(int(m.group(1)), "metrics.json")):
+                found.append((int(m.group(1)), self.path(name)))
+        return sorted(found)
+
+    @staticmethod
+    def read_json(path):
+        """A JSON artifact as a dict, or None when it does not exist (yet)."""
+        return io.read_json(path) if os.path.exists(path) else None
+
+    @staticmethod
+    def read_npz(path):
+        with np.load(path, allow_pickle=False) as f:
+            return {key: f[key] for key in f.files}
+
+    @staticmethod
+    def read_npy(path):
+        return np.load(path, allow_pickle=False)
+
+    @staticmethod
+    def load_model(path, make_model):
+        """The state dict saved at `path`, loaded into the model `make_model()` builds. Its initial weights
+        are overwritten, so it is built under a forked RNG: loading consumes no seed and needs none."""
+        from .models import load_checkpoint
+        with torch.random.fork_rng(devices=[]):
+            model = make_model()
+        return load_checkpoint(model, path)
+
+
+class Run(Layout):
     """The run directory and the rank-0-writes / everyone-waits discipline around it.
 
     `dir` is where artifacts go: RUN itself, or its staging sibling while an --overwrite runs."""
@@ -62,18 +172,24 @@ class Run:
     def __init__(self, accelerator, out_dir, resume):
         self.acc, self.resume = accelerator, resume
         self.out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
-        self.dir = self.out
+        super().__init__(self.out)
         parent, base = os.path.split(self.out)
         self.staged, self.old, self.lock_path = (os.path.join(parent, f".{base}.ccfs-{s}")
                                                  for s in ("new", "old", "lock"))
         self._staging = False
 
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
+    def done(self, path):
+        """True when resuming and the artifact at `path` (a Layout name) exists: the step that writes it
+        is skipped and the artifact loaded instead."""
+        return self.resume and self.finished(path)
 
-    def done(self, *parts):
-        """True when resuming and the artifact exists (so the step that writes it can be skipped)."""
-        return self.resume and os.path.exists(self.path(*parts))
+    def resumable(self, artifact, load, make):
+        """The one resume pattern of a collective step: a resumed run whose final `artifact` exists loads
+        it (`load()`); otherwise every rank runs `make()`, which computes the step and writes `artifact`
+        last (rank 0, through `write`), and its result is used."""
+        if self.done(artifact):
+            return load()
+        return make()
 
     def write(self, fn, *args, **kwargs):
         if self.acc.is_main_process:
@@ -81,8 +197,7 @@ class Run:
         self.acc.wait_for_everyone()
 
     def log(self, message):
-        if self.acc.is_main_process:
-            print(message, flush=True)
+        log(self.acc, message)
 
     # ------------------------------------------------------------------------------------ before work
 
@@ -144,7 +259,7 @@ class Run:
         try:
             if os.path.isdir(self.old):
                 if not os.path.exists(self.out):            # killed between commit's two renames
-                    if os.path.exists(os.path.join(self.staged, "summary.json")):
+                    if Layout(self.staged).complete():
                         os.rename(self.staged, self.out)     # the new run had finished: it goes in place
                     else:
                         os.rename(self.old, self.out)        # else the earlier run is put back
@@ -159,9 +274,9 @@ class Run:
     def _check(self, cfg, overwrite):
         if not holds_run(self.out) or overwrite:
             return
-        saved = self.path("config.yaml")
+        saved = self.config()
         if not self.resume:
-            finished = os.path.exists(self.path("summary.json"))
+            finished = self.complete()
             what = "a finished run" if finished else "an unfinished run"
             hint = "--overwrite to replace it" if finished else "--resume to continue it, or --overwrite to start over"
             raise CCFSError(f"run directory '{self.out}' holds {what}; pass {hint}, or choose another --out")
@@ -191,7 +306,7 @@ class Run:
             try:
                 os.makedirs(self.dir, exist_ok=True)
                 self._remove_leftovers()
-                io.write_text(self.path("config.yaml"), dump_config(cfg))
+                io.write_text(self.config(), dump_config(cfg))
             except OSError as exc:
                 raise CCFSError(f"--out '{self.out}': cannot write the run directory ({exc.strerror}: "
                                 f"{exc.filename})") from None

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from . import io, seeds
 from .difficulty import CHECKPOINT, DYNAMICS, HARDER_IS_HIGHER, METHODS, labels_fingerprint, load_score_file
-from .dist import Local, gather_rows
+from .dist import Local, dealt, gather_rows, log
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .plan import split_training
@@ -168,11 +168,6 @@ class TrainingDynamics:
         return {"forgetting": forgetting, "loss": self.loss.copy(), "el2n": self.el2n.copy()}
 
 
-def _log(accelerator, message):
-    if accelerator.is_main_process:
-        print(message, flush=True)
-
-
 def dynamics_run(accelerator, cfg, data, r):
     """Training run `r` of the training-dynamics scores: ({method: float64 array}, info). `accelerator` is a
     dist.Local for a run trained whole on one rank, or the Accelerator for one split over the ranks."""
@@ -190,7 +185,7 @@ def dynamics_run(accelerator, cfg, data, r):
         _, stats = train_stream(accelerator, model, data.train, rec, **kw, **stream_options(cfg))
     info = {"seconds": stats["seconds"], "accuracy": float(dyn.previous.mean()),
             "never_learned": int((~dyn.learned).sum()), "events": int(dyn.events.sum())}
-    _log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
+    log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
                       f"{info['accuracy']:.4f}, never learned {info['never_learned']}, "
                       f"forgetting events {info['events']}")
     return dyn.result(), info
@@ -216,13 +211,13 @@ def training_dynamics(accelerator, cfg, data):
     every run on a streamed pool (stream_train deals the stream to the ranks).
     """
     s = cfg["scores"]
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     streamed = not data.train.in_memory
     if streamed or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
         return combine_runs([dynamics_run(accelerator, cfg, data, r) for r in range(s["runs"])])
     if world == 1:
         return combine_runs([dynamics_run(Local(accelerator), cfg, data, r) for r in range(s["runs"])])
-    mine = {r: dynamics_run(Local(accelerator), cfg, data, r) for r in range(rank, s["runs"], world)}
+    mine = {r: dynamics_run(Local(accelerator), cfg, data, r) for r in dealt(accelerator, s["runs"])}
     local = {"run": torch.tensor(list(mine), dtype=torch.int64),
              "info": torch.tensor([[i["seconds"], i["accuracy"]] for _, i in mine.values()],
                                   dtype=torch.float64).reshape(-1, 2)}
@@ -323,12 +318,12 @@ def compute_score_files(accelerator, cfg, data, paths, reuse=True, runs=None):
     for method, path in paths.items():
         if reuse and os.path.exists(path):
             out[method] = _reusable(path, method, cfg, data)
-            _log(accelerator, f"scores: reusing {method} scores from {path}")
+            log(accelerator, f"scores: reusing {method} scores from {path}")
     todo = [m for m in paths if m not in out]
     computed, info = {}, {}
     if any(m in DYNAMICS for m in todo):
         s = cfg["scores"]
-        _log(accelerator, f"scores: {'trained' if runs is not None else 'training'} {s['runs']} x {s['epochs']} epochs of {cfg['model']['name']} on "
+        log(accelerator, f"scores: {'trained' if runs is not None else 'training'} {s['runs']} x {s['epochs']} epochs of {cfg['model']['name']} on "
                           f"{len(data.train)} {data.name} samples for {', '.join(m for m in todo if m in DYNAMICS)} "
                           f"({accelerator.num_processes} process(es))")
         dyn, info = combine_runs(runs) if runs is not None else training_dynamics(accelerator, cfg, data)

@@ -26,6 +26,24 @@ COARSE = ("misclassified", "correct")
 FINE = ("simple", "hard", "random")
 
 
+# --------------------------------------------------------------------------- random samples of the pool
+
+def random_per_class(labels, per_class, seed, exclude=None):
+    """`per_class` random global indices of each class (sorted), never from `exclude`; deterministic in seed.
+    The random baselines and the distiller's real initialisation sample the pool with it."""
+    labels = np.asarray(labels)
+    allowed = np.ones(len(labels), dtype=bool)
+    if exclude is not None:
+        allowed[np.asarray(exclude, dtype=np.int64)] = False
+    keys = np.random.default_rng(seed).random(len(labels))
+    order = np.lexsort((keys, labels))                       # by class, then random key
+    order = order[allowed[order]]
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank_in_class = np.arange(len(order)) - starts
+    return np.sort(order[rank_in_class < per_class])
+
+
 # --------------------------------------------------------------------------- budgets
 
 

@@ -35,7 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ccfs_dist import io  # noqa: E402
 from ccfs_dist.cli import DEFAULT_CONFIG  # noqa: E402
 from ccfs_dist.config import load_config  # noqa: E402
+from ccfs_dist.dist import dealt, log  # noqa: E402
 from ccfs_dist.errors import CCFSError  # noqa: E402
+from ccfs_dist.rundir import Layout  # noqa: E402
 from ccfs_dist.selection import phase_budgets  # noqa: E402
 
 COARSE, FINE = ("misclassified", "correct"), ("simple", "hard", "random")
@@ -127,19 +129,15 @@ def make_base(acc, args, per_class):
     cfg = load_config(args.config, args.overrides)
     base = os.path.abspath(os.path.join(args.out, "base"))
     given_teacher, given_distilled = cfg["teacher"]["checkpoint"], cfg["data"]["distilled"]
-    if not (given_teacher and given_distilled) and not os.path.exists(os.path.join(base, "summary.json")):
+    base_run = Layout(base)
+    if not (given_teacher and given_distilled) and not base_run.complete():
         log(acc, f"base run (teacher, {per_class} distilled images per class) in {base}")
         base_cfg = load_config(args.config, args.overrides + [
             f"ccfs.ipc={per_class + 1}", f"ccfs.alpha={(per_class + 0.5) / (per_class + 1)}", "ccfs.phases=1",
             "train.epochs=1", "eval.runs=1", "eval.baselines=false"])
         run_ccfs(acc, base_cfg, base, resume=True)
-    return [f"teacher.checkpoint={given_teacher or os.path.join(base, 'teacher.pt')}",
-            f"data.distilled={given_distilled or os.path.join(base, 'distilled')}"]
-
-
-def log(acc, message):
-    if acc.is_main_process:
-        print(message, flush=True)
+    return [f"teacher.checkpoint={given_teacher or base_run.teacher()}",
+            f"data.distilled={given_distilled or base_run.distilled()}"]
 
 
 def fmt(values):
@@ -241,12 +239,12 @@ def main(argv=None):
     log(acc, f"ablation: {len(cells)} cells in {os.path.join(args.out, 'cells')}")
 
     # cells are independent runs: each runs whole on one rank (dist.Local), dealt round-robin in grid order
-    local = Local(acc)
+    local, mine = Local(acc), dealt(acc, len(cells))
     for i, (name, s) in enumerate(cells.items(), 1):
         out = os.path.join(args.out, "cells", name)
-        if (i - 1) % acc.num_processes != acc.process_index:
+        if i - 1 not in mine:
             continue
-        if os.path.exists(os.path.join(out, "summary.json")):
+        if Layout(out).complete():
             print(f"[{i}/{len(cells)}] {name}: done, skipped", flush=True)
             continue
         print(f"[{i}/{len(cells)}] {name}: running" + (f" on rank {acc.process_index}" if acc.num_processes > 1
@@ -261,7 +259,7 @@ def main(argv=None):
 
     results = []
     for name, s in cells.items():                 # read back from the cells' run directories
-        summary = io.read_json(os.path.join(args.out, "cells", name, "summary.json"))
+        summary = io.read_json(Layout(os.path.join(args.out, "cells", name)).summary())
         ev = summary["evaluation"]
         results.append({**s, "name": name, "ccfs": ev["ccfs"]["mean"], "teacher": summary["teacher_test_acc"],
                         **{k: ev[k]["mean"] for k in SET_LABELS if k in ev},

@@ -64,10 +64,9 @@ from ccfs_dist.pool import RealData, Split
 from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, rank_slice, relaunch_cpu_processes
 from ccfs_dist.errors import CCFSError
-from ccfs_dist.evaluate import random_per_class
 from ccfs_dist.models import build_model, load_checkpoint
 from ccfs_dist.scorer import score
-from ccfs_dist.selection import phase_budgets, select
+from ccfs_dist.selection import phase_budgets, random_per_class, select
 from ccfs_dist.train import Recipe, compiled, kd_loss, train_model
 
 PHASES = ("filter_train", "score", "select", "select_1k", "eval_train")

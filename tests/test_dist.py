@@ -67,3 +67,11 @@ def test_exit_process_skips_finalisation_only_with_several_processes(world):
     proc = subprocess.run([sys.executable, "-c", EXIT], env=env, capture_output=True, text=True)
     assert proc.returncode == 3
     assert proc.stdout == ("work done" if world == "2" else "work donefinalised\n")
+
+
+def test_dealt_deals_items_round_robin():
+    from types import SimpleNamespace
+
+    from ccfs_dist.dist import dealt
+    shares = [list(dealt(SimpleNamespace(process_index=r, num_processes=3), 7)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]

@@ -132,3 +132,38 @@ def test_resume_with_a_damaged_training_state(run_dir, capsys):
     assert f"error: training state {run_dir}/eval/ccfs_run0_state.pt cannot be resumed" in err, err
     assert "delete it to restart" in err and err.count("\n") == 1
     assert snapshot(run_dir) == before
+
+
+def test_layout_names_the_documented_artifacts_and_finds_finished_phases(tmp_path):
+    import numpy as np
+    import torch
+
+    from ccfs_dist import io
+    from ccfs_dist.rundir import Layout
+    run = Layout(tmp_path)
+    names = {run.teacher(): "teacher.pt", run.scores("el2n"): "scores_el2n.npy",
+             run.score_run(2): "scores_runs/run2.npz", run.phase(3, "selected.npy"): "phase_3/selected.npy",
+             run.eval_run("distilled+random", 1): "eval/distilled_random_run1.json",
+             run.eval_run("ccfs", 0, state=True): "eval/ccfs_run0_state.pt",
+             run.eval_summary("distilled+random"): "eval_distilled_random.json",
+             run.selected_indices(): "selected_indices.json", run.summary(): "summary.json"}
+    for path, name in names.items():
+        assert path == os.path.join(str(tmp_path), name)
+    assert run.finished_phases() == [] and not run.complete()
+    for j in (10, 2):
+        io.write_json(run.phase(j, "metrics.json"), {"phase": j})
+    os.makedirs(run.phase(3))                                   # no metrics.json: not finished
+    assert [j for j, _ in run.finished_phases()] == [2, 10]
+    io.write_json(run.summary(), {})
+    assert run.complete()
+    # loading a saved model leaves the global RNG where it was
+    model = torch.nn.Linear(3, 2)
+    io.save_torch(run.teacher(), model.state_dict())
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    loaded = run.load_model(run.teacher(), lambda: torch.nn.Linear(3, 2))
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(loaded.weight, model.weight)
+    io.write_npz(run.teacher_predictions(), pred=np.arange(3))
+    assert np.array_equal(run.read_npz(run.teacher_predictions())["pred"], np.arange(3))

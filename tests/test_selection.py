@@ -387,3 +387,14 @@ def test_duplicate_index_far_range():
     idx = np.array([0, 2 ** 40, 2 ** 40])
     with pytest.raises(DataError, match=r"1 repeated \(first: \[1099511627776\]\)"):
         select(idx, np.zeros(3, int), np.ones(3, int), np.zeros(3), 1, num_classes=1)
+
+
+def test_random_per_class_samples_each_class_deterministically():
+    from ccfs_dist.selection import random_per_class
+    labels = np.repeat(np.arange(4), 10)
+    got = random_per_class(labels, 3, seed=5, exclude=[0, 1, 2])
+    assert np.array_equal(got, np.sort(got))
+    assert np.bincount(labels[got], minlength=4).tolist() == [3, 3, 3, 3]
+    assert not set(got.tolist()) & {0, 1, 2}
+    assert np.array_equal(got, random_per_class(labels, 3, seed=5, exclude=[0, 1, 2]))
+    assert not np.array_equal(random_per_class(labels, 3, seed=5), random_per_class(labels, 3, seed=6))
