@@ -182,7 +182,12 @@ def test_one_and_two_processes_agree(tmp_path, launch, accelerator):
     proc = launch([WORKER, str(out)], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = dict(np.load(out))
-    one = worker.compute_all(accelerator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # as the launched processes (OMP_NUM_THREADS=1): same threads, same numbers
+    try:
+        one = worker.compute_all(accelerator)
+    finally:
+        torch.set_num_threads(threads)
     assert int(one["world"]) == 1 and int(two["world"]) == 2
     mask = one["planted"]
     assert np.array_equal(mask, two["planted"])
