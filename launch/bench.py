@@ -53,7 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ccfs_dist import seeds
 from ccfs_dist.augment import normalize
@@ -67,7 +66,7 @@ from ccfs_dist.errors import CCFSError
 from ccfs_dist.models import build_model, load_checkpoint
 from ccfs_dist.scorer import score
 from ccfs_dist.selection import phase_budgets, random_per_class, select
-from ccfs_dist.train import Recipe, compiled, kd_loss, train_model
+from ccfs_dist.train import Recipe, compiled, train_model, train_step
 
 PHASES = ("filter_train", "score", "select", "select_1k", "eval_train")
 LABELS = {"filter_train": "filter training", "score": "scoring", "select": "selection",
@@ -266,17 +265,9 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     if teacher is not None:
         teacher_forward = compiled(teacher.to(device, memory_format=mf).eval(), compile_arg)
 
-    def step():
-        logits = forward(xb)
-        if teacher_forward is not None:
-            with torch.no_grad(), acc.autocast():
-                t = teacher_forward(xb)
-            loss = kd_loss(logits, t, rec.temperature)
-        else:
-            loss = F.cross_entropy(logits.float(), yb)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        opt.step()
+    def step():                                                         # the engine's own step, no schedule
+        train_step(acc, opt, None, forward, xb, yb, teacher_forward=teacher_forward,
+                   teacher_autocast=acc.autocast, temperature=rec.temperature)
 
     _timed(step, 3, device)                                             # warm-up (and compile)
     engine_s, ceiling_s = [], []
