@@ -52,6 +52,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation
+from .dist import deal, rank_world
 from .errors import CCFSError, ConfigError, DataError
 from .images import decode_image, encode_png, fast_png_decoder, open_image
 from .pool import RealData
@@ -474,7 +475,7 @@ class ShardSplit:
     def rank_shards(self, mask, rank, world):
         """Positions of the shards `rank` reads (for `batches` and `fetch`): those holding a wanted sample,
         dealt round-robin to the ranks."""
-        return self.shards_with(mask)[rank::world]
+        return deal(self.shards_with(mask), rank, world)
 
     def _loader(self, mask, batch_size, rank, world, pin_memory=False):
         """Batches (uint8 images, labels, global ids) of the wanted samples in this rank's shards."""
@@ -532,7 +533,7 @@ class ShardSplit:
         """
         index, mask = self._mask(index)
         wanted = np.flatnonzero(mask)
-        rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+        rank, world = rank_world(accelerator)
         if world == 1:
             out, found = self._fetch_into(mask, wanted, batch_size, 0, 1)
         else:
@@ -604,7 +605,7 @@ class _ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
+        shards = self.shards if info is None else deal(self.shards, info.id, info.num_workers)
         try:
             yield from self._batches(shards)
         except DataError as e:

@@ -37,7 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .augment import Augment
-from .dist import rank_slice
+from . import seeds
+from .dist import rank_world, run_of, share_sizes
 from .errors import DataError
 from .train import Session
 
@@ -52,8 +53,7 @@ def epoch_plan(n, batch_size, world):
     if sizes[-1] < world and len(sizes) > 1:
         rest = sizes.pop()
         sizes[-1] += rest
-    return np.array([[hi - lo for lo, hi in (rank_slice(b, r, world) for r in range(world))] for b in sizes],
-                    dtype=np.int64)
+    return np.array([share_sizes(b, world) for b in sizes], dtype=np.int64)
 
 
 def rank_run(split, order, plan, rank):
@@ -61,9 +61,7 @@ def rank_run(split, order, plan, rank):
     the epoch's sample sequence (the shards in `order`)."""
     counts = np.array([split.shards[i]["count"] for i in order], dtype=np.int64)
     starts = np.cumsum(counts) - counts
-    per_rank = plan.sum(0)
-    a = int(per_rank[:rank].sum())
-    b = a + int(per_rank[rank])
+    a, b = run_of(plan.sum(0), rank)
     mask = np.zeros(len(split), dtype=bool)
     hits = np.flatnonzero((starts < b) & (starts + counts > a))
     for i in hits:
@@ -104,22 +102,18 @@ class ShuffleBuffer:
         return out
 
 
-def _seed(*parts):
-    return [int(p) % (1 << 63) for p in parts]
-
-
 def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
     """This rank's training batches of one epoch, (uint8 images, labels, global ids) on the CPU, one per
     step of `plan`; raises DataError when the stream does not deliver exactly the planned samples."""
-    order = np.random.default_rng(_seed(seed, epoch, 0)).permutation(len(split.shards))
+    order = np.random.default_rng(seeds.stream_shard_order(seed, epoch)).permutation(len(split.shards))
     positions, mask = rank_run(split, order, plan, rank)
     sizes = plan[:, rank]
     expected = int(sizes.sum())
     loader_batch = int(sizes.max())
     buffer = ShuffleBuffer(shuffle_buffer + 2 * loader_batch, split.shape)
-    rng = np.random.default_rng(_seed(seed, epoch, 1, rank))
+    rng = np.random.default_rng(seeds.stream_buffer(seed, epoch, rank))
     stream = iter(split.stream(positions, mask, loader_batch, interleave=interleave,
-                               seed=_seed(seed, epoch, 2, rank)))
+                               seed=seeds.stream_interleave(seed, epoch, rank)))
     seen = np.zeros(len(split), dtype=bool)
     pushed = 0
     where = f"{split.index_path}, epoch {epoch}, rank {rank}"
@@ -157,7 +151,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     """
     r = recipe
     device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = rank_world(accelerator)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     augment = Augment(mean, std, split.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop, padding=r.padding)
     plan = epoch_plan(len(split), r.batch_size, world)
@@ -172,7 +166,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, initial=first_epoch, total=r.epochs):
         aug_gen = torch.Generator(device=device).manual_seed(
-            int(np.random.default_rng(_seed(seed, epoch, 3, rank)).integers(1 << 62)))
+            int(np.random.default_rng(seeds.stream_augmentation(seed, epoch, rank)).integers(1 << 62)))
         for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)
             x = x.contiguous(memory_format=memory_format)

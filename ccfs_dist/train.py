@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import seeds
 from .augment import Augment
-from .dist import broadcast_state, rank_slice
+from .dist import broadcast_state, rank_slice, rank_world
 from .errors import DataError
 from .io import save_torch
 
@@ -315,7 +315,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     r = recipe
     device = accelerator.device
     n = len(images)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = rank_world(accelerator)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     images = images.to(device).contiguous(memory_format=memory_format)
     labels = labels.to(device)
