@@ -51,10 +51,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation
+from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
 from .dist import deal, rank_world
 from .errors import CCFSError, ConfigError, DataError
-from .images import decode_image, encode_png, fast_png_decoder, open_image
+from .images import decode_image, encode_png, fast_png_decoder, square_side
 from .pool import RealData
 
 FORMAT = "ccfs-shards/1"
@@ -165,21 +165,10 @@ def _open_source(data_cfg, split):
         raise ConfigError("data.source is already 'webdataset'; name the original source (digits, cifar10, "
                           "cifar100, tiny-imagenet, imagefolder) to write shards from it")
     if source in ("tiny-imagenet", "imagefolder"):
-        root = data_cfg.get("root")
-        if root is None:
-            raise ConfigError(f"data source '{source}' needs 'data.root' (the folder holding it)")
-        root = os.path.expanduser(os.fspath(root))
-        if not os.path.isdir(root):
-            raise DataError(f"data.root folder not found: {root}")
+        root = source_root(source, data_cfg.get("root"))
         train_files, train_labels, classes = image_files(source, root, "train")
         files, labels = (train_files, train_labels) if split == "train" else image_files(source, root, split)[:2]
-        size = image_size
-        if size is None:
-            w, h = open_image(train_files[0], "RGB").size
-            if w != h:
-                raise DataError(f"{train_files[0]}: image is {w}x{h}, not square; set data.image_size to "
-                                f"resize and center-crop all images")
-            size = w
+        size = square_side(train_files[0], "RGB") if image_size is None else image_size
         if source == "tiny-imagenet":
             mean, std, stats = TINY_MEAN, TINY_STD, False
         else:

@@ -30,7 +30,6 @@ loader workers; so do the per-rank BatchNorm statistics (as with train_model und
 the recipe, the step count and the samples per epoch are the same for any process count.
 """
 import math
-import time
 
 import numpy as np
 import torch
@@ -160,8 +159,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     model = model.to(device, memory_format=memory_format)
     session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
     first_epoch = session.resume(checkpoint, {})     # every epoch's randomness comes from (seed, epoch, rank)
-    cuda = device.type == "cuda"
-    start, seen = time.perf_counter(), 0
+    start, seen = session.clock(), 0
     session.ddp_model.train()
     for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, initial=first_epoch, total=r.epochs):
@@ -174,13 +172,10 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
             session.step(x, y, ids, on_batch)
             seen += len(ids)
         session.end_epoch(epoch, on_epoch_end, checkpoint, {})
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = session.clock() - start
     seen = int(accelerator.reduce(torch.tensor([seen], device=device), reduction="sum").item()) if world > 1 else seen
     model = session.finish(checkpoint, broadcast=False)
-    return model, {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                   "epochs": r.epochs, "batch_size": r.batch_size, "steps": r.epochs * steps_per_epoch}
+    return model, session.stats(seconds, seen)
 
 
 def stream_options(cfg):
