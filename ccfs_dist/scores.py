@@ -9,7 +9,7 @@ different seeds on the full real training set, with `train_model`. Each run trai
 (runs dealt to ranks), unless the plan's rule splits one training over the ranks (plan.split_training):
 then every rank trains on its share of each global batch. One training session yields all three.
 Checkpoint scores (margin, logits) are one scoring pass of a given model (`scores.checkpoint`,
-default the teacher's) with the distributed scorer.
+default the teacher's) with the distributed prediction pass (predict.py).
 
 How correctness is observed (Toneva et al. 2019, "An empirical study of example forgetting"):
 on the training forward pass itself, i.e. on the augmented view, before the optimizer step, each
@@ -54,7 +54,7 @@ from .dist import Local, dealt, gather_rows, log
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .plan import split_training
-from .scorer import score
+from .predict import predict
 from .stream_train import stream_options, train_stream
 from .train import Recipe, train_model
 
@@ -244,9 +244,9 @@ def checkpoint_scores(accelerator, cfg, data):
     path = checkpoint_path(cfg)
     torch.manual_seed(cfg["seed"])
     model = load_checkpoint(build_model(cfg["model"], data.num_classes, data.channels, data.image_size), path)
-    results, _ = score(accelerator, model, data.train, np.arange(len(data.train)),
-                       mean=data.mean, std=data.std, batch_size=cfg["score"]["batch_size"],
-                       channels_last=cfg["train"]["channels_last"], desc="scores (checkpoint)")
+    results, _ = predict(accelerator, model, data.train, np.arange(len(data.train)),
+                         mean=data.mean, std=data.std, batch_size=cfg["predict"]["batch_size"],
+                         channels_last=cfg["train"]["channels_last"], desc="scores (checkpoint)")
     return {"margin": results["margin"].astype(np.float32), "logits": results["true_logit"].astype(np.float32)}
 
 
