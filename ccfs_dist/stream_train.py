@@ -138,7 +138,8 @@ def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
 
 
 def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, seed=0, desc="train (stream)",
-                 on_epoch_end=None, on_batch=None, checkpoint=None, shuffle_buffer=4096, interleave=16):
+                 on_epoch_end=None, on_batch=None, checkpoint=None, extra_state=None, shuffle_buffer=4096,
+                 interleave=16):
     """Train `model` in place on the streamed `split` (a ShardSplit) by `recipe` (a train.Recipe); return
     (model, stats).
 
@@ -158,7 +159,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
 
     model = model.to(device, memory_format=memory_format)
     session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
-    first_epoch = session.resume(checkpoint, {})     # every epoch's randomness comes from (seed, epoch, rank)
+    first_epoch = session.resume(checkpoint, {}, extra_state)     # every epoch's randomness comes from (seed, epoch, rank)
     start, seen = session.clock(), 0
     session.ddp_model.train()
     for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
@@ -171,7 +172,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
             y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)
             session.step(x, y, ids, on_batch)
             seen += len(ids)
-        session.end_epoch(epoch, on_epoch_end, checkpoint, {})
+        session.end_epoch(epoch, on_epoch_end, checkpoint, {}, extra_state)
     seconds = session.clock() - start
     seen = int(accelerator.reduce(torch.tensor([seen], device=device), reduction="sum").item()) if world > 1 else seen
     model = session.finish(checkpoint, broadcast=False)

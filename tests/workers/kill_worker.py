@@ -1,4 +1,4 @@
-"""`ccfs run` in which one rank SIGKILLs itself at a chosen point (the others are then stopped by torchrun).
+"""`ccfs run` in which one rank SIGKILLs itself at a chosen point (the others are then stopped by the launcher).
 
 Usage (under accelerate launch, or alone: then its one process is the one killed):
 kill_worker.py POINT [ccfs run args ...]; POINT is one of KILLS:
