@@ -27,6 +27,8 @@ DEFAULTS = {
         "distilled_resize": False, # resize / convert distilled images of another size or colour mode (else an error)
         "allow_urls": False,       # webdataset: index `file` entries may be URLs or `pipe:` commands (run by webdataset)
         "allow_outside": False,    # webdataset: index `file` entries may be absolute or climb out of the index's folder
+        "decode": "cpu",           # webdataset: cpu (loader workers decode, PIL) | device (workers pass JPEG bytes on,
+                                   # each rank decodes its batches on its device: nvjpeg on CUDA); docs/shards.md
     },
     "model": {
         "name": "convnet",         # convnet | resnet18 (CIFAR stem) | resnet18_imagenet | any torchvision classifier name
@@ -210,6 +212,7 @@ RANGES = {
 
 CHOICES = {
     "data.source": ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "webdataset"),
+    "data.decode": ("cpu", "device"),
     "model.norm": ("batchnorm", "instancenorm", "none"),
     "teacher.crop": ("pad",),
     "ccfs.compat": ("none", "official"),
@@ -307,6 +310,9 @@ def validate(cfg):
             raise ConfigError(f"config key '{key}' must be a list of numbers (one per channel), got {values!r}")
     if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
         raise ConfigError(f"config key 'data.std' must hold positive numbers, got {cfg['data']['std']}")
+    if cfg["data"]["decode"] == "device" and cfg["data"]["source"] != "webdataset":
+        raise ConfigError(f"config key 'data.decode' is 'device', which applies to data.source webdataset only "
+                          f"(data.source is {cfg['data']['source']!r}: its images are decoded once, in memory)")
     for section in ("teacher", "train"):                 # a warm-up longer than the training never ends
         warmup, epochs = cfg[section]["warmup_epochs"], cfg[section]["epochs"]
         if epochs is not None and warmup > epochs:
