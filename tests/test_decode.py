@@ -171,3 +171,48 @@ def test_decode_config():
         load_config(None, ["data.decode=device"])
     with pytest.raises(ConfigError, match="data.decode"):
         ShardSplit("unused.json", decode="cuda")
+
+
+# ------------------------------------------------------------------------------------ pre-resized shards
+
+# the tolerance docs/shards.md states for JPEGs re-encoded at the read size, per --jpeg-quality (measured on
+# these noisy generated photos: mean 2.1 / max 14 levels at 95, mean 0.48 / max 4 at 100; + 1 for decode=device)
+RESIZED_TOL = {95: (2.5, 24), 100: (0.75, 6)}
+
+
+@pytest.mark.parametrize("quality", [95, 100])
+def test_pre_resized_shards_read_as_resizing_on_read(jpeg_pool, quality):
+    """`ccfs shards --resize 32` (the read size): the index records it, stored members have
+    the shorter side 32; read back, PNG members give the very pixels of resizing on read, re-encoded JPEGs
+    lie within the stated tolerance, and decode=device (nothing left to resize) equals decode=cpu."""
+    from ccfs_dist.cli import main
+    from ccfs_dist.shards import iter_samples, read_index
+    out = str(jpeg_pool["base"] / f"resized{quality}")
+    cfg_file = jpeg_pool["base"] / "folder.yaml"
+    cfg_file.write_text(f"data:\n  source: imagefolder\n  root: {jpeg_pool['root']}\n  image_size: {SIZE}\n")
+    assert main(["shards", "--config", str(cfg_file), "--out", out, "--split", "train", "--per-shard", "25",
+                 "--workers", "1", "--resize", str(SIZE), "--jpeg-quality", str(quality)]) == 0
+    meta, shards = read_index(os.path.join(out, "train.json"))
+    full_meta, full_shards = read_index(os.path.join(jpeg_pool["shards"], "train.json"))
+    assert meta["source"]["resize"] == SIZE and meta["source"]["jpeg_quality"] == quality
+    assert "resize" not in full_meta["source"]
+    assert meta["source"]["fingerprint"] != full_meta["source"]["fingerprint"]
+    with open(shards[0]["url"], "rb") as f:
+        for _, files in iter_samples(f):
+            (ext,) = set(files) - {"cls"}
+            assert min(Image.open(io.BytesIO(files[ext])).size) == SIZE
+    full = stream_all(ShardSplit(os.path.join(jpeg_pool["shards"], "train.json")))
+    png = int(torch.nonzero(full[1] == 2)[0, 0])                          # c2's first file is the PNG
+    read = {}
+    for decode in ("cpu", "device"):
+        read[decode] = got = stream_all(ShardSplit(os.path.join(out, "train.json"), decode=decode))
+        assert torch.equal(got[2], full[2])
+        diff = (got[0].int() - full[0].int()).abs()
+        mean_tol, max_tol = RESIZED_TOL[quality]
+        assert diff.float().mean() <= mean_tol and diff.max() <= max_tol, (decode, diff.float().mean(), diff.max())
+        assert torch.equal(got[0][png], full[0][png])
+    assert torch.equal(read["cpu"][0], read["device"][0])     # stored at the read size: crop only, no resize
+    assert main(["shards", "--config", str(cfg_file), "--out", out + "2", "--resize", "16"]) == 2
+    assert main(["shards", "--config", str(cfg_file), "--out", out + "2", "--resize", "32", "--jpeg-quality", "0"]) == 2
+    with pytest.raises(ConfigError, match="--resize applies to image-file sources"):
+        write_shards({"source": "digits"}, out + "3", resize=8)
