@@ -28,7 +28,8 @@ into --out/decode: --decode-images photos of 375-500 x 333-500 px, quality 90, a
 written by `ccfs shards` twice: as stored, and with --resize --decode-size). For each shard set it times
 ShardSplit.batches over every sample (no model), twice each, best of the two: data.decode cpu (--workers
 loader workers decode with PIL) and data.decode device (the workers read bytes, the rank decodes each batch
-with decode_jpeg on its device: CUDA when there is one and no --cpu, else the CPU with --threads threads).
+with decode_jpeg on its device: CUDA when there is one and no --cpu, else the CPU with --threads threads);
+then, untimed, the mean and max |difference| between the two paths' pixels (the tolerance on that device).
 
    python launch/bench_shards.py --decode --cpu        # this machine: 1 worker vs the batch decode on the CPU
    python launch/bench_shards.py --decode --workers 8  # a GPU: 8 PIL workers vs nvjpeg, the same command
@@ -299,13 +300,25 @@ def decode_bench(args):
             rows.append({"shards": name, "decode": decode, "images": n, "seconds": best, "images_per_s": n / best,
                          "mb_per_image": nbytes / len(split) / 1e6,
                          "decoded_on": "cpu (loader workers)" if decode == "cpu" else str(device)})
+        # the tolerance: device-decoded against CPU-path pixels, batch by batch (the same samples, in order)
+        total, peak, count = 0, 0, 0
+        pair = [ShardSplit(index, num_workers=args.workers, decode=d).batches(
+            np.arange(len(split)), args.batch_size, 0, 1, device) for d in ("cpu", "device")]
+        for (x, _, ids), (dx, _, dids) in zip(*pair):
+            assert torch.equal(ids.cpu(), dids.cpu())
+            diff = (x.to(device).int() - dx.int()).abs()
+            total, peak, count = total + int(diff.sum()), max(peak, int(diff.max())), count + diff.numel()
+        rows[-1].update(mean_abs_diff=total / count, max_abs_diff=peak)
     print(f"\ndecode throughput to {args.decode_size} px, {args.decode_images} ImageNet-shaped JPEGs, "
           f"{args.workers} loader worker(s), {args.threads} thread(s), batch {args.batch_size}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'shards':>8} {'KB/image':>9} {'decode':>7} {'decoded on':>20} {'images/s':>9}")
+    print(f"{'shards':>8} {'KB/image':>9} {'decode':>7} {'decoded on':>20} {'images/s':>9} {'|diff| vs cpu':>14}")
     for r in rows:
+        diff = f"{r['mean_abs_diff']:.3f} / {r['max_abs_diff']}" if "max_abs_diff" in r else ""
         print(f"{r['shards']:>8} {r['mb_per_image'] * 1000:>9.0f} {r['decode']:>7} {r['decoded_on']:>20} "
-              f"{r['images_per_s']:>9.0f}")
+              f"{r['images_per_s']:>9.0f} {diff:>14}")
+    print("|diff| vs cpu: mean / max absolute difference, in levels, between the device-decoded and the CPU "
+          "path's pixels")
     write_json(os.path.join(base, "result.json"), {"rows": rows, "workers": args.workers, "threads": args.threads,
                                                    "device": str(device), **params})
 

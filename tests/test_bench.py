@@ -158,4 +158,6 @@ def test_shard_decode_benchmark_report(tmp_path):
     assert all(r["images"] == 20 and r["images_per_s"] > 0 for r in rows.values())
     assert rows["resized", "cpu"]["mb_per_image"] < rows["full", "cpu"]["mb_per_image"]
     assert rows["full", "device"]["decoded_on"] == "cpu" and result["device"] == "cpu"
+    assert 0 < rows["full", "device"]["mean_abs_diff"] <= 0.25 and rows["full", "device"]["max_abs_diff"] == 1
+    assert rows["resized", "device"]["max_abs_diff"] == 0        # nothing left to resize: the decoder's pixels
     assert "decode throughput to 32 px" in proc.stdout
