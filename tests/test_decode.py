@@ -2,8 +2,8 @@
 (loader workers, PIL): the same samples in the same order, pixels within the stated tolerance, the same
 predictions, the same error for a corrupt JPEG; and `ccfs shards --resize` (pre-resized shards)."""
 import io
+import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -162,9 +162,15 @@ def test_stream_train_batches_under_device_decode(jpeg_pool):
             assert (x.int() - dx.int()).abs().max() <= MAX_TOL
 
 
-def test_decode_config():
+def test_decode_config(jpeg_pool):
     cfg = load_config(None, ["data.source=webdataset", "data.root=a.json", "data.decode=device"])
     assert cfg["data"]["decode"] == "device" and load_config(None, [])["data"]["decode"] == "cpu"
+    from ccfs_dist.sources import load_real
+    shards = {"source": "webdataset", "root": os.path.join(jpeg_pool["shards"], "train.json"),
+              "test_root": os.path.join(jpeg_pool["shards"], "test.json")}
+    data = load_real(dict(cfg["data"], **shards))
+    assert data.train.decode == data.test.decode == "device"
+    assert load_real(dict(shards, decode="cpu")).train.decode == "cpu"
     with pytest.raises(ConfigError, match="data.decode"):
         load_config(None, ["data.decode=gpu"])
     with pytest.raises(ConfigError, match="webdataset only"):
@@ -216,3 +222,33 @@ def test_pre_resized_shards_read_as_resizing_on_read(jpeg_pool, quality):
     assert main(["shards", "--config", str(cfg_file), "--out", out + "2", "--resize", "32", "--jpeg-quality", "0"]) == 2
     with pytest.raises(ConfigError, match="--resize applies to image-file sources"):
         write_shards({"source": "digits"}, out + "3", resize=8)
+
+
+# ------------------------------------------------------------------------------------------ a whole run
+
+def test_whole_run_with_device_decode_equals_cpu_decode_on_png_shards(tmp_path):
+    """A whole run on digits shards (PNG members: decoded in the workers under both settings) with the teacher
+    trained on the stream: data.decode=device moves every streamed pass (teacher training, scoring, test
+    accuracy) onto the encoded-batch path, and the run's selections and figures stay byte-identical."""
+    from test_run import TINY, run_script
+    folder = str(tmp_path / "digits")
+    for split in ("train", "test"):
+        write_shards({"source": "digits"}, folder, split=split, per_shard=300, workers=1, log=lambda *a: None)
+    base = TINY + ["ccfs.difficulty=logits", "data.source=webdataset", f"data.root={folder}/train.json",
+                   f"data.test_root={folder}/test.json", "score.num_workers=1"]
+    runs = {}
+    for decode in ("cpu", "device"):
+        out = tmp_path / decode
+        proc = run_script(["--out", str(out)] + base + [f"data.decode={decode}"])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[decode] = [open(out / name).read() for name in ("selected_indices.json", "summary.json")]
+    assert runs["cpu"][0] == runs["device"][0]
+    summaries = [untimed(json.loads(runs[d][1])) for d in ("cpu", "device")]
+    assert summaries[0] == summaries[1] and summaries[0]["teacher"]["source"] == "trained"
+
+
+def untimed(tree):
+    """A summary without its timings (keys naming seconds or a rate per second)."""
+    if isinstance(tree, dict):
+        return {k: untimed(v) for k, v in tree.items() if "seconds" not in k and "per_s" not in k}
+    return [untimed(v) for v in tree] if isinstance(tree, list) else tree
