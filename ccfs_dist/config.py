@@ -95,7 +95,8 @@ DEFAULTS = {
         "flip": True,              # random horizontal flip
     },
     "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
-        "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes)
+        "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes;
+                                   # on the device under data.decode: device)
         "interleave": 16,          # shards each loader worker (score.num_workers) reads at once, drawing samples from all
     },
     "score": {

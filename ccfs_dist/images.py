@@ -162,7 +162,8 @@ def decode_jpeg_batch(payloads, mode, size, device):
 
     Returns a list of tensors. Decoded as RGB (libjpeg's own upsampling and colour conversion, as PIL);
     mode "L" then takes PIL's integer luma (R*19595 + G*38470 + B*7471 + 32768) >> 16 before resizing, as
-    PIL's convert("L") does (exact for grey JPEGs). A decode failure raises the decoder's RuntimeError (decode_jpeg gives no partial results)."""
+    PIL's convert("L") does (exact for grey JPEGs). A decode failure raises the decoder's RuntimeError
+    (decode_jpeg gives no partial results)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     if not payloads:
         return []

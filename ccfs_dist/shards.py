@@ -254,10 +254,12 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
                  resize=None, jpeg_quality=RESIZE_JPEG_QUALITY):
     """Write `split` of the source named by `data_cfg` as WebDataset shards + `<out_dir>/<split>.json`.
 
+    Returns the index dict. Refuses to replace an existing index unless `overwrite`; with it, shard files
+    of this split that the new index does not list are removed after the new index is in place.
+
     `resize` (image-file sources): store every image with its shorter side `resize` (at least the image size
     it is read at), re-encoded (_Source._resized, JPEGs at `jpeg_quality`), so that reading decodes smaller
-    files and crops (when `resize` is that size) instead of resizing; the index's source.resize records it. Returns the index dict. Refuses to replace an existing index unless `overwrite`; with it, shard files
-    of this split that the new index does not list are removed after the new index is in place.
+    files and only crops (when `resize` is that size); the index's source.resize records it.
     """
     global _WRITE_SOURCE
     if split not in ("train", "test"):
@@ -539,7 +541,7 @@ class ShardSplit:
         puts few classes in one shard). The shard checks are those of `batches`. With decode="device" the
         images come decoded on `device` (labels and ids stay on the CPU); else on the CPU."""
         if len(positions):
-            decode_on = self._decode_on(device) if device is not None else None
+            decode_on = self._decode_on(device)
             stream = _InterleavedStream(self, [self.shards[i] for i in positions], mask, batch_size,
                                         interleave, tuple(seed), encoded=decode_on is not None)
             yield from self._iterate(stream, len(positions), batch_size, pin_memory, decode_on)
