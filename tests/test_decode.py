@@ -137,6 +137,38 @@ def test_predictions_agree_between_the_two_paths(jpeg_pool):
     assert np.abs(a["margin"] - b["margin"]).max() < 0.1 * np.abs(a["margin"]).max()
 
 
+def test_device_decode_scores_do_not_depend_on_the_process_count(jpeg_pool, tmp_path, launch):
+    """tests/workers/shard_score_worker.py over the JPEG shards, decode cpu and device, 1 process and 2 through
+    accelerate launch (2 loader workers, a shuffled subset): per decode the same records with 1 and 2
+    processes, and the same predictions across the two decodes."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    worker = os.path.join(ROOT, "tests", "workers", "shard_score_worker.py")
+    cases = [{"name": decode, "memory": jpeg_pool["cfg"], "train": os.path.join(jpeg_pool["shards"], "train.json"),
+              "workers": 2, "subset": True, "decode": decode} for decode in ("cpu", "device")]
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    proc = subprocess.run([sys.executable, worker, str(spec), str(one)], timeout=300, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch([worker, str(spec), str(two)], processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {(d, n): np.load(folder / f"{d}.stream.npz") for d in ("cpu", "device") for n, folder in ((1, one), (2, two))}
+    for decode in ("cpu", "device"):
+        a, b = got[decode, 1], got[decode, 2]
+        assert int(b["world"]) == 2 and len(a["index"]) == 80
+        for key in ("index", "label", "pred"):
+            assert np.array_equal(a[key], b[key]), (decode, key)
+        for key in ("true_logit", "margin", "loss"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=decode)
+    assert np.array_equal(got["cpu", 1]["index"], got["device", 1]["index"])
+    assert (got["cpu", 1]["pred"] == got["device", 1]["pred"]).mean() >= 0.99
+
+
 def test_a_corrupt_jpeg_gives_the_cpu_paths_error(jpeg_pool):
     """The truncated JPEG of val/: the same one-line DataError, naming its shard and key, under both decodes."""
     index_path = os.path.join(jpeg_pool["shards"], "test.json")
@@ -147,6 +179,24 @@ def test_a_corrupt_jpeg_gives_the_cpu_paths_error(jpeg_pool):
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "\n" not in errors[1], errors
     assert "sample 00000008:" in errors[1]                   # c0's 8 JPEGs come first, then the truncated one and "test-000000.tar" in errors[1] and "truncated" in errors[1]
+
+
+def test_sha256_is_checked_while_streaming_under_device_decode(jpeg_pool, tmp_path):
+    """Shards whose bytes differ from the index's sha256 (a byte changed inside a JPEG's data, which decodes
+    anyway): the stream stops with the sha256 error naming the shard, as under decode=cpu."""
+    import shutil
+    from ccfs_dist.shards import read_index
+    folder = tmp_path / "shards"
+    shutil.copytree(jpeg_pool["shards"], folder)
+    _, shards = read_index(folder / "train.json")
+    path = shards[1]["url"]                                 # the copy: resolved next to its index
+    raw = bytearray(open(path, "rb").read())
+    at = raw.index(b"\xff\xda") + 200                      # inside the first JPEG's entropy-coded data
+    raw[at] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+    for decode in ("cpu", "device"):
+        with pytest.raises(DataError, match="train-000001.tar: content differs from its index"):
+            stream_all(ShardSplit(folder / "train.json", num_workers=1, decode=decode))
 
 
 def test_stream_train_batches_under_device_decode(jpeg_pool):
