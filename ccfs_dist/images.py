@@ -167,6 +167,12 @@ def decode_jpeg_batch(payloads, mode, size, device):
     from torchvision.io import ImageReadMode, decode_jpeg
     if not payloads:
         return []
+    device = torch.device(device)
+    if device.type == "cuda":
+        # drain the caller's stream first: torchvision's CUDA decoder takes output blocks from the caching
+        # allocator and writes them on a stream not ordered after the caller's, so it can overwrite memory
+        # that queued kernels still read (pytorch/vision#9606: "draining the caller's stream" avoids it)
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():        # torchvision 0.29 deprecates its decoders, with a warning per call
         warnings.simplefilter("ignore", DeprecationWarning)
         decoded = decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
