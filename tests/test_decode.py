@@ -117,7 +117,7 @@ def test_grey_mode_and_geometry_of_the_batch_decoder():
 def test_predictions_agree_between_the_two_paths(jpeg_pool):
     from ccfs_dist.dist import make_accelerator
     from ccfs_dist.models import build_model
-    from ccfs_dist.scorer import score
+    from ccfs_dist.predict import predict
     from ccfs_dist.train import Recipe, train_model
     acc = make_accelerator()
     index_path = os.path.join(jpeg_pool["shards"], "train.json")
@@ -129,8 +129,8 @@ def test_predictions_agree_between_the_two_paths(jpeg_pool):
     model, _ = train_model(acc, model, images, labels, Recipe(epochs=15, batch_size=32, lr=0.05, weight_decay=5e-4),
                            mean=mean, std=std, seed=0)
     index = np.arange(len(cpu))
-    a, _ = score(acc, model, cpu, index, mean=mean, std=std, batch_size=32)
-    b, _ = score(acc, model, dev, index, mean=mean, std=std, batch_size=32)
+    a, _ = predict(acc, model, cpu, index, mean=mean, std=std, batch_size=32)
+    b, _ = predict(acc, model, dev, index, mean=mean, std=std, batch_size=32)
     assert np.array_equal(a["index"], b["index"]) and np.array_equal(a["label"], b["label"])
     assert (a["pred"] == a["label"]).mean() >= 0.6                      # a model that learned something
     assert (a["pred"] == b["pred"]).mean() >= 0.99
@@ -285,7 +285,7 @@ def test_whole_run_with_device_decode_equals_cpu_decode_on_png_shards(tmp_path):
     for split in ("train", "test"):
         write_shards({"source": "digits"}, folder, split=split, per_shard=300, workers=1, log=lambda *a: None)
     base = TINY + ["ccfs.difficulty=logits", "data.source=webdataset", f"data.root={folder}/train.json",
-                   f"data.test_root={folder}/test.json", "score.num_workers=1"]
+                   f"data.test_root={folder}/test.json", "data.num_workers=1"]
     runs = {}
     for decode in ("cpu", "device"):
         out = tmp_path / decode
