@@ -25,14 +25,15 @@ The shard set is ~3.3 GB (tar headers dominate at this image size); it is not de
 
 With --decode, instead: decode throughput at --decode-size px (224) of ImageNet-shaped JPEGs (generated once
 into --out/decode: --decode-images photos of 375-500 x 333-500 px, quality 90, as an image folder, then
-written by `ccfs shards` twice: as stored, and with --resize --decode-size). For each shard set it times
+written by `ccfs shards` twice, --decode-per-shard per shard: as stored, and with --resize --decode-size).
+For each shard set it times
 ShardSplit.batches over every sample (no model), twice each, best of the two: data.decode cpu (--workers
 loader workers decode with PIL) and data.decode device (the workers read bytes, the rank decodes each batch
 with decode_jpeg on its device: CUDA when there is one and no --cpu, else the CPU with --threads threads);
 then, untimed, the mean and max |difference| between the two paths' pixels (the tolerance on that device).
 
    python launch/bench_shards.py --decode --cpu        # this machine: 1 worker vs the batch decode on the CPU
-   python launch/bench_shards.py --decode --workers 8  # a GPU: 8 PIL workers vs nvjpeg, the same command
+   python launch/bench_shards.py --decode --decode-images 4000 --workers 12   # a GPU: 12 PIL workers vs nvjpeg
 """
 import argparse
 import json
@@ -264,7 +265,8 @@ def decode_bench(args):
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     base = os.path.join(args.out, "decode")
-    params = {"images": args.decode_images, "size": args.decode_size, "per_shard": args.per_shard}
+    params = {"images": args.decode_images, "size": args.decode_size, "per_shard": args.decode_per_shard,
+              "seed": args.seed}
     stamp = os.path.join(base, "params.json")
     if not (os.path.exists(stamp) and json.load(open(stamp)) == params):
         import shutil
@@ -273,7 +275,7 @@ def decode_bench(args):
         write_photos(os.path.join(base, "folder"), args.decode_images, args.seed)
         cfg = {"source": "imagefolder", "root": os.path.join(base, "folder"), "image_size": args.decode_size}
         for name, resize in (("full", None), ("resized", args.decode_size)):
-            write_shards(cfg, os.path.join(base, name), per_shard=args.per_shard, workers=args.gen_workers,
+            write_shards(cfg, os.path.join(base, name), per_shard=args.decode_per_shard, workers=args.gen_workers,
                          resize=resize, log=lambda *a: None)
         write_json(stamp, params)
         print(f"decode: wrote {args.decode_images} JPEGs and their shards in {time.perf_counter() - start:.0f} s",
@@ -349,6 +351,8 @@ def main():
     p.add_argument("--decode", action="store_true", help="measure decode throughput instead (see above)")
     p.add_argument("--decode-images", type=int, default=600, help="--decode: JPEGs generated")
     p.add_argument("--decode-size", type=int, default=224, help="--decode: the image size read (and --resize)")
+    p.add_argument("--decode-per-shard", type=int, default=25,
+                   help="--decode: samples per shard (default 25: enough shards for every loader worker)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -148,7 +148,7 @@ def test_shard_decode_benchmark_report(tmp_path):
     pre-resized), both decode paths, every image counted, the table printed and result.json written."""
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_shards.py"), "--decode", "--cpu",
-                           "--out", str(out), "--decode-images", "20", "--decode-size", "32", "--per-shard", "10",
+                           "--out", str(out), "--decode-images", "20", "--decode-size", "32", "--decode-per-shard", "10",
                            "--gen-workers", "1", "--batch-size", "8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
