@@ -275,6 +275,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     wall["distill"] = lap()
 
     synthetic = held_set(run, cfg, data, run.synthetic(0), [distilled])          # S_0
+    distilled = given_distilled = None           # train.synthetic shared: the rank's own copy is no longer needed
     selected = np.empty(0, dtype=np.int64)
     phases = []
     for (j, k), stage in zip(enumerate(budgets, 1), phase_stages):

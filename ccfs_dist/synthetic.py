@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .dist import rank_slice
+from .io import wait_for
 
 COPY_BYTES = 64 << 20          # rows copied at a time from one held set into a new file (bounded host memory)
 
@@ -84,7 +85,7 @@ def write(accelerator, path, parts, shape):
         os.makedirs(folder, exist_ok=True)
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()   # header + sparse rows
     accelerator.wait_for_everyone()
-    offset = np.load(tmp, mmap_mode="r", allow_pickle=False).offset
+    offset = np.load(wait_for(tmp), mmap_mode="r", allow_pickle=False).offset    # (another node's file: it may show late)
     row_bytes = int(np.prod(shape[1:]))
     rank, world = accelerator.process_index, accelerator.num_processes
     # plain writes at byte offsets, not a writable mmap: ranks on other nodes may share the file system

@@ -1,6 +1,7 @@
 """Train a model on a small cached image set: the teacher, each phase's filter, and evaluation models.
 
-The set is held as a uint8 tensor on the device and augmented in batches on the device. A training runs
+The set is held as a uint8 tensor on the device and augmented in batches on the device (a set held in a
+shared file, synthetic.py, stays on the host: each chunk's rows are gathered there and moved). A training runs
 whole on one rank when `accelerator` is a dist.Local (the plan's rule, plan.split_training), else it is
 split: every rank draws the same epoch permutation and trains on its share of each global batch;
 Accelerate's DDP averages the gradients, so the recipe (global batch size, lr) does not depend on the

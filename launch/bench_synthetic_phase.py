@@ -17,7 +17,7 @@ shared pages count 1/n to each of the n processes mapping them); the node's memo
 Prints per run the pool, store, ranks, peak RSS per rank, PSS per rank and per node, and the ratio of the
 peak RSS with the full pool to that with the small pool (target <= 1.15).
 
-    python launch/bench_synthetic_phase.py [--ranks 2] [--ipc 80] [--k 10] [--runs shared:small,shared:full,resident:small]
+    python launch/bench_synthetic_phase.py [--ranks 2] [--ipc 80] [--k 10] [--runs shared:small,shared:full,resident:small,resident:full]
 """
 import argparse
 import importlib.util
@@ -81,12 +81,14 @@ def child(args):
                  num_classes=len(split.classes), seed=2)
     current = synthetic.build(acc, args.store, os.path.join(folder, "S_1.npy"), [previous, (split, sel.indices)],
                               split.shape)
+    before = len(previous)
     synthetic.drop(acc, previous)
+    previous = None                                       # as the curriculum lets S_(j-1) go
     held = current.images
     checksum = int(np.asarray(held, dtype=np.uint8).sum(dtype=np.int64))   # S_j read whole, as the next filter would
     phase_s = time.perf_counter() - t0
     out = {"rank": acc.process_index, "ranks": acc.num_processes, "pool": len(split), "store": args.store,
-           "synthetic_before": len(previous), "synthetic_after": len(current), "set_mb": held.nbytes / 2**20,
+           "synthetic_before": before, "synthetic_after": len(current), "set_mb": held.nbytes / 2**20,
            "peak_rss_mb": _status_kb("VmHWM") / 1024, "rss_mb": _status_kb("VmRSS") / 1024,
            "pss_mb": _status_kb("Pss", "/proc/self/smaps_rollup") / 1024, "checksum": checksum,
            "setup_s": setup_s, "train_s": train_s, "score_s": score_s, "phase_s": phase_s}
@@ -109,7 +111,7 @@ def main():
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--ipc", type=int, default=80, help="images per class of S_{j-1}")
     p.add_argument("--k", type=int, default=10, help="images per class the phase selects")
-    p.add_argument("--runs", default="shared:small,shared:full,resident:small",
+    p.add_argument("--runs", default="shared:small,shared:full,resident:small,resident:full",
                    help="comma-separated store:pool (store shared|resident, pool small|full)")
     p.add_argument("--gen-workers", type=int, default=2, help="writer processes (first run only)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
