@@ -20,7 +20,6 @@ peak RSS with the full pool to that with the small pool (target <= 1.15).
     python launch/bench_synthetic_phase.py [--ranks 2] [--ipc 80] [--k 10] [--runs shared:small,shared:full,resident:small,resident:full]
 """
 import argparse
-import importlib.util
 import json
 import os
 import socket
@@ -120,13 +119,11 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(args)
-    spec = importlib.util.spec_from_file_location("bench_shards", os.path.join(ROOT, "launch", "bench_shards.py"))
-    bench_shards = importlib.util.module_from_spec(spec)
-    sys.modules["bench_shards"] = bench_shards          # its writer processes pickle its functions by name
-    spec.loader.exec_module(bench_shards)
-    gen = argparse.Namespace(out=args.out, samples=1281167, small=128000, classes=1000, image_size=16,
-                             per_shard=2000, seed=0, gen_workers=args.gen_workers)
-    index = dict(zip(("full", "small"), bench_shards.generate(gen)))
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import bench_shards                                  # as a module by its name: its writer processes pickle by name
+    index = dict(zip(("full", "small"), bench_shards.generate(argparse.Namespace(
+        out=args.out, samples=1281167, small=128000, classes=1000, image_size=16, per_shard=2000, seed=0,
+        gen_workers=args.gen_workers))))     # the shard set bench_shards.py and bench_stream_train.py use
     results = []
     for run in args.runs.split(","):
         store, pool = run.split(":")
