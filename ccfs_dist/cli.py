@@ -60,7 +60,7 @@ def cmd_scores(args):
                         f"got {args.method!r}")
     methods = list(dict.fromkeys(methods))
     from .sources import load_real
-    data = load_real(cfg["data"], num_workers=cfg["score"]["num_workers"])
+    data = load_real(cfg["data"])
     out = args.out or os.path.join("scores", f"{data.name}_{{method}}.npy")
     if len(methods) > 1 and "{method}" not in out:
         raise CCFSError(f"--out {out!r} names one file but {len(methods)} methods were asked for; put "
@@ -156,7 +156,7 @@ def build_parser():
                                    "el2n from scores.runs training runs on the full training set (one training "
                                    "session gives all three), or margin / logits of a model checkpoint "
                                    "(scores.checkpoint). Writes a float32 .npy aligned with the global index and "
-                                   "a JSON beside it; use the file as ccfs.difficulty.")
+                                   "a JSON beside it; use the file as ccfs.difficulty_file (with ccfs.difficulty=file).")
     add_config_arg(p, "YAML run config (default: configs/default.yaml, the digits demo); the scores section "
                         "holds the recipe")
     p.add_argument("--method", default=None,
@@ -179,7 +179,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder for the shards and index JSON(s)")
     p.add_argument("--split", choices=("train", "test"), default=None, help="one split only (default: both)")
     p.add_argument("--per-shard", type=int, default=2000,
-                   help="samples per shard (default 2000); keep shards >= ranks x score.num_workers")
+                   help="samples per shard (default 2000); keep shards >= ranks x data.num_workers")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards of the split in --out")
     p.add_argument("--verify", action="store_true",

@@ -27,6 +27,7 @@ DEFAULTS = {
         "distilled_resize": False, # resize / convert distilled images of another size or colour mode (else an error)
         "allow_urls": False,       # webdataset: index `file` entries may be URLs or `pipe:` commands (run by webdataset)
         "allow_outside": False,    # webdataset: index `file` entries may be absolute or climb out of the index's folder
+        "num_workers": 0,          # webdataset: DataLoader workers per rank decoding the streamed pool
     },
     "model": {
         "name": "convnet",         # convnet | resnet18 (CIFAR stem) | resnet18_imagenet | any torchvision classifier name
@@ -60,8 +61,10 @@ DEFAULTS = {
         "phases": 3,               # int, or "log" for J = floor(log2(ipc / 5)) + 1 (CUDD)
         "coarse": "misclassified", # misclassified | correct
         "fine": "simple",          # simple | hard | random
-        "difficulty": "logits",    # logits | forgetting | loss | el2n (computed, `scores`) | score file (.npy, .npz)
-        "difficulty_method": None, # direction of a score file: forgetting | cscore | loss | el2n | margin | logits; None: from the file
+        "difficulty": "logits",    # logits | forgetting | loss | el2n (computed, `scores`) | file (ccfs.difficulty_file)
+        "difficulty_file": None,   # the score file (.npy, .npz) that ccfs.difficulty: file reads
+        "difficulty_file_method": None,  # direction of that file: forgetting | cscore | loss | el2n | margin | logits;
+                                         # None: from the file (the JSON beside it, else its type)
         "balance": True,           # select per class (True) or globally over the pool (False)
         "teacher_correct": True,   # coarse candidates must also be classified correctly by the teacher
         "warm_start": False,       # start phase j's filter from phase j-1's weights
@@ -98,11 +101,10 @@ DEFAULTS = {
     },
     "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
         "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes)
-        "interleave": 16,          # shards each loader worker (score.num_workers) reads at once, drawing samples from all
+        "interleave": 16,          # shards each loader worker (data.num_workers) reads at once, drawing samples from all
     },
-    "score": {
-        "batch_size": 512,
-        "num_workers": 0,          # webdataset: DataLoader workers per rank decoding the streamed pool
+    "predict": {                   # a model's pass over pool samples (predict.py): teacher and filter predictions, accuracy
+        "batch_size": 512,         # per rank
     },
     "scores": {                    # per-sample difficulty scores: `ccfs scores`, ccfs.difficulty=forgetting|loss|el2n
         "method": "forgetting",    # what `ccfs scores` computes: forgetting | loss | el2n | margin | logits
@@ -134,7 +136,8 @@ NULLABLE = {
     "teacher.crop": str,
     "train.warmup_start": float,
     "teacher.checkpoint": str,
-    "ccfs.difficulty_method": str,
+    "ccfs.difficulty_file": str,
+    "ccfs.difficulty_file_method": str,
     "train.epochs": int,
     "train.batch_size": int,
     "scores.el2n_epoch": int,
@@ -197,8 +200,8 @@ RANGES = {
     "train.min_batch_per_rank": AT_LEAST_1,
     "train.warmup_start": Range(0, 1, lo_open=True),
     "aug.scale_min": Range(0, 1, lo_open=True),
-    "score.batch_size": AT_LEAST_1,
-    "score.num_workers": AT_LEAST_0,
+    "predict.batch_size": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
     "scores.runs": AT_LEAST_1,
     "scores.epochs": AT_LEAST_1,
     "scores.batch_size": AT_LEAST_1,
@@ -222,10 +225,32 @@ CHOICES = {
     "distill.init": ("noise", "real"),
     "ccfs.coarse": ("misclassified", "correct"),
     "ccfs.fine": ("simple", "hard", "random"),
-    "ccfs.difficulty_method": ("forgetting", "cscore", "loss", "el2n", "margin", "logits"),
+    "ccfs.difficulty": ("logits", "forgetting", "loss", "el2n", "file"),
+    "ccfs.difficulty_file_method": ("forgetting", "cscore", "loss", "el2n", "margin", "logits"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "scores.method": ("forgetting", "loss", "el2n", "margin", "logits"),
 }
+
+# old keys (issue 12): one that appears names its new key instead of being just unknown
+RENAMED = {
+    "score.batch_size": "predict.batch_size",
+    "score.num_workers": "data.num_workers",
+    "ccfs.difficulty_method": "ccfs.difficulty_file_method",
+}
+
+
+def _renamed(dotted, value):
+    """The ConfigError for an old key, or for the old section holding it; None if `dotted` is not old."""
+    if dotted in RENAMED:
+        return ConfigError(f"config key '{dotted}' was renamed to '{RENAMED[dotted]}'")
+    moved = [old for old in RENAMED if old.startswith(dotted + ".")]
+    if not moved:
+        return None
+    for key in value if isinstance(value, dict) else ():
+        if f"{dotted}.{key}" in RENAMED:
+            return _renamed(f"{dotted}.{key}", None)
+    return ConfigError(f"config section '{dotted}' was removed: "
+                       + ", ".join(f"'{old}' was renamed to '{RENAMED[old]}'" for old in moved))
 
 
 def _check(key, value, default):
@@ -249,6 +274,9 @@ def _check(key, value, default):
         raise ConfigError(f"config key '{key}' must be of type {expected.__name__}, got {value!r}")
     if isinstance(value, str) and "\0" in value:
         raise ConfigError(f"config key '{key}' holds a NUL character: {value!r}")
+    if key == "ccfs.difficulty" and value not in CHOICES[key] and ("/" in value or "." in value):
+        raise ConfigError(f"config key 'ccfs.difficulty' no longer takes a score file's path ({value!r}): "
+                          f"set ccfs.difficulty: file and ccfs.difficulty_file: {value}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in RANGES and value not in RANGES[key]:
@@ -260,6 +288,9 @@ def _merge(base, update, prefix=""):
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in base:
+            old = _renamed(dotted, value)
+            if old is not None:
+                raise old
             known = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key '{dotted}' (known keys here: {known})")
         if isinstance(base[key], dict):
@@ -317,6 +348,14 @@ def validate(cfg):
         if epochs is not None and warmup > epochs:
             raise ConfigError(f"config key '{section}.warmup_epochs' must be at most {section}.epochs ({epochs}), "
                               f"got {warmup}")
+    c = cfg["ccfs"]                                      # the score file's keys go with ccfs.difficulty: file only
+    if c["difficulty"] == "file" and c["difficulty_file"] is None:
+        raise ConfigError("config key 'ccfs.difficulty' is 'file' but 'ccfs.difficulty_file' (the score file's "
+                          "path) is not set")
+    for key in ("difficulty_file", "difficulty_file_method"):
+        if c["difficulty"] != "file" and c[key] is not None:
+            raise ConfigError(f"config key 'ccfs.{key}' is set ({c[key]!r}) but ccfs.difficulty is "
+                              f"{c['difficulty']!r}, not 'file'; set ccfs.difficulty: file or remove it")
     s = cfg["scores"]
     if s["el2n_epoch"] is not None and not 1 <= s["el2n_epoch"] <= s["epochs"]:
         raise ConfigError(f"config key 'scores.el2n_epoch' must lie in 1..scores.epochs ({s['epochs']}), "

@@ -34,7 +34,7 @@ from .jobs import Trainings, fresh, run_stage
 from .plan import describe, eval_sets, make_plan
 from .report import fallback_line, write_report
 from .rundir import Run
-from .scorer import accuracy, score
+from .predict import accuracy, predict
 from .scores import DYNAMICS, compute_score_files
 from .selection import phase_budgets, random_per_class, select, select_official
 
@@ -93,8 +93,8 @@ def get_teacher_predictions(run, cfg, data, teacher):
     path = run.teacher_predictions()
 
     def make():
-        tp, _ = score(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
-                      batch_size=cfg["score"]["batch_size"], desc="teacher score")
+        tp, _ = predict(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
+                        batch_size=cfg["predict"]["batch_size"], desc="teacher score")
         tp = {key: tp[key] for key in ("index", "label", "pred")}
         run.write(io.write_npz, path, **tp)
         return tp
@@ -131,8 +131,8 @@ def get_hardness_source(cfg, data):
         return None, "logits"
     if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
-    scores, method = load_score_file(spec, len(data.train), labels=data.train.labels.numpy(),
-                                     method=cfg["ccfs"]["difficulty_method"])
+    scores, method = load_score_file(cfg["ccfs"]["difficulty_file"], len(data.train),     # spec "file"
+                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"])
     return to_hardness(scores, method), method
 
 
@@ -181,9 +181,9 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
     if run.done(predictions) and "score" in steps:      # scored before an interruption (steps.json says so)
         preds = run.read_npz(predictions)
     else:
-        preds, sstats = score(run.acc, filt, data.train, scored, mean=data.mean, std=data.std,
-                              batch_size=cfg["score"]["batch_size"], channels_last=cfg["train"]["channels_last"],
-                              desc=f"phase {j} score")
+        preds, sstats = predict(run.acc, filt, data.train, scored, mean=data.mean, std=data.std,
+                                batch_size=cfg["predict"]["batch_size"], channels_last=cfg["train"]["channels_last"],
+                                desc=f"phase {j} score")
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
         run.write(io.write_npz, predictions, **preds)
         run.write(io.write_json, run.phase(j, "steps.json"), steps)
@@ -238,7 +238,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run = Run(accelerator, out_dir, resume)
     run.check(cfg, overwrite)
     c = cfg["ccfs"]
-    data = load_real(cfg["data"], num_workers=cfg["score"]["num_workers"])
+    data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
     n_distilled = c["ipc"] - sum(budgets)

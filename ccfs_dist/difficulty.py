@@ -12,7 +12,7 @@ Score file formats (indices are the stable global index of the training set):
   .npz  keys "scores" and "labels", length N each. Official C-score files; method "cscore".
         When the data's labels are given they must equal the file's labels (same sample order).
         A JSON beside it is honoured the same way.
-An explicit `method` argument (config key ccfs.difficulty_method) overrides both defaults.
+An explicit `method` argument (config key ccfs.difficulty_file_method) overrides both defaults.
 """
 import hashlib
 import json
@@ -50,7 +50,7 @@ def to_hardness(scores, method):
     """Raw scores of `method` -> float64 hardness, larger = harder."""
     if method not in HARDER_IS_HIGHER:
         raise ConfigError(f"unknown difficulty method {method!r}; known: {', '.join(HARDER_IS_HIGHER)} "
-                          f"(config key ccfs.difficulty_method)")
+                          f"(config key ccfs.difficulty_file_method)")
     scores = np.asarray(scores, dtype=np.float64)
     return scores.copy() if HARDER_IS_HIGHER[method] else -scores
 
@@ -64,8 +64,8 @@ def load_score_file(path, n, labels=None, method=None):
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"score file {path} not found; check config key ccfs.difficulty "
-                        f"(a .npy or .npz path, or 'logits')")
+        raise DataError(f"score file {path} not found; check config key ccfs.difficulty_file "
+                        f"(a .npy or .npz path)")
     suffix = path.suffix.lower()
     if suffix not in DEFAULT_METHOD:
         raise DataError(f"score file {path}: unsupported type {path.suffix!r}; expected .npy "
@@ -124,7 +124,7 @@ def load_score_file(path, n, labels=None, method=None):
         method = _sidecar_method(path, meta) or DEFAULT_METHOD[suffix]
     if method not in HARDER_IS_HIGHER:
         raise DataError(f"score file {path}: unknown difficulty method {method!r}; known: "
-                        f"{', '.join(HARDER_IS_HIGHER)} (set ccfs.difficulty_method or the JSON beside the file)")
+                        f"{', '.join(HARDER_IS_HIGHER)} (set ccfs.difficulty_file_method or the JSON beside the file)")
     return scores, method
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from .models import build_model
-from .scorer import accuracy
+from .predict import accuracy
 from .train import train_model
 
 

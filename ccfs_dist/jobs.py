@@ -81,7 +81,7 @@ class Trainings:
             io.save_torch(self.run.teacher(), state_dict_of(model))
 
     def train_score_run(self, acc, r):
-        result, info = dynamics_run(acc, self.cfg, self.data, r)
+        result, info = dynamics_run(acc, self.cfg, self.data, r, checkpoint=self.run.score_run(r, state=True))
         if acc.is_main_process:
             io.write_npz(self.artifact("score_run", r), **result,
                          info=np.array([info["seconds"], info["accuracy"]]))

@@ -74,11 +74,11 @@ def _hardness(run, cfg, data, j):
     """(index, hardness) over phase j's pool in the order its selection used, and how it was ordered."""
     preds = run.read_npz(run.phase(j, "predictions.npz"))
     index = preds["index"]
-    spec = cfg["ccfs"]["difficulty"]
-    path = spec if os.path.isfile(spec) else run.scores(spec)   # a given score file, or computed in the run
+    spec, c = cfg["ccfs"]["difficulty"], cfg["ccfs"]
+    path = c["difficulty_file"] if spec == "file" else run.scores(spec)   # a given score file, or computed in the run
     if spec != "logits" and os.path.isfile(path):
         from .difficulty import load_score_file, to_hardness
-        scores, method = load_score_file(path, len(data.train), method=cfg["ccfs"]["difficulty_method"])
+        scores, method = load_score_file(path, len(data.train), method=c["difficulty_file_method"])
         return index, to_hardness(scores, method)[index], f"{method} score ({path})"
     if spec == "logits":
         return index, -preds["true_logit"].astype(np.float64), "the filter's true-class logit"

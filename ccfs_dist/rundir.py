@@ -106,8 +106,8 @@ class Layout:
         """The difficulty scores the run computed (`ccfs.difficulty: forgetting` etc.; + .json beside it)."""
         return self.path(f"scores_{method}.npy")
 
-    def score_run(self, r):
-        return self.path("scores_runs", f"run{r}.npz")
+    def score_run(self, r, state=False):
+        return self.path("scores_runs", f"run{r}{'_state.pt' if state else '.npz'}")
 
     def phase(self, j, name=""):
         """phase_<j>/<name>: filter.pt, filter_state.pt, steps.json, predictions.npz, selected.npy,

@@ -9,7 +9,7 @@ different seeds on the full real training set, with `train_model`. Each run trai
 (runs dealt to ranks), unless the plan's rule splits one training over the ranks (plan.split_training):
 then every rank trains on its share of each global batch. One training session yields all three.
 Checkpoint scores (margin, logits) are one scoring pass of a given model (`scores.checkpoint`,
-default the teacher's) with the distributed scorer.
+default the teacher's) with the distributed prediction pass (predict.py).
 
 How correctness is observed (Toneva et al. 2019, "An empirical study of example forgetting"):
 on the training forward pass itself, i.e. on the augmented view, before the optimizer step, each
@@ -54,7 +54,7 @@ from .dist import Local, dealt, gather_rows, log
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .plan import split_training
-from .scorer import score
+from .predict import predict
 from .stream_train import stream_options, train_stream
 from .train import Recipe, train_model
 
@@ -108,6 +108,20 @@ class TrainingDynamics:
         self.loss = np.zeros(self.n, dtype=np.float64)        # Gaussian-weighted sum of per-epoch losses
         self.el2n = np.full(self.n, np.nan)
         self.epochs_seen = 0
+        self._parts, self._step = [], 0
+
+    def state_dict(self):
+        """The running scores after `epochs_seen` epochs, as tensors (saved with a score run's training state)."""
+        return {"events": torch.from_numpy(self.events), "learned": torch.from_numpy(self.learned),
+                "previous": torch.from_numpy(self.previous), "loss": torch.from_numpy(self.loss),
+                "el2n": torch.from_numpy(self.el2n), "epochs_seen": torch.tensor(self.epochs_seen)}
+
+    def load_state_dict(self, state):
+        if len(state["events"]) != self.n:
+            raise ValueError(f"training dynamics of {len(state['events'])} samples, this pool has {self.n}")
+        for name in ("events", "learned", "previous", "loss", "el2n"):
+            setattr(self, name, state[name].numpy().copy())
+        self.epochs_seen = int(state["epochs_seen"])
         self._parts, self._step = [], 0
 
     @torch.no_grad()
@@ -168,9 +182,11 @@ class TrainingDynamics:
         return {"forgetting": forgetting, "loss": self.loss.copy(), "el2n": self.el2n.copy()}
 
 
-def dynamics_run(accelerator, cfg, data, r):
+def dynamics_run(accelerator, cfg, data, r, checkpoint=None):
     """Training run `r` of the training-dynamics scores: ({method: float64 array}, info). `accelerator` is a
-    dist.Local for a run trained whole on one rank, or the Accelerator for one split over the ranks."""
+    dist.Local for a run trained whole on one rank, or the Accelerator for one split over the ranks.
+    `checkpoint`: where the run keeps its training state and running scores (train.checkpoint_every), so
+    that a killed run continues from its last checkpoint to the same scores."""
     s, rec = cfg["scores"], Recipe.for_scores(cfg)
     epochs, seed = rec.epochs, seeds.score_run(cfg["seed"], r)
     torch.manual_seed(seed)
@@ -178,7 +194,8 @@ def dynamics_run(accelerator, cfg, data, r):
     dyn = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
                            gaussian_last_weights(epochs, s["loss_sigma"]))
     kw = dict(mean=data.mean, std=data.std, seed=seed, desc=f"scores run {r + 1}/{s['runs']}",
-              on_batch=dyn.on_batch, on_epoch_end=lambda epoch, _model: dyn.end_epoch(epoch))
+              on_batch=dyn.on_batch, on_epoch_end=lambda epoch, _model: dyn.end_epoch(epoch),
+              checkpoint=checkpoint, extra_state=dyn)
     if data.train.in_memory:
         _, stats = train_model(accelerator, model, data.train.images, data.train.labels, rec, **kw)
     else:                                     # a streamed pool: train on the shards (stream_train)
@@ -244,9 +261,9 @@ def checkpoint_scores(accelerator, cfg, data):
     path = checkpoint_path(cfg)
     torch.manual_seed(cfg["seed"])
     model = load_checkpoint(build_model(cfg["model"], data.num_classes, data.channels, data.image_size), path)
-    results, _ = score(accelerator, model, data.train, np.arange(len(data.train)),
-                       mean=data.mean, std=data.std, batch_size=cfg["score"]["batch_size"],
-                       channels_last=cfg["train"]["channels_last"], desc="scores (checkpoint)")
+    results, _ = predict(accelerator, model, data.train, np.arange(len(data.train)),
+                         mean=data.mean, std=data.std, batch_size=cfg["predict"]["batch_size"],
+                         channels_last=cfg["train"]["channels_last"], desc="scores (checkpoint)")
     return {"margin": results["margin"].astype(np.float32), "logits": results["true_logit"].astype(np.float32)}
 
 

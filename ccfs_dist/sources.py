@@ -5,14 +5,14 @@ from .data import load_source, set_normalisation
 from .shards import load_shards
 
 
-def load_real(data_cfg, num_workers=0):
+def load_real(data_cfg):
     """Load the real train/test data named by the `data` config section.
 
-    `num_workers`: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
+    data.num_workers: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
     data.mean / data.std, when set, replace the source's default normalisation.
     """
     if data_cfg["source"] == "webdataset":
-        data = load_shards(data_cfg, num_workers=num_workers)
+        data = load_shards(data_cfg, num_workers=data_cfg.get("num_workers", 0))
     else:
         data = load_source(data_cfg)
     return set_normalisation(data, data_cfg)

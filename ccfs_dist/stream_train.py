@@ -145,7 +145,8 @@ def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
 
 
 def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, seed=0, desc="train (stream)",
-                 on_epoch_end=None, on_batch=None, checkpoint=None, shuffle_buffer=4096, interleave=16):
+                 on_epoch_end=None, on_batch=None, checkpoint=None, extra_state=None, shuffle_buffer=4096,
+                 interleave=16):
     """Train `model` in place on the streamed `split` (a ShardSplit) by `recipe` (a train.Recipe); return
     (model, stats).
 
@@ -165,7 +166,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
 
     model = model.to(device, memory_format=memory_format)
     session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
-    first_epoch = session.resume(checkpoint, {})     # every epoch's randomness comes from (seed, epoch, rank)
+    first_epoch = session.resume(checkpoint, {}, extra_state)     # every epoch's randomness comes from (seed, epoch, rank)
     cuda = device.type == "cuda"
     start, seen = time.perf_counter(), 0
     session.ddp_model.train()
@@ -179,7 +180,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
             y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)
             session.step(x, y, ids, on_batch)
             seen += len(ids)
-        session.end_epoch(epoch, on_epoch_end, checkpoint, {})
+        session.end_epoch(epoch, on_epoch_end, checkpoint, {}, extra_state)
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

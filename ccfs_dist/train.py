@@ -211,7 +211,7 @@ class Recipe:
         s, t, a = cfg["scores"], cfg["train"], cfg["aug"]
         return cls(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], momentum=t["momentum"],
                    weight_decay=s["weight_decay"], scale_min=a["scale_min"], flip=a["flip"],
-                   channels_last=t["channels_last"])
+                   channels_last=t["channels_last"], checkpoint_every=t["checkpoint_every"])
 
 
 RECORDED = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_start",
@@ -249,9 +249,9 @@ class Session:
                    teacher_autocast=self.teacher_autocast, temperature=self.recipe.temperature,
                    on_batch=on_batch, rows=rows)
 
-    def resume(self, checkpoint, generators):
+    def resume(self, checkpoint, generators, extra_state=None):
         """The first epoch to train: 0, or the one after the state saved at `checkpoint` (weights, optimizer,
-        schedule and the named random `generators`, restored in place)."""
+        schedule, the named random `generators` and `extra_state`, restored in place)."""
         if not (checkpoint and os.path.exists(checkpoint)):
             return 0
         try:
@@ -262,13 +262,15 @@ class Session:
             self.scheduler.load_state_dict(state["scheduler"])
             for name, generator in generators.items():
                 generator.set_state(state[name].cpu())
+            if extra_state is not None:
+                extra_state.load_state_dict(state["extra"])
             return state["epoch"] + 1
         except Exception as exc:                 # noqa: BLE001 - a damaged or foreign file, not a bug here
             first = (str(exc).strip().splitlines() or [""])[0]
             raise DataError(f"training state {checkpoint} cannot be resumed ({type(exc).__name__}: {first}); "
                             f"delete it to restart this training from its start") from None
 
-    def end_epoch(self, epoch, on_epoch_end, checkpoint, generators):
+    def end_epoch(self, epoch, on_epoch_end, checkpoint, generators, extra_state=None):
         """The per-epoch schedule step, `on_epoch_end(epoch, model)`, and the periodic checkpoint."""
         if not self.recipe.per_batch:
             self.scheduler.step()
@@ -282,7 +284,8 @@ class Session:
                 save_torch(checkpoint, {
                     "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "epoch": epoch,
-                    **{name: generator.get_state() for name, generator in generators.items()}})
+                    **{name: generator.get_state() for name, generator in generators.items()},
+                    **({"extra": extra_state.state_dict()} if extra_state is not None else {})})
             self.accelerator.wait_for_everyone()
 
     def finish(self, checkpoint, *, broadcast):
@@ -300,7 +303,7 @@ class Session:
 
 
 def train_model(accelerator, model, images, labels, recipe, *, mean, std, teacher=None, seed=0, desc="train",
-                on_epoch_end=None, on_batch=None, checkpoint=None):
+                on_epoch_end=None, on_batch=None, checkpoint=None, extra_state=None):
     """Train `model` in place on uint8 `images` (N,C,H,W) with int64 `labels` by `recipe` (a Recipe);
     return (model, stats).
 
@@ -316,7 +319,8 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     With `checkpoint` (a path) and the recipe's `checkpoint_every` > 0, the full training state (weights,
     optimizer, schedule, random generators) is saved every that many epochs, training continues from it
     when it exists, and it is deleted at the end: a killed run resumes mid-training and ends exactly as an
-    uninterrupted one.
+    uninterrupted one. `extra_state` (an object with state_dict() -> dict of tensors and load_state_dict())
+    is saved and restored with it: what `on_epoch_end` accumulates (a score run's training dynamics).
     """
     r = recipe
     device = accelerator.device
@@ -346,7 +350,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     generators = {"order_gen": torch.Generator().manual_seed(seed),                         # same on every rank
                   "aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
     order_gen, aug_gen = generators["order_gen"], generators["aug_gen"]
-    first_epoch = session.resume(checkpoint, generators)
+    first_epoch = session.resume(checkpoint, generators, extra_state)
     _sync(device)
     start = time.perf_counter()
     seen = 0
@@ -380,7 +384,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
             idx = chunk_idx[j * share:(j + 1) * share]
             session.step(chunk_x[j * share:(j + 1) * share], labels[idx] if teacher is None else None, idx, on_batch)
             seen += batch_size
-        session.end_epoch(epoch, on_epoch_end, checkpoint, generators)
+        session.end_epoch(epoch, on_epoch_end, checkpoint, generators, extra_state)
     _sync(device)
     seconds = time.perf_counter() - start
     model = session.finish(checkpoint, broadcast=split)

@@ -119,6 +119,18 @@ def resolve_scores(args, acc, cfg, centre):
     return resolved
 
 
+def difficulty_overrides(resolved, cfg):
+    """The ccfs.difficulty* overrides of a cell whose resolved --scores entry is `resolved` (logits or a file).
+
+    The config's ccfs.difficulty_file_method belongs to the config's own score file; any other file (the
+    computed ones carry a JSON naming their method) is read by its own rule."""
+    c = cfg["ccfs"]
+    if resolved == "logits":
+        return ["ccfs.difficulty=logits", "ccfs.difficulty_file=null", "ccfs.difficulty_file_method=null"]
+    own = c["difficulty"] == "file" and c["difficulty_file"] == resolved
+    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={resolved}"] + ([] if own else ["ccfs.difficulty_file_method=null"])
+
+
 def make_base(acc, args, per_class):
     """Teacher and base distilled set, made once and reused by every cell (unless the config names both).
 
@@ -214,7 +226,7 @@ def main(argv=None):
     args.ipcs = args.ipcs or str(c["ipc"])
     args.alphas = args.alphas if args.alphas is not None else str(c["alpha"])
     centre = {"alpha": c["alpha"], "coarse": c["coarse"], "fine": c["fine"], "phases": c["phases"],
-              "difficulty": c["difficulty"]}
+              "difficulty": c["difficulty_file"] if c["difficulty"] == "file" else c["difficulty"]}
 
     from ccfs_dist.curriculum import run_ccfs
     from ccfs_dist.dist import Local, make_accelerator, wait_for_all
@@ -251,7 +263,7 @@ def main(argv=None):
                                                         else ""), flush=True)
         cell_cfg = load_config(args.config, args.overrides + base + [
             f"seed={s['seed']}", f"ccfs.ipc={s['ipc']}", f"ccfs.alpha={s['alpha']}", f"ccfs.coarse={s['coarse']}",
-            f"ccfs.fine={s['fine']}", f"ccfs.phases={s['phases']}", f"ccfs.difficulty={scores[s['difficulty']]}",
+            f"ccfs.fine={s['fine']}", f"ccfs.phases={s['phases']}", *difficulty_overrides(scores[s["difficulty"]], cfg),
             f"eval.baselines={'true' if s['baselines'] else 'false'}"])
         os.makedirs(out, exist_ok=True)
         run_ccfs(local, cell_cfg, out, resume=True)

@@ -5,7 +5,7 @@
 
 Phases (the first curriculum phase of a run, on the config's data and model, or on generated data):
   filter_train  train_model on S_0 (floor(ipc * alpha) images per class), KD from the teacher when train.kd
-  score         scorer.score of that filter over the whole pool (data.train)
+  score         predict.predict of that filter over the whole pool (data.train)
   select        selection.select on the scoring phase's prediction arrays (hardness = filter logits)
   select_1k     select at ImageNet-1K size (1,281,167 samples, 1000 classes, k 100) on the synthetic pool of
                 launch/bench_selection.py (make_pool, there)
@@ -14,7 +14,7 @@ Phases (the first curriculum phase of a run, on the config's data and model, or 
 Ceilings, timed in the same run on the same model, batch, precision, memory format and compile setting:
   training  forward + loss + backward + optimizer step (+ the teacher's forward under no_grad when KD is on)
             on one batch already resident on the device and normalised: no indexing, no augmentation
-  scoring   the model's forward (eval, no_grad) on one resident normalised batch of score.batch_size per rank
+  scoring   the model's forward (eval, no_grad) on one resident normalised batch of predict.batch_size per rank
 Engine and ceiling are timed in pairs, back to back, so that load from other jobs hits both alike: every
 few epochs of train_model (at least 10 steps; from its on_epoch_end hook) are followed by the ceiling for
 as many steps, every scoring pass by the ceiling for as many batches. images/s is the median engine
@@ -64,7 +64,7 @@ from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, rank_slice, relaunch_cpu_processes
 from ccfs_dist.errors import CCFSError
 from ccfs_dist.models import build_model, load_checkpoint
-from ccfs_dist.scorer import score
+from ccfs_dist.predict import predict
 from ccfs_dist.selection import phase_budgets, random_per_class, select
 from ccfs_dist.train import Recipe, compiled, train_model, train_step
 
@@ -72,7 +72,7 @@ PHASES = ("filter_train", "score", "select", "select_1k", "eval_train")
 LABELS = {"filter_train": "filter training", "score": "scoring", "select": "selection",
           "select_1k": "selection, 1.28M", "eval_train": "eval training"}
 # generated data (no --config): sizes as the earlier throughput script, 10 classes of 8x8x1 noise
-GENERATED = ["ccfs.ipc=1000", "ccfs.alpha=0.2", "train.batch_size=128", "score.batch_size=1024"]
+GENERATED = ["ccfs.ipc=1000", "ccfs.alpha=0.2", "train.batch_size=128", "predict.batch_size=1024"]
 
 
 # ------------------------------------------------------------------------------------ shared helpers
@@ -302,7 +302,7 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
 # ---------------------------------------------------------------------------------------- scoring
 
 def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats):
-    """Engine scoring (scorer.score over the pool) against the forward-only ceiling.
+    """Engine scoring (predict.predict over the pool) against the forward-only ceiling.
 
     Each scoring pass is paired with a ceiling window of as many batches per rank taken right after it;
     at least `repeats` and 5 pairs, more for short passes (about 2 s in all, at most 50). Figures are
@@ -314,7 +314,7 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     kw = dict(mean=data.mean, std=data.std, batch_size=batch_size, channels_last=channels_last)
     kind = _mem_kind(device)
     reset = _reset_peak(kind, device)
-    preds, first = score(acc, model, data.train, index, desc="bench score", **kw)
+    preds, first = predict(acc, model, data.train, index, desc="bench score", **kw)
     peak = _peak_mb(kind, device)
 
     lo, hi = rank_slice(len(index), acc.process_index, acc.num_processes)
@@ -342,7 +342,7 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     engine_s, ceiling_s = [], []
     for _ in range(pairs):
         start = _clock()
-        score(acc, model, data.train, index, desc="bench score", **kw)
+        predict(acc, model, data.train, index, desc="bench score", **kw)
         engine_s.append(_clock() - start)
         ceiling_s.append(_timed(ceiling_pass, 1, device))
     fig = _paired(engine_s, ceiling_s, len(index), device)
@@ -402,15 +402,15 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
     pool = np.arange(len(data.train))
     preds = None
     if "score" in phases or "select" in phases:
-        kw = dict(mean=data.mean, std=data.std, batch_size=cfg["score"]["batch_size"],
+        kw = dict(mean=data.mean, std=data.std, batch_size=cfg["predict"]["batch_size"],
                   channels_last=cfg["train"]["channels_last"])
-        teacher_preds, _ = score(acc, teacher, data.train, pool, desc="teacher score", **kw)   # also a warm-up
+        teacher_preds, _ = predict(acc, teacher, data.train, pool, desc="teacher score", **kw)   # also a warm-up
         teacher_ok = teacher_preds["pred"] == teacher_preds["label"]
         if "score" in phases:
-            out["score"], preds = bench_scoring(acc, filt, data, pool, batch_size=cfg["score"]["batch_size"],
+            out["score"], preds = bench_scoring(acc, filt, data, pool, batch_size=cfg["predict"]["batch_size"],
                                                 channels_last=cfg["train"]["channels_last"], repeats=repeats)
         else:
-            preds, _ = score(acc, filt, data.train, pool, desc="bench score", **kw)
+            preds, _ = predict(acc, filt, data.train, pool, desc="bench score", **kw)
     if "select" in phases:
         arrays = (preds["index"], preds["label"], preds["pred"], -preds["true_logit"].astype(np.float64),
                   teacher_ok[preds["index"]])
@@ -524,7 +524,7 @@ def _load(args):
     overrides = list(args.overrides) if args.config else GENERATED + list(args.overrides)
     cfg = load_config(args.config, overrides)
     if args.config:
-        data = load_real(cfg["data"], num_workers=cfg["score"]["num_workers"])
+        data = load_real(cfg["data"])
     else:
         if min(args.classes, args.pool, args.size, args.channels) < 1:
             raise CCFSError("--classes, --pool, --size and --channels must be at least 1")

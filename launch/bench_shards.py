@@ -5,13 +5,13 @@
    ImageNet-1K's training set): random 16x16 RGB PNGs, random labels over 1000 classes, --per-shard per
    shard, written by --gen-workers processes; plus a second index over its first --small samples.
 2. Scores each pool (small, then full) in a fresh process (under torch.distributed.run when --processes > 1)
-   with scorer.score over ShardSplit.batches, --workers DataLoader workers per rank. During the pass, after
+   with predict.predict over ShardSplit.batches, --workers DataLoader workers per rank. During the pass, after
    every pass/--pairs streamed batches, the same model's forward (normalise + forward, the compute-only
    ceiling) runs on a batch already in memory for a quarter as many batches: each streamed window and
    the ceiling window after it make a pair, and the throughput ratio is the median over the pairs (this
    machine's speed swings by 2x with load and allocator state; a pair sees the same conditions). Per
    rank it reports peak RSS of the rank (getrusage) and of its largest loader worker; streaming images/s
-   over the whole pass (ceiling windows taken out); and, right after, the forward alone, scorer.score
+   over the whole pass (ceiling windows taken out); and, right after, the forward alone, predict.predict
    over an in-memory pool of generated images, and the loader alone (ShardSplit.batches without a
    model) over the first --loader-images samples.
 3. Prints the RSS ratio full / small (target <= 1.15, peak <= 1.5 GB per rank) and the paired streaming /
@@ -140,7 +140,7 @@ def child(args):
     from ccfs_dist.pool import Split
     from ccfs_dist.dist import gather_rows, make_accelerator
     from ccfs_dist.models import build_model
-    from ccfs_dist.scorer import score
+    from ccfs_dist.predict import predict
     from ccfs_dist.shards import ShardSplit
     torch.set_num_threads(args.threads)
     acc = make_accelerator(args.mixed_precision)
@@ -166,8 +166,8 @@ def child(args):
     every = max(1, min(max(10, batches // args.pairs), batches))     # at least one pair, even on a short pass
     paired = Paired(split, every, max(3, every // 4), forward, sync)
     acc.wait_for_everyone()
-    _, stats = score(acc, model, paired, np.arange(len(split)), mean=mean, std=std, batch_size=args.batch_size,
-                     desc="stream")
+    _, stats = predict(acc, model, paired, np.arange(len(split)), mean=mean, std=std, batch_size=args.batch_size,
+                       desc="stream")
     rss_rank = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     stream_seconds = stats["seconds"] - sum(paired.ceiling_s)          # the pass without its ceiling windows
@@ -192,8 +192,8 @@ def child(args):
     n_mem = args.forward_images
     pool = Split(torch.randint(0, 256, (n_mem,) + split.shape, dtype=torch.uint8),
                  torch.randint(0, len(split.classes), (n_mem,)))
-    _, mem_stats = score(acc, model, pool, np.arange(n_mem), mean=mean, std=std, batch_size=args.batch_size,
-                         desc="memory")
+    _, mem_stats = predict(acc, model, pool, np.arange(n_mem), mean=mean, std=std, batch_size=args.batch_size,
+                           desc="memory")
     local = {"rss_rank": torch.tensor([rss_rank]), "rss_worker": torch.tensor([rss_worker]),
              "forward": torch.tensor([forward_ips]), "paired": torch.tensor([float(np.median(pair_ratios))]),
              "pairs": torch.tensor([len(pair_ratios)])}
@@ -241,7 +241,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gen-workers", type=int, default=os.cpu_count() or 1, help="writer processes")
     p.add_argument("--processes", type=int, default=1, help="ranks")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (score.num_workers)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (data.num_workers)")
     p.add_argument("--threads", type=int, default=1, help="torch compute threads per rank")
     p.add_argument("--batch-size", type=int, default=512, help="per-rank scoring batch")
     p.add_argument("--model", default="convnet")

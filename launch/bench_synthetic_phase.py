@@ -8,7 +8,7 @@ classes, 641 shards of 2,000, and an index over the first 128,000). For each (po
 images per class of the pool, synthetic.build: a shared file in --out or resident tensors), then, after a
 reset of the peak RSS (/proc/self/clear_refs), runs the phase through the engine's own functions: the filter
 (ConvNet-D3 width 32, one epoch of train.train_model on S_{j-1}, batch 256, split over the ranks), scoring
-of the streamed pool minus S_{j-1} (scorer.score), selection (selection.select, --k per class, simplest
+of the streamed pool minus S_{j-1} (predict.predict), selection (selection.select, --k per class, simplest
 misclassified) and S_j = S_{j-1} + the selected images (synthetic.build: each rank writes its shards' rows
 into the new shared file, or every rank fetches them all). At the end every rank reads S_j whole (as the next
 filter would) and reports its peak RSS (VmHWM) since the reset and its PSS (/proc/self/smaps_rollup:
@@ -45,7 +45,7 @@ def child(args):
     from ccfs_dist import synthetic
     from ccfs_dist.dist import exit_process, make_accelerator
     from ccfs_dist.models import build_model
-    from ccfs_dist.scorer import score
+    from ccfs_dist.predict import predict
     from ccfs_dist.selection import random_per_class, select
     from ccfs_dist.shards import ShardSplit
     from ccfs_dist.train import Recipe, train_model
@@ -74,7 +74,7 @@ def child(args):
                            mean=mean, std=std, seed=1, desc="filter")
     train_s = time.perf_counter() - t0
     pool = np.setdiff1d(np.arange(len(split)), first)
-    preds, _ = score(acc, model, split, pool, mean=mean, std=std, batch_size=512, desc="score")
+    preds, _ = predict(acc, model, split, pool, mean=mean, std=std, batch_size=512, desc="predict")
     score_s = time.perf_counter() - train_s - t0
     sel = select(preds["index"], preds["label"], preds["pred"], to_hardness(preds["true_logit"], "logits"), args.k,
                  num_classes=len(split.classes), seed=2)

@@ -79,7 +79,7 @@ def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
     """[(in-memory, from-shards test accuracy)] per seed of the teacher recipe (ConvNet-D3 width 32, 30 epochs,
     batch 128, lr 0.1), trained with train_model on `memory` and with train_stream on `streamed` (same data)."""
     from ccfs_dist.models import build_model
-    from ccfs_dist.scorer import accuracy
+    from ccfs_dist.predict import accuracy
     from ccfs_dist.stream_train import train_stream
     from ccfs_dist.train import Recipe, train_model
     out = []

@@ -85,26 +85,26 @@ def case_missing_files(tmp_path):
 
 def case_short_scores(tmp_path):
     np.save(tmp_path / "s.npy", np.zeros(10, np.float32))
-    return [f"ccfs.difficulty={tmp_path}/s.npy"], "1437"
+    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={tmp_path}/s.npy"], "1437"
 
 
 def case_nan_scores(tmp_path):
     a = np.zeros(len(DIGITS.train), np.float32)
     a[5] = np.nan
     np.save(tmp_path / "s.npy", a)
-    return [f"ccfs.difficulty={tmp_path}/s.npy"], "NaN"
+    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={tmp_path}/s.npy"], "NaN"
 
 
 def case_npz_labels(tmp_path):
     labels = DIGITS.train.labels.numpy().copy()
     labels[:3] = (labels[:3] + 1) % 10
     np.savez(tmp_path / "c.npz", scores=np.zeros(len(labels), np.float32), labels=labels)
-    return [f"ccfs.difficulty={tmp_path}/c.npz"], "labels"
+    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={tmp_path}/c.npz"], "labels"
 
 
 def case_pickled_scores(tmp_path):
     np.save(tmp_path / "p.npy", np.array([{"a": 1}] * len(DIGITS.train), dtype=object), allow_pickle=True)
-    return [f"ccfs.difficulty={tmp_path}/p.npy"], "pickle"
+    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={tmp_path}/p.npy"], "pickle"
 
 
 def case_distilled_missing_class(tmp_path):

@@ -14,7 +14,7 @@ import bench  # noqa: E402  (launch/bench.py: benchmarks live outside the packag
 SCRIPT = os.path.join(ROOT, "launch", "bench.py")
 TINY = ["--classes", "4", "--pool", "256", "--steps", "8", "--repeats", "1", "--selection-n", "3000",
         "--selection-classes", "10", "--selection-k", "5", "ccfs.ipc=16", "ccfs.alpha=0.25", "train.batch_size=16",
-        "score.batch_size=64", "model.width=8"]
+        "predict.batch_size=64", "model.width=8"]
 TRAINING = ("filter_train", "eval_train")
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from ccfs_dist.config import DEFAULTS, DEFAULTS_FLAT, NULLABLE, RANGES, load_config, parse_override
+from ccfs_dist.config import DEFAULTS, DEFAULTS_FLAT, NULLABLE, RANGES, RENAMED, load_config, parse_override
 from ccfs_dist.errors import ConfigError
 
 
@@ -66,6 +66,59 @@ def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("score.batch_size", "predict.batch_size", 256),
+    ("score.num_workers", "data.num_workers", 2),
+    ("ccfs.difficulty_method", "ccfs.difficulty_file_method", "margin"),
+])
+def test_a_renamed_key_names_its_new_key(old, new, value, tmp_path):
+    words = f"config key '{old}' was renamed to '{new}'"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{old}={value}"])
+    assert str(err.value) == words
+    section, key = old.split(".")
+    path = write(tmp_path, f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {words}"
+    section, key = new.split(".")                          # the new key takes the value
+    file = ["ccfs.difficulty=file", "ccfs.difficulty_file=s.npy"] if section == "ccfs" else []
+    assert load_config(None, [*file, f"{new}={value}"])[section][key] == value
+
+
+def test_every_renamed_key_is_gone_and_its_new_key_exists():
+    assert RENAMED and all(old not in DEFAULTS_FLAT and new in DEFAULTS_FLAT for old, new in RENAMED.items())
+
+
+def test_the_old_score_section_names_where_its_keys_went(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "score: {}\n"))
+    assert ("config section 'score' was removed: 'score.batch_size' was renamed to 'predict.batch_size', "
+            "'score.num_workers' was renamed to 'data.num_workers'") in str(err.value)
+    with pytest.raises(ConfigError, match="config section 'score' was removed"):
+        load_config(None, ["score.other=1"])
+
+
+@pytest.mark.parametrize("value", ["scores/forgetting_CIFAR10.npy", "/abs/c.npz", "s.npy"])
+def test_a_score_file_path_in_ccfs_difficulty_says_where_it_goes_now(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"ccfs.difficulty={value}"])
+    assert str(err.value) == (f"config key 'ccfs.difficulty' no longer takes a score file's path ({value!r}): "
+                              f"set ccfs.difficulty: file and ccfs.difficulty_file: {value}")
+
+
+def test_difficulty_file_goes_with_difficulty_file_only():
+    cfg = load_config(None, ["ccfs.difficulty=file", "ccfs.difficulty_file=s.npy", "ccfs.difficulty_file_method=el2n"])
+    assert cfg["ccfs"]["difficulty_file"] == "s.npy" and cfg["ccfs"]["difficulty_file_method"] == "el2n"
+    with pytest.raises(ConfigError, match=r"'ccfs.difficulty' is 'file' but 'ccfs.difficulty_file'"):
+        load_config(None, ["ccfs.difficulty=file"])
+    for extra in ("ccfs.difficulty_file=s.npy", "ccfs.difficulty_file_method=margin"):
+        with pytest.raises(ConfigError, match=rf"'{extra.split('=')[0]}' is set .* but ccfs.difficulty is 'logits'"):
+            load_config(None, ["ccfs.difficulty=logits", extra])
+    with pytest.raises(ConfigError, match="'ccfs.difficulty' must be one of logits, forgetting, loss, el2n, file"):
+        load_config(None, ["ccfs.difficulty=forgeting"])
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path):

@@ -420,3 +420,15 @@ def test_distilled_too_few_images(tmp_path):
         load_distilled(tmp_path, CLASSES, 2, 3, 8)
     msg = str(e.value)
     assert str(tmp_path / "dog") in msg and "holds 1 images" in msg and "need 2" in msg
+
+
+def test_digits_read_without_sklearn_equal_load_digits(monkeypatch):
+    """The digits CSV read directly gives scikit-learn's arrays, and so does the load_digits fallback."""
+    import ccfs_dist.data as data_mod
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    images, labels = data_mod.digits_arrays()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    monkeypatch.setattr(data_mod.os.path, "isfile", lambda path: False)      # the file moved: the fallback
+    images, labels = data_mod.digits_arrays()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)

@@ -109,7 +109,8 @@ def test_unfinished_run_dir_suggests_resume(tmp_path):
     (["ccfs.ipcc=3"], "unknown config key 'ccfs.ipcc'"),
     (["ccfs.ipc=500"], "ccfs.ipc=500 exceeds the real images of class"),
     (["ccfs.phases=9"], "ccfs.phases"),
-    (["ccfs.difficulty=/no/such/scores.npy"], "/no/such/scores.npy"),
+    (["ccfs.difficulty=file", "ccfs.difficulty_file=/no/such/scores.npy"], "/no/such/scores.npy"),
+    (["score.batch_size=64"], "error: config key 'score.batch_size' was renamed to 'predict.batch_size'\n"),
     (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
 ])
 def test_user_errors_exit_2_with_message(tmp_path, args, words):

@@ -350,3 +350,30 @@ def test_ccfs_run_with_computed_forgetting(tmp_path, capsys):
     os.remove(os.path.join(out, "summary.json"))
     assert cli.main(args + ["--resume"]) == 0
     assert "reusing forgetting scores" in capsys.readouterr().out
+
+
+def test_a_killed_score_run_resumes_to_the_same_scores(tmp_path, accelerator, planted, monkeypatch):
+    """A score run keeps its training state and running scores (train.checkpoint_every): interrupted after
+    two epochs and started again, it continues from the checkpoint to exactly the uninterrupted scores."""
+    from ccfs_dist.dist import Local
+    from ccfs_dist.scores import dynamics_run
+    data, _ = planted
+    cfg = load_config(DIGITS, ["scores.epochs=5", "train.checkpoint_every=1"])
+    whole, _ = dynamics_run(Local(accelerator), cfg, data, 0)
+    state = str(tmp_path / "run0_state.pt")
+    real = TrainingDynamics.end_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 2:                                  # the checkpoint after epoch 1 exists
+            raise KeyboardInterrupt
+        real(self, epoch)
+    monkeypatch.setattr(TrainingDynamics, "end_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dynamics_run(Local(accelerator), cfg, data, 0, checkpoint=state)
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1 and int(saved["extra"]["epochs_seen"]) == 2
+    monkeypatch.setattr(TrainingDynamics, "end_epoch", real)
+    resumed, _ = dynamics_run(Local(accelerator), cfg, data, 0, checkpoint=state)
+    for m in DYNAMICS:
+        assert np.array_equal(whole[m], resumed[m], equal_nan=True), m
+    assert not os.path.exists(state)

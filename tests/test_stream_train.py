@@ -226,13 +226,13 @@ def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, 
     cfg = write_pool_shards(data, str(tmp_path / "shards"), per_shard=500)
     out = str(tmp_path / "run")
     args = [f"data.root={cfg['root']}", f"data.test_root={cfg['test_root']}", "data.distilled=null",
-            "teacher.checkpoint=null", "ccfs.difficulty=forgetting", "ccfs.difficulty_method=null",
+            "teacher.checkpoint=null", "ccfs.difficulty=forgetting", "ccfs.difficulty_file_method=null",
             "model.name=convnet", "model.width=8", "model.depth=2", "teacher.epochs=3", "teacher.batch_size=256",
             "teacher.warmup_epochs=0", "scores.runs=1", "scores.epochs=3", "scores.batch_size=256",
             "distill.iterations=2", "distill.batch_classes=500", "distill.jitter=2", "ccfs.ipc=2", "ccfs.alpha=0.5",
             "ccfs.phases=1", "train.epochs=1", "train.batch_size=256", "train.warmup_epochs=0",
             'train.mixed_precision="no"', "train.channels_last=false", "eval.runs=1", "eval.baselines=false",
-            "score.num_workers=1", "score.batch_size=512", "stream.shuffle_buffer=512", "stream.interleave=2"]
+            "data.num_workers=1", "predict.batch_size=512", "stream.shuffle_buffer=512", "stream.interleave=2"]
     proc = launch([SCRIPT, "--config", os.path.join(ROOT, "configs", "imagenet1k_ipc50.yaml"), "--out", out] + args,
                   processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]

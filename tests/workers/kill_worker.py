@@ -1,4 +1,4 @@
-"""`ccfs run` in which one rank SIGKILLs itself at a chosen point (the others are then stopped by torchrun).
+"""`ccfs run` in which one rank SIGKILLs itself at a chosen point (the others are then stopped by the launcher).
 
 Usage (under accelerate launch, or alone: then its one process is the one killed):
 kill_worker.py POINT [ccfs run args ...]; POINT is one of KILLS:
@@ -43,12 +43,12 @@ def killing_recover(real):
     return recover
 
 
-def killing_score(real):
-    def score(*args, desc="", **kwargs):
+def killing_predict(real):
+    def predict(*args, desc="", **kwargs):
         if desc == "phase 2 score":
             die()
         return real(*args, desc=desc, **kwargs)
-    return score
+    return predict
 
 
 if __name__ == "__main__":
@@ -61,7 +61,7 @@ if __name__ == "__main__":
         elif point == "distillation":
             curriculum.recover = killing_recover(curriculum.recover)
         elif point == "scoring":
-            curriculum.score = killing_score(curriculum.score)
+            curriculum.predict = killing_predict(curriculum.predict)
         else:
             evaluate.train_model = killing_training(evaluate.train_model, "eval ccfs 2/")
     sys.exit(main(["run", *sys.argv[2:]]))

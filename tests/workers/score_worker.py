@@ -10,7 +10,7 @@ import torch
 from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.models import build_model
-from ccfs_dist.scorer import score
+from ccfs_dist.predict import predict
 
 
 def main(out, subset):
@@ -22,8 +22,8 @@ def main(out, subset):
     index = np.arange(len(data.train))
     if subset:                       # an uneven, shuffled pool: what is left after earlier phases
         index = np.random.default_rng(1).permutation(index)[:1001]
-    results, _ = score(accelerator, model, data.train, index,
-                       mean=data.mean, std=data.std, batch_size=97)
+    results, _ = predict(accelerator, model, data.train, index,
+                         mean=data.mean, std=data.std, batch_size=97)
     if accelerator.is_main_process:
         np.savez(out, world=accelerator.num_processes, **results)
     accelerator.wait_for_everyone()

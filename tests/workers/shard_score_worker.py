@@ -16,7 +16,7 @@ import torch
 from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.models import build_model
-from ccfs_dist.scorer import score
+from ccfs_dist.predict import predict
 from ccfs_dist.shards import ShardSplit
 
 
@@ -42,7 +42,7 @@ def main(cases_path, out_dir, memory):
             runs["memory"] = (data.train, data.mean, data.std)
         for kind, (pool, m, s) in runs.items():
             model = model_for(len(split.classes), split.shape)
-            results, _ = score(accelerator, model, pool, index, mean=m, std=s, batch_size=37)
+            results, _ = predict(accelerator, model, pool, index, mean=m, std=s, batch_size=37)
             if accelerator.is_main_process:
                 np.savez(os.path.join(out_dir, f"{case['name']}.{kind}.npz"),
                          world=accelerator.num_processes, **results)

@@ -1,4 +1,4 @@
-"""Distributed scorer: run a model over pool samples, each exactly once across ranks.
+"""Distributed prediction: run a model over pool samples, each exactly once across ranks.
 
 Per sample it keeps only index, label, prediction, true-class logit, margin and loss (never the full
 logit matrix), gathers them so every rank holds the same arrays, sorted by global index, and checks
@@ -44,16 +44,16 @@ def check_exactly_once(expected, got):
     duplicated = values[counts > 1]
     missing = np.setdiff1d(expected, values)
     extra = np.setdiff1d(values, expected)
-    raise RuntimeError(f"scorer accounting failed: {len(missing)} missing (first {missing[:10].tolist()}), "
+    raise RuntimeError(f"prediction accounting failed: {len(missing)} missing (first {missing[:10].tolist()}), "
                        f"{len(duplicated)} duplicated (first {duplicated[:10].tolist()}), "
                        f"{len(extra)} unexpected (first {extra[:10].tolist()})")
 
 
 @torch.no_grad()
-def score(accelerator, model, split, index, *, mean, std, batch_size=512, channels_last=False, desc="score"):
-    """Score the samples `index` (global indices) of `split` (in memory or streamed) with `model`.
+def predict(accelerator, model, split, index, *, mean, std, batch_size=512, channels_last=False, desc="predict"):
+    """Predict the samples `index` (global indices) of `split` (in memory or streamed) with `model`.
 
-    Each rank scores the share `split.batches` gives it. Returns (results, stats): results maps FIELDS
+    Each rank predicts the share `split.batches` gives it. Returns (results, stats): results maps FIELDS
     to numpy arrays sorted by index, identical on every rank.
     """
     device = accelerator.device
@@ -81,7 +81,7 @@ def score(accelerator, model, split, index, *, mean, std, batch_size=512, channe
         record = per_sample(logits, y)
         record["index"] = ids
         if filled + len(ids) > len(index):
-            raise RuntimeError(f"scorer accounting failed: rank {rank} received more than the "
+            raise RuntimeError(f"prediction accounting failed: rank {rank} received more than the "
                                f"{len(index)} samples asked for")
         for k in FIELDS:
             local[k][filled:filled + len(ids)] = record[k]
@@ -102,7 +102,7 @@ def _empty(field, device, n=0):
 
 
 def accuracy(accelerator, model, split, *, mean, std, batch_size=512, desc="test"):
-    """Top-1 accuracy of `model` on a pool (pool.Pool), scored across ranks."""
-    results, _ = score(accelerator, model, split, np.arange(len(split)), mean=mean, std=std,
+    """Top-1 accuracy of `model` on a pool (pool.Pool), predicted across ranks."""
+    results, _ = predict(accelerator, model, split, np.arange(len(split)), mean=mean, std=std,
                        batch_size=batch_size, desc=desc)
     return float((results["pred"] == results["label"]).mean())

@@ -1,0 +1,66 @@
+"""relaunch.supervise and the ranks' environment: the CPU launcher that replaces torchrun (no torch here:
+the children are tiny Python programs)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from ccfs_dist.relaunch import exit_code, rank_environments, supervise
+
+PY = sys.executable
+
+
+def test_rank_environments_follow_torchrun():
+    envs = rank_environments(2, 2, 1, {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "KEEP": "x"})
+    assert [e["RANK"] for e in envs] == ["2", "3"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "1"]
+    for e in envs:
+        assert (e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"], e["GROUP_RANK"]) == ("4", "2", "1")
+        assert (e["MASTER_ADDR"], e["MASTER_PORT"], e["KEEP"], e["OMP_NUM_THREADS"]) == ("10.0.0.1", "1234", "x", "1")
+    assert rank_environments(2, 1, 0, {"MASTER_ADDR": "h", "OMP_NUM_THREADS": "3"})[0]["OMP_NUM_THREADS"] == "3"
+    assert rank_environments(1, 1, 0, {"MASTER_ADDR": "h"})[0]["MASTER_PORT"] == "29500"
+
+
+def test_all_ranks_succeed():
+    assert supervise([[PY, "-c", "pass"]] * 3, [dict(os.environ)] * 3) == 0
+
+
+def test_a_failed_rank_stops_the_others_and_gives_its_status(tmp_path):
+    survivor = tmp_path / "survivor"
+    t0 = time.monotonic()
+    status = supervise([[PY, "-c", "import time; time.sleep(0.3); raise SystemExit(3)"],
+                        [PY, "-c", f"import time; time.sleep(60); open({str(survivor)!r}, 'w')"]],
+                       [dict(os.environ)] * 2)
+    assert status == 3
+    assert time.monotonic() - t0 < 30, "the other rank was not stopped"
+    assert not survivor.exists()
+
+
+def test_a_rank_killed_by_a_signal_reports_128_plus_it():
+    assert exit_code(-signal.SIGKILL) == 137
+    assert supervise([[PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]],
+                     [dict(os.environ)]) == 137
+
+
+def test_sigterm_to_the_supervisor_reaches_every_rank(tmp_path):
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    child = ("import sys, time; open(sys.argv[1], 'w').close(); time.sleep(60)")
+    code = ("import os, sys; from ccfs_dist.relaunch import supervise; "
+            f"sys.exit(supervise([[sys.executable, '-c', {child!r}, r] for r in {[str(r) for r in ready]!r}], "
+            "[dict(os.environ)] * 2))")
+    proc = subprocess.Popen([PY, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all(r.exists() for r in ready):
+            assert time.monotonic() < deadline and proc.poll() is None, "ranks did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # no rank is left behind in the supervisor's session
+    out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert out == []
