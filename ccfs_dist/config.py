@@ -93,7 +93,7 @@ DEFAULTS = {
         "synthetic": "resident",   # resident | shared: how S_j and the evaluation sets are held in filter / evaluation
                                    # training: uint8 tensors on every rank, moved whole to the device (small sets), or
                                    # one .npy file in the run directory shared by a node's ranks (page cache), rows
-                                   # moved per chunk (ImageNet scale; docs/pipeline.md)
+                                   # moved per chunk (ImageNet scale; docs/shards.md)
     },
     "aug": {
         "scale_min": 0.08,         # RandomResizedCrop minimum area scale
