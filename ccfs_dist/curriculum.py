@@ -274,7 +274,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
     wall["distill"] = lap()
 
-    synthetic = held_set(run, cfg, data, run.synthetic(0), [distilled])          # S_0
+    synthetic = held_set(run, cfg, data, run.synthetic(0), [distilled], successor=run.synthetic(1))   # S_0
     distilled = given_distilled = None           # train.synthetic shared: the rank's own copy is no longer needed
     selected = np.empty(0, dtype=np.int64)
     phases = []
@@ -285,7 +285,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         phases.append(metrics)
         selected = np.concatenate([selected, new])
         # S_j = S_{j-1} + the selected images (a streamed pool: each rank reads a share)
-        previous, synthetic = synthetic, held_set(run, cfg, data, run.synthetic(j), [synthetic, (data.train, new)])
+        previous, synthetic = synthetic, held_set(run, cfg, data, run.synthetic(j), [synthetic, (data.train, new)],
+                                                  successor=run.synthetic(j + 1) if j < len(budgets) else None)
         held.drop(run.acc, previous)
         wall[f"phase {j}"] = lap()
     # ccfs.compat official: idx_selected in selection order, as the official code writes it
@@ -324,13 +325,17 @@ class Lap:
         return round(seconds, 3)
 
 
-def held_set(run, cfg, data, path, parts):
+def held_set(run, cfg, data, path, parts, successor=None):
     """The set made of `parts` (synthetic.build), held as train.synthetic says; a shared one is written to
-    `path` once (a resumed run whose file exists opens it)."""
+    `path` once. A resumed run opens the file if it exists, and does not write it when the `successor` set's
+    file exists (S_j once S_{j+1} is written: the only training on S_j, filter j+1, has finished)."""
     store = cfg["train"]["synthetic"]
-    if store == "shared" and run.done(path):
+    if store == "shared" and (run.done(path) or (successor is not None and run.done(successor))):
         return held.Stored(path, held.labels_of(parts))
-    return held.build(run.acc, store, path, parts, data.train.shape)
+    made = held.build(run.acc, store, path, parts, data.train.shape)
+    if store == "shared":
+        run.log(f"synthetic set: {len(made)} images written to {os.path.relpath(path, run.dir)}")
+    return made
 
 
 def baseline_sets(run, cfg, data, distilled, n_distilled):

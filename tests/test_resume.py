@@ -92,7 +92,9 @@ def test_killed_run_resumes_to_the_same_result(point, reference, tmp_path):
     refused = subprocess.run([sys.executable, SCRIPT, "--out", str(out)] + SETTINGS + extra, env=ENV, cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    run(out, extra=extra + ["--resume"])
+    resumed = run(out, extra=extra + ["--resume"])
+    if extra:          # S_1 is in place: S_0 (deleted) is not written again, S_2 is
+        assert "written to synthetic/S_0.npy" not in resumed.stdout and "written to synthetic/S_2.npy" in resumed.stdout
     assert json.load(open(out / "selected_indices.json")) == reference["selected_indices.json"]
     assert json.load(open(out / "eval_ccfs.json"))["final"] == reference["eval_ccfs.json"]["final"]
     leftovers = [p.name for p in out.rglob("*_state.pt")]
