@@ -50,7 +50,7 @@ class Stored:
 
     @property
     def images(self):
-        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.load(wait_for(self.path), mmap_mode="r", allow_pickle=False)   # renamed by rank 0, maybe on another node
 
 
 def build(accelerator, store, path, parts, shape):
