@@ -374,8 +374,8 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
             if j == 0:                                     # augment the next chunk_steps batches at once
                 part = slice(step, step + chunk_steps)
                 chunk_idx = mine[part].reshape(-1)
-                if on_host:                                # contiguous rows, as index_select gives
-                    rows = torch.from_numpy(np.ascontiguousarray(images[mine_host[part].reshape(-1)])).to(device)
+                if on_host:                                # contiguous rows, as index_select gives (take: a
+                    rows = torch.from_numpy(images.take(mine_host[part].reshape(-1), axis=0)).to(device)  # new array)
                 else:                                      # index_select: see pool.Split.batches
                     rows = images.index_select(0, chunk_idx)
                 chunk_x = augment.apply(rows, my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
