@@ -99,7 +99,8 @@ def cmd_shards(args):
     from .shards import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
         index = write_shards(cfg["data"], args.out, split=split, per_shard=args.per_shard,
-                             overwrite=args.overwrite, workers=args.workers)
+                             overwrite=args.overwrite, workers=args.workers, resize=args.resize,
+                             jpeg_quality=args.jpeg_quality)
         print(f"{split}: {index['num_samples']} samples in {len(index['shards'])} shard(s), "
               f"index {os.path.join(args.out, split + '.json')}", flush=True)
     return 0
@@ -182,6 +183,13 @@ def build_parser():
                    help="samples per shard (default 2000); keep shards >= ranks x data.num_workers")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards of the split in --out")
+    p.add_argument("--resize", type=int, default=None, metavar="N",
+                   help="image-file sources: store every image with its shorter side N (at least data.image_size; "
+                        "N = data.image_size: reading only crops), JPEGs re-encoded as JPEG, others as lossless "
+                        "PNG; cuts decode cost (docs/shards.md)")
+    p.add_argument("--jpeg-quality", type=int, default=95, metavar="Q",
+                   help="--resize: quality of the re-encoded JPEGs, 4:4:4 chroma (default 95; 100: closest to "
+                        "resizing on read)")
     p.add_argument("--verify", action="store_true",
                    help="write nothing: read every shard of --out's index(es) and check its size, sha256, keys, "
                         "labels and sample count against the index (exit 2 on the first disagreement)")

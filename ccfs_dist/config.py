@@ -28,6 +28,8 @@ DEFAULTS = {
         "allow_urls": False,       # webdataset: index `file` entries may be URLs or `pipe:` commands (run by webdataset)
         "allow_outside": False,    # webdataset: index `file` entries may be absolute or climb out of the index's folder
         "num_workers": 0,          # webdataset: DataLoader workers per rank decoding the streamed pool
+        "decode": "cpu",           # webdataset: cpu (loader workers decode, PIL) | device (workers pass JPEG bytes on,
+                                   # each rank decodes its batches on its device: nvjpeg on CUDA); docs/shards.md
     },
     "model": {
         "name": "convnet",         # convnet | resnet18 (CIFAR stem) | resnet18_imagenet | any torchvision classifier name
@@ -100,7 +102,8 @@ DEFAULTS = {
         "flip": True,              # random horizontal flip
     },
     "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
-        "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes)
+        "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes;
+                                   # on the device under data.decode: device)
         "interleave": 16,          # shards each loader worker (data.num_workers) reads at once, drawing samples from all
     },
     "predict": {                   # a model's pass over pool samples (predict.py): teacher and filter predictions, accuracy
@@ -217,6 +220,7 @@ RANGES = {
 
 CHOICES = {
     "data.source": ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "webdataset"),
+    "data.decode": ("cpu", "device"),
     "model.norm": ("batchnorm", "instancenorm", "none"),
     "teacher.crop": ("pad",),
     "ccfs.compat": ("none", "official"),
@@ -343,6 +347,9 @@ def validate(cfg):
             raise ConfigError(f"config key '{key}' must be a list of numbers (one per channel), got {values!r}")
     if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
         raise ConfigError(f"config key 'data.std' must hold positive numbers, got {cfg['data']['std']}")
+    if cfg["data"]["decode"] == "device" and cfg["data"]["source"] != "webdataset":
+        raise ConfigError(f"config key 'data.decode' is 'device', which applies to data.source webdataset only "
+                          f"(data.source is {cfg['data']['source']!r}: its images are decoded once, in memory)")
     for section in ("teacher", "train"):                 # a warm-up longer than the training never ends
         warmup, epochs = cfg[section]["warmup_epochs"], cfg[section]["epochs"]
         if epochs is not None and warmup > epochs:

@@ -6,6 +6,7 @@ has the same pixels whichever way it is read) without importing each other.
 """
 import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -75,16 +76,29 @@ def open_image(path, mode, exact_mode=False, hint=""):
     raise DataError(f"{path}: image mode {found}, expected {names.get(mode, mode)} like the data; {hint}")
 
 
+def crop_geometry(w, h, size):
+    """(resized width, height, crop left, top) of resize_center_crop for a w x h image: the shorter side to
+    `size`, then the centred size x size box."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
 def resize_center_crop(img, size):
     w, h = img.size
     if (w, h) != (size, size):
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+        new_w, new_h, left, top = crop_geometry(w, h, size)
         img = img.resize((new_w, new_h), Image.BILINEAR)
-        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
     return img
+
+
+def resize_shorter(img, size):
+    """The image with its shorter side `size` (bilinear, as resize_center_crop's resize; unchanged when it
+    already is): what `ccfs shards --resize` stores, so that reading crops where it would have resized."""
+    new_w, new_h, _, _ = crop_geometry(*img.size, size)
+    return img if img.size == (new_w, new_h) else img.resize((new_w, new_h), Image.BILINEAR)
 
 
 def channel_stats(images, chunk=4096):
@@ -134,6 +148,51 @@ def decode_image(data, mode, shape, what="image"):
         img = resize_center_crop(img, size)
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
     return arr.unsqueeze(0) if arr.dim() == 2 else arr.permute(2, 0, 1).contiguous()
+
+
+def is_jpeg(data):
+    """True for bytes that start like a JPEG (SOI marker): what decode="device" hands to decode_jpeg."""
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_jpeg_batch(payloads, mode, size, device):
+    """Decode JPEG bytes (a list of 1-D uint8 CPU tensors) on `device` with torchvision's decode_jpeg (nvjpeg
+    on CUDA, libjpeg-turbo on the CPU) and bring each to a uint8 C x size x size tensor on `device` with
+    decode_image's geometry: shorter side to `size` (bilinear, antialiased like PIL), centre crop.
+
+    Returns a list of tensors. Decoded as RGB (libjpeg's own upsampling and colour conversion, as PIL);
+    mode "L" then takes PIL's integer luma (R*19595 + G*38470 + B*7471 + 32768) >> 16 before resizing, as
+    PIL's convert("L") does (exact for grey JPEGs). A decode failure raises the decoder's RuntimeError
+    (decode_jpeg gives no partial results)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if not payloads:
+        return []
+    device = torch.device(device)
+    if device.type == "cuda":
+        # drain the caller's stream first: torchvision's CUDA decoder takes output blocks from the caching
+        # allocator and writes them on a stream not ordered after the caller's, so it can overwrite memory
+        # that queued kernels still read (pytorch/vision#9606: "draining the caller's stream" avoids it)
+        torch.cuda.current_stream(device).synchronize()
+    with warnings.catch_warnings():        # torchvision 0.29 deprecates its decoders, with a warning per call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        decoded = decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
+    return [_to_size(img, mode, size) for img in decoded]
+
+
+def _to_size(img, mode, size):
+    """One decoded RGB image in `mode` and at size x size, in decode_image's order: convert, then resize + crop."""
+    if mode == "L":
+        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=img.device)
+        img = ((img.to(torch.int32) * weights[:, None, None]).sum(0, keepdim=True) + 32768).div(
+            65536, rounding_mode="floor").to(torch.uint8)
+    _, h, w = img.shape
+    if (w, h) != (size, size):
+        new_w, new_h, left, top = crop_geometry(w, h, size)
+        # float, not uint8: CUDA's antialiased interpolate takes no uint8, and one kernel keeps CPU and CUDA alike
+        x = torch.nn.functional.interpolate(img[None].float(), size=(new_h, new_w), mode="bilinear",
+                                            align_corners=False, antialias=True)[0]
+        img = x[:, top:top + size, left:left + size].round_().clamp_(0, 255).to(torch.uint8)
+    return img.contiguous()
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

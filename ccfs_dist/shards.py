@@ -53,13 +53,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation
 from .errors import CCFSError, ConfigError, DataError
-from .images import decode_image, encode_png, fast_png_decoder, open_image
+from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decoder, is_jpeg, open_image,
+                     resize_shorter)
 from .pool import RealData
 
 FORMAT = "ccfs-shards/1"
 TAR_MTIME = 0                 # fixed tar metadata: the same input gives byte-identical shards
 READ_BUFFER = 1 << 20
+RESIZE_JPEG_QUALITY = 95      # `ccfs shards --resize`: default JPEG quality of the re-encoded JPEGs (4:4:4 chroma)
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
+DECODE = ("cpu", "device")    # data.decode: loader workers decode (PIL), or hand JPEG bytes to the rank's device
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")     # pipe:, http:, s3:, file:, ... (not a one-letter drive)
 
 
@@ -129,11 +132,12 @@ class _Source:
     """One split of a supported source, as records: record(i) -> (ext, stored bytes, fingerprint bytes)."""
 
     def __init__(self, name, split, classes, labels, shape, mean, std, images=None, files=None,
-                 stats=False, image_size=None):
+                 stats=False, image_size=None, resize=None, jpeg_quality=RESIZE_JPEG_QUALITY):
         self.name, self.split, self.classes = name, split, classes
         self.labels = np.asarray(labels, dtype=np.int64)
         self.shape, self.mean, self.std = tuple(int(d) for d in shape), mean, std
         self.images, self.files, self.stats, self.image_size = images, files, stats, image_size
+        self.resize, self.jpeg_quality = resize, jpeg_quality
 
     def __len__(self):
         return len(self.labels)
@@ -148,6 +152,8 @@ class _Source:
                 data = f.read()
         except OSError as e:
             raise DataError(f"cannot read image {path}: {e}") from e
+        if self.resize:
+            return self._resized(path, data)
         if not self.stats:                       # without a full decode, at least check it is an image
             try:
                 Image.open(io.BytesIO(data)).close()
@@ -156,9 +162,25 @@ class _Source:
         ext = os.path.splitext(path)[1][1:].lower()
         return ext, data, data
 
+    def _resized(self, path, data):
+        """`ccfs shards --resize`: the image with its shorter side self.resize, re-encoded: a JPEG as JPEG
+        (still decodable on the device; quality self.jpeg_quality, chroma not subsampled: at 4:2:0 the
+        error at 95 is 2.5x that of 4:4:4, docs/shards.md), anything else as lossless PNG."""
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img = resize_shorter(img.convert("RGB"), self.resize)
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {e} (replace or delete the file)") from e
+        if is_jpeg(data):
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=self.jpeg_quality, subsampling=0)
+            return "jpg", buf.getvalue(), data
+        return "png", encode_png(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)), data
 
-def _open_source(data_cfg, split):
-    """The `_Source` of a `data` config section's split (digits, CIFAR: decoded; image files: by path)."""
+
+def _open_source(data_cfg, split, resize=None, jpeg_quality=RESIZE_JPEG_QUALITY):
+    """The `_Source` of a `data` config section's split (digits, CIFAR: decoded; image files: by path, with
+    `resize`: pre-resized to that shorter side)."""
     source, image_size = data_cfg["source"], data_cfg.get("image_size")
     if source == "webdataset":
         raise ConfigError("data.source is already 'webdataset'; name the original source (digits, cifar10, "
@@ -179,12 +201,18 @@ def _open_source(data_cfg, split):
                 raise DataError(f"{train_files[0]}: image is {w}x{h}, not square; set data.image_size to "
                                 f"resize and center-crop all images")
             size = w
+        if resize is not None and resize < size:
+            raise ConfigError(f"--resize {resize} is smaller than the image size {size} the shards are read at "
+                              f"(data.image_size); pass at least {size}, or lower data.image_size")
         if source == "tiny-imagenet":
             mean, std, stats = TINY_MEAN, TINY_STD, False
         else:
             mean, std, stats = None, None, split == "train"   # imagefolder: measured while writing train
         return _Source(source, split, classes, labels, (3, size, size), mean, std, files=files, stats=stats,
-                       image_size=size)
+                       image_size=size, resize=resize, jpeg_quality=jpeg_quality)
+    if resize is not None:
+        raise ConfigError(f"--resize applies to image-file sources (imagefolder, tiny-imagenet); '{source}' is "
+                          f"stored at its own size as lossless PNG")
     real = set_normalisation(load_source(data_cfg), data_cfg)
     part = real.train if split == "train" else real.test
     return _Source(real.name, split, list(real.classes), part.labels.numpy(), part.shape, real.mean, real.std,
@@ -222,23 +250,32 @@ def _write_one(job):
             digest.digest(), sums, pixels_seen)
 
 
-def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=False, workers=None, log=print):
+def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=False, workers=None, log=print,
+                 resize=None, jpeg_quality=RESIZE_JPEG_QUALITY):
     """Write `split` of the source named by `data_cfg` as WebDataset shards + `<out_dir>/<split>.json`.
 
     Returns the index dict. Refuses to replace an existing index unless `overwrite`; with it, shard files
     of this split that the new index does not list are removed after the new index is in place.
+
+    `resize` (image-file sources): store every image with its shorter side `resize` (at least the image size
+    it is read at), re-encoded (_Source._resized, JPEGs at `jpeg_quality`), so that reading decodes smaller
+    files and only crops (when `resize` is that size); the index's source.resize records it.
     """
     global _WRITE_SOURCE
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test, got {split!r}")
     if per_shard < 1:
         raise ConfigError(f"--per-shard must be at least 1, got {per_shard}")
+    if resize is not None and resize < 1:
+        raise ConfigError(f"--resize must be at least 1, got {resize}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ConfigError(f"--jpeg-quality must lie in 1..100, got {jpeg_quality}")
     out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     index_path = os.path.join(out_dir, f"{split}.json")
     if os.path.exists(index_path) and not overwrite:
         raise CCFSError(f"{index_path} already exists; pass --overwrite to replace these shards, "
                         f"or choose another --out")
-    src = _open_source(data_cfg, split)
+    src = _open_source(data_cfg, split, resize, jpeg_quality)
     n = len(src)
     if n == 0:
         raise DataError(f"the {split} split of '{src.name}' holds no samples")
@@ -259,7 +296,8 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
                 results = pool.map(_write_one, jobs, chunksize=1)
     finally:
         _WRITE_SOURCE = None
-    fingerprint = hashlib.sha256(f"{src.name}:{split}:{n}:{src.shape}:".encode())
+    stored = f"resize={resize},q={jpeg_quality}:" if resize else ""        # what the members are of the source
+    fingerprint = hashlib.sha256(f"{src.name}:{split}:{n}:{src.shape}:{stored}".encode())
     for _, digest, _, _ in results:
         fingerprint.update(digest)
     mean, std = src.mean, src.std
@@ -279,7 +317,8 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
         "mean": list(mean) if mean is not None else None,
         "std": list(std) if std is not None else None,
         "source": {"source": data_cfg["source"], "image_size": data_cfg.get("image_size"),
-                   "fingerprint": "sha256:" + fingerprint.hexdigest()},
+                   "fingerprint": "sha256:" + fingerprint.hexdigest(),
+                   **({"resize": resize, "jpeg_quality": jpeg_quality} if resize else {})},
         "key_width": width,
         "shards": [r[0] for r in results],
         "labels": src.labels.tolist(),
@@ -408,12 +447,17 @@ class ShardSplit:
 
     `labels` come from the index JSON, so selection never reads an image; `fetch` and `batches` stream
     only the shards that hold wanted samples. `image_size` overrides the index's image size (images are
-    then resized and center-cropped). `num_workers` DataLoader workers decode per rank.
+    then resized and center-cropped). `num_workers` DataLoader workers decode per rank; with
+    `decode="device"` they pass JPEG members on undecoded and `batches` / `stream` decode each batch's
+    JPEGs on the device they are given (decode_jpeg_batch), other members as before in the workers.
     """
     in_memory = False
 
     def __init__(self, index_path, image_size=None, num_workers=0, check_files=True, allow_urls=False,
-                 allow_outside=False):
+                 allow_outside=False, decode="cpu"):
+        if decode not in DECODE:
+            raise ConfigError(f"data.decode must be one of {', '.join(DECODE)}, got {decode!r}")
+        self.decode = decode
         self.index_path = os.path.expanduser(os.fspath(index_path))
         self.meta, self.shards = read_index(self.index_path, allow_urls, allow_outside)
         self.labels = torch.from_numpy(self.meta["labels"])
@@ -476,27 +520,35 @@ class ShardSplit:
         dealt round-robin to the ranks."""
         return self.shards_with(mask)[rank::world]
 
-    def _loader(self, mask, batch_size, rank, world, pin_memory=False):
-        """Batches (uint8 images, labels, global ids) of the wanted samples in this rank's shards."""
+    def _loader(self, mask, batch_size, rank, world, pin_memory=False, device=None):
+        """Batches (uint8 images, labels, global ids) of the wanted samples in this rank's shards; with a
+        `device`, JPEGs are decoded there (see _iterate)."""
         mine = self.rank_shards(mask, rank, world)
         if mine:
-            yield from self._iterate(_ShardStream(self, [self.shards[i] for i in mine], mask, batch_size),
-                                     len(mine), batch_size, pin_memory)
+            stream = _ShardStream(self, [self.shards[i] for i in mine], mask, batch_size, encoded=device is not None)
+            yield from self._iterate(stream, len(mine), batch_size, pin_memory, device)
 
-    def stream(self, positions, mask, batch_size, interleave=1, seed=(0,), pin_memory=False):
+    def _decode_on(self, device):
+        """The device to decode JPEGs on for a pass to `device` (None: in the loader workers)."""
+        return device if self.decode == "device" else None
+
+    def stream(self, positions, mask, batch_size, interleave=1, seed=(0,), pin_memory=False, device=None):
         """Batches (uint8 images, labels, global ids) of the wanted samples (`mask`) of the shards at
         `positions`, for training on the stream (stream_train). The shards are dealt round-robin to this
         split's loader workers in the given order; each worker reads `interleave` of its shards at once and
         draws every next sample from one of them at random (probability proportional to its wanted samples
         left, from `seed` + the worker id), so that a batch mixes several shards (a class-sorted source
-        puts few classes in one shard). The shard checks are those of `batches`."""
+        puts few classes in one shard). The shard checks are those of `batches`. With decode="device" the
+        images come decoded on `device` (labels and ids stay on the CPU); else on the CPU."""
         if len(positions):
+            decode_on = self._decode_on(device)
             stream = _InterleavedStream(self, [self.shards[i] for i in positions], mask, batch_size,
-                                        interleave, tuple(seed))
-            yield from self._iterate(stream, len(positions), batch_size, pin_memory)
+                                        interleave, tuple(seed), encoded=decode_on is not None)
+            yield from self._iterate(stream, len(positions), batch_size, pin_memory, decode_on)
 
-    def _iterate(self, stream, n_shards, batch_size, pin_memory):
-        """(images, labels, ids) views of the packed batches of a _ShardStream, through loader workers."""
+    def _iterate(self, stream, n_shards, batch_size, pin_memory, device=None):
+        """(images, labels, ids) views of the packed batches of a _ShardStream, through loader workers; an
+        encoded stream's batches are decoded on `device` (fresh image tensors there)."""
         workers = min(self.num_workers, n_shards)
         if workers:
             fast_png_decoder()             # probe (and import torchvision) once here, not in every forked worker
@@ -506,7 +558,39 @@ class ShardSplit:
         for item in loader:
             if isinstance(item, str):     # a DataError raised in a worker, passed on as its message
                 raise DataError(item)
-            yield _unpack(*item, batch_size, self._shape)
+            if stream.encoded:
+                yield self._decoded(*_unpack_encoded(*item, batch_size), device)
+            else:
+                yield _unpack(*item, batch_size, self._shape)
+
+    def _decoded(self, payloads, jpeg, labels, ids, device):
+        """(uint8 images on `device`, labels, ids) of an encoded batch: the JPEGs decoded together on the device
+        (decode_jpeg_batch), the members the workers decoded (PNG, ...) copied there."""
+        out = torch.empty((len(payloads),) + self._shape, dtype=torch.uint8, device=device)
+        rows = np.flatnonzero(jpeg)
+        if len(rows):
+            try:
+                images = decode_jpeg_batch([payloads[i] for i in rows], self.mode, self._shape[1], device)
+            except RuntimeError:          # decode_jpeg names no image: decode them one by one, see _decode_one
+                images = [self._decode_one(payloads[i], int(ids[i]), device) for i in rows]
+            out[torch.from_numpy(rows).to(device)] = torch.stack(images)
+        rows = np.flatnonzero(~jpeg)
+        if len(rows):
+            pixels = torch.stack([payloads[i].view(self._shape) for i in rows])
+            out[torch.from_numpy(rows).to(device)] = pixels.to(device)
+        return out, labels, ids
+
+    def _decode_one(self, payload, gid, device):
+        """One JPEG the batch decode failed on: on the device alone, else by the CPU path (PIL: it may read what
+        the device's decoder does not), whose DataError names the shard and key as decode="cpu" does."""
+        try:
+            return decode_jpeg_batch([payload], self.mode, self._shape[1], device)[0]
+        except RuntimeError:
+            shard = self.shards[int(np.searchsorted(self._firsts, gid, side="right")) - 1]
+            key = f"{gid:0{self.meta.get('key_width', key_width(len(self)))}d}"
+            img = decode_image(payload.numpy().tobytes(), self.mode, self._shape,
+                               what=f"shard {shard['url']}, sample {key}")
+            return img.to(device)
 
     def batches(self, index, batch_size, rank, world, device):
         """Yield this rank's wanted samples as (uint8 images, labels, global ids) on `device`.
@@ -516,11 +600,14 @@ class ShardSplit:
         """
         _, mask = self._mask(index)
         cuda = device.type == "cuda"
-        for x, y, ids in self._loader(mask, batch_size, rank, world, pin_memory=cuda):
+        decode_on = self._decode_on(device)
+        for x, y, ids in self._loader(mask, batch_size, rank, world, pin_memory=cuda and decode_on is None,
+                                      device=decode_on):
             if cuda:
                 yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                        ids.to(device, non_blocking=True))
             else:   # labels and ids of their own: a consumer keeping them must not keep the batch buffer alive
+                    # (x is a view of it too under decode="cpu")
                 yield x, y.clone(), ids.clone()
 
     def fetch(self, index, accelerator=None, batch_size=256):
@@ -613,14 +700,37 @@ def _unpack(buf, n, batch_size, shape):
     return buf[16 * b:].view((b,) + tuple(shape))[:n], meta[0, :n], meta[1, :n]
 
 
+def _pack_encoded(batch_size, payloads, jpeg, labels, ids):
+    """One uint8 buffer of an encoded batch (decode="device"), one tensor per batch as _pack: int64 labels,
+    ids, payload lengths and is-JPEG flags (4 x batch_size) first, then the payloads end to end: JPEG bytes
+    as stored, or the C x H x W pixels a worker decoded (a member that is not a JPEG)."""
+    b, n = batch_size, len(ids)
+    meta = np.zeros((4, b), dtype=np.int64)
+    meta[0, :n], meta[1, :n] = labels, ids
+    meta[2, :n] = [len(p) for p in payloads]
+    meta[3, :n] = jpeg
+    return torch.frombuffer(bytearray(meta.tobytes() + b"".join(payloads)), dtype=torch.uint8), n
+
+
+def _unpack_encoded(buf, n, batch_size):
+    """(payload views, is-JPEG flags as numpy bools, labels, ids) of the first n samples of _pack_encoded's buffer."""
+    b = batch_size
+    meta = buf[:32 * b].view(torch.int64).view(4, b)
+    ends = np.cumsum(meta[2, :n].numpy()) + 32 * b
+    payloads = [buf[end - length:end] for end, length in zip(ends.tolist(), meta[2, :n].tolist())]
+    return payloads, meta[3, :n].numpy().astype(bool), meta[0, :n], meta[1, :n]
+
+
 class _ShardStream(IterableDataset):
     """Per DataLoader worker: its share of `shards` (every num_workers-th) -> WebDataset samples ->
     checked, filtered by the mask, decoded -> batches. A worker without shards yields nothing. In a
-    worker process a DataError is passed on as a string (the loader re-raises it in the rank)."""
+    worker process a DataError is passed on as a string (the loader re-raises it in the rank). `encoded`
+    (decode="device"): JPEG members are passed on as their bytes (_pack_encoded), others decoded."""
 
-    def __init__(self, split, shards, mask, batch_size):
+    def __init__(self, split, shards, mask, batch_size, encoded=False):
         super().__init__()
         self.split, self.shards, self.mask, self.batch_size = split, shards, mask, batch_size
+        self.encoded = encoded
 
     def __iter__(self):
         info = get_worker_info()
@@ -648,6 +758,10 @@ class _ShardStream(IterableDataset):
 
     def _packed(self, imgs, labels, ids):
         """One packed buffer of a batch (torch.stack into it: one call instead of a copy per image)."""
+        if self.encoded:
+            jpeg = [isinstance(p, bytes) for p in imgs]                  # the rest: pixels a worker decoded
+            return _pack_encoded(self.batch_size, [p if j else p.numpy().tobytes() for p, j in zip(imgs, jpeg)],
+                                 jpeg, labels, ids)
         buf, images, meta = _pack(self.batch_size, self.split.shape)
         n = len(ids)
         torch.stack(imgs, out=images[:n])
@@ -681,7 +795,11 @@ class _ShardStream(IterableDataset):
                     raise DataError(f"{where}, sample {key}: label {label.decode(errors='replace')!r} differs "
                                     f"from the index's {labels[gid]}")
                 if mask[gid]:
-                    yield gid, int(label), decode_image(files[exts[0]], mode, shape, what=f"{where}, sample {key}")
+                    data = files[exts[0]]
+                    if self.encoded and is_jpeg(data):
+                        yield gid, int(label), data
+                    else:
+                        yield gid, int(label), decode_image(data, mode, shape, what=f"{where}, sample {key}")
             if expect == first + count:
                 stream.read_to_end()
         except OSError as e:
@@ -754,8 +872,8 @@ class _InterleavedStream(_ShardStream):
     and draws each next sample from an open shard chosen at random with probability proportional to its
     wanted samples left: a uniformly random merge of the open shards' sample sequences."""
 
-    def __init__(self, split, shards, mask, batch_size, interleave, seed):
-        super().__init__(split, shards, mask, batch_size)
+    def __init__(self, split, shards, mask, batch_size, interleave, seed, encoded=False):
+        super().__init__(split, shards, mask, batch_size, encoded)
         self.interleave, self.seed = max(1, int(interleave)), seed
 
     def _batches(self, shards):
@@ -900,7 +1018,8 @@ def load_shards(data_cfg, num_workers=0):
     if test_root is None:
         raise ConfigError("data source 'webdataset' needs 'data.test_root' (the test index JSON written by "
                           "`ccfs shards`, e.g. shards/test.json)")
-    trust = {"allow_urls": bool(data_cfg.get("allow_urls")), "allow_outside": bool(data_cfg.get("allow_outside"))}
+    trust = {"allow_urls": bool(data_cfg.get("allow_urls")), "allow_outside": bool(data_cfg.get("allow_outside")),
+             "decode": data_cfg.get("decode", "cpu")}
     train = ShardSplit(root, image_size=image_size, num_workers=num_workers, **trust)
     test = ShardSplit(test_root, image_size=train.shape[1], num_workers=num_workers, **trust)
     for key, split, want in (("data.root", train, "train"), ("data.test_root", test, "test")):

@@ -74,10 +74,11 @@ def rank_run(split, order, plan, rank):
 
 class ShuffleBuffer:
     """A bounded shuffle buffer of decoded samples: `push` appends a batch, `take(n)` removes n samples
-    drawn at random (numpy generator) and fills their rows from the tail. Preallocated: no allocation per step."""
+    drawn at random (numpy generator) and fills their rows from the tail. Preallocated: no allocation per step.
+    The images live on `device` (the device they are decoded on: data.decode), labels and ids on the CPU."""
 
-    def __init__(self, capacity, shape):
-        self.x = torch.empty((capacity,) + tuple(shape), dtype=torch.uint8)
+    def __init__(self, capacity, shape, device="cpu"):
+        self.x = torch.empty((capacity,) + tuple(shape), dtype=torch.uint8, device=device)
         self.y = torch.empty(capacity, dtype=torch.int64)
         self.ids = torch.empty(capacity, dtype=torch.int64)
         self.count = 0
@@ -93,13 +94,14 @@ class ShuffleBuffer:
     def take(self, n, rng):
         chosen = np.sort(rng.choice(self.count, size=n, replace=False))
         pick = torch.from_numpy(chosen)
-        out = self.x[pick], self.y[pick], self.ids[pick]               # advanced indexing copies
+        out = self.x[pick.to(self.x.device)], self.y[pick], self.ids[pick]     # advanced indexing copies
         keep = np.ones(self.count, dtype=bool)
         keep[chosen] = False
         end = self.count - n
         holes = torch.from_numpy(np.flatnonzero(~keep[:end]))
         tail = torch.from_numpy(np.flatnonzero(keep[end:]) + end)
-        self.x[holes], self.y[holes], self.ids[holes] = self.x[tail], self.y[tail], self.ids[tail]
+        self.x[holes.to(self.x.device)] = self.x[tail.to(self.x.device)]
+        self.y[holes], self.ids[holes] = self.y[tail], self.ids[tail]
         self.count = end
         return out
 
@@ -108,18 +110,20 @@ def _seed(*parts):
     return [int(p) % (1 << 63) for p in parts]
 
 
-def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
-    """This rank's training batches of one epoch, (uint8 images, labels, global ids) on the CPU, one per
-    step of `plan`; raises DataError when the stream does not deliver exactly the planned samples."""
+def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device=torch.device("cpu")):
+    """This rank's training batches of one epoch, (uint8 images, labels, global ids), one per step of `plan`;
+    raises DataError when the stream does not deliver exactly the planned samples. Images on `device` when
+    the split decodes there (data.decode: device), else on the CPU; labels and ids on the CPU."""
     order = np.random.default_rng(_seed(seed, epoch, 0)).permutation(len(split.shards))
     positions, mask = rank_run(split, order, plan, rank)
     sizes = plan[:, rank]
     expected = int(sizes.sum())
     loader_batch = int(sizes.max())
-    buffer = ShuffleBuffer(shuffle_buffer + 2 * loader_batch, split.shape)
+    on = device if split.decode == "device" else "cpu"
+    buffer = ShuffleBuffer(shuffle_buffer + 2 * loader_batch, split.shape, on)
     rng = np.random.default_rng(_seed(seed, epoch, 1, rank))
     stream = iter(split.stream(positions, mask, loader_batch, interleave=interleave,
-                               seed=_seed(seed, epoch, 2, rank)))
+                               seed=_seed(seed, epoch, 2, rank), device=device))
     seen = np.zeros(len(split), dtype=bool)
     pushed = 0
     where = f"{split.index_path}, epoch {epoch}, rank {rank}"
@@ -174,7 +178,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
                       leave=False, initial=first_epoch, total=r.epochs):
         aug_gen = torch.Generator(device=device).manual_seed(
             int(np.random.default_rng(_seed(seed, epoch, 3, rank)).integers(1 << 62)))
-        for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave):
+        for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device):
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)
             x = x.contiguous(memory_format=memory_format)
             y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)

@@ -22,6 +22,18 @@
        --mixed-precision bf16                          # one GPU: CIFAR ResNet-18 fed by 12 loader workers
 
 The shard set is ~3.3 GB (tar headers dominate at this image size); it is not deleted.
+
+With --decode, instead: decode throughput at --decode-size px (224) of ImageNet-shaped JPEGs (generated once
+into --out/decode: --decode-images photos of 375-500 x 333-500 px, quality 90, as an image folder, then
+written by `ccfs shards` twice, --decode-per-shard per shard: as stored, and with --resize --decode-size).
+For each shard set it times
+ShardSplit.batches over every sample (no model), twice each, best of the two: data.decode cpu (--workers
+loader workers decode with PIL) and data.decode device (the workers read bytes, the rank decodes each batch
+with decode_jpeg on its device: CUDA when there is one and no --cpu, else the CPU with --threads threads);
+then, untimed, the mean and max |difference| between the two paths' pixels (the tolerance on that device).
+
+   python launch/bench_shards.py --decode --cpu        # this machine: 1 worker vs the batch decode on the CPU
+   python launch/bench_shards.py --decode --decode-images 4000 --workers 12   # a GPU: 12 PIL workers vs nvjpeg
 """
 import argparse
 import json
@@ -230,6 +242,89 @@ def measure(args, index, tag):
         return json.load(f)
 
 
+def write_photos(folder, n, seed=0):
+    """An image folder of `n` ImageNet-shaped JPEGs in 10 classes (train/; val/ holds one per class, which
+    an image folder needs): smooth random colour fields (bicubic upsampled blocks) plus fine noise,
+    375-500 x 333-500 px, quality 90."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(n + 10):
+        w, h = int(rng.integers(375, 501)), int(rng.integers(333, 501))
+        base = rng.integers(0, 256, (h // 24 + 2, w // 24 + 2, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        img = np.clip(img + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+        d = os.path.join(folder, "train" if i < n else "val", f"c{i % 10}")
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(img).save(os.path.join(d, f"{i:06d}.jpg"), quality=90)
+
+
+def decode_bench(args):
+    """--decode: images/s of the CPU decode path vs the batch decode path, on full-size and pre-resized shards."""
+    import torch
+    from ccfs_dist.shards import ShardSplit, write_shards
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    base = os.path.join(args.out, "decode")
+    params = {"images": args.decode_images, "size": args.decode_size, "per_shard": args.decode_per_shard,
+              "seed": args.seed}
+    stamp = os.path.join(base, "params.json")
+    if not (os.path.exists(stamp) and json.load(open(stamp)) == params):
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+        start = time.perf_counter()
+        write_photos(os.path.join(base, "folder"), args.decode_images, args.seed)
+        cfg = {"source": "imagefolder", "root": os.path.join(base, "folder"), "image_size": args.decode_size}
+        for name, resize in (("full", None), ("resized", args.decode_size)):
+            write_shards(cfg, os.path.join(base, name), per_shard=args.decode_per_shard, workers=args.gen_workers,
+                         resize=resize, log=lambda *a: None)
+        write_json(stamp, params)
+        print(f"decode: wrote {args.decode_images} JPEGs and their shards in {time.perf_counter() - start:.0f} s",
+              flush=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rows = []
+    for name in ("full", "resized"):
+        index = os.path.join(base, name, "train.json")
+        nbytes = sum(s["bytes"] for s in ShardSplit(index).shards)
+        for decode in ("cpu", "device"):
+            split = ShardSplit(index, num_workers=args.workers, decode=decode)
+            best = math.inf
+            for _ in range(2):                   # the first pass also warms the page cache
+                start = time.perf_counter()
+                n = 0
+                for x, _, _ in split.batches(np.arange(len(split)), args.batch_size, 0, 1, device):
+                    n += len(x)
+                sync()
+                best = min(best, time.perf_counter() - start)
+            rows.append({"shards": name, "decode": decode, "images": n, "seconds": best, "images_per_s": n / best,
+                         "mb_per_image": nbytes / len(split) / 1e6,
+                         "decoded_on": "cpu (loader workers)" if decode == "cpu" else str(device)})
+        # the tolerance: device-decoded against CPU-path pixels, batch by batch (the same samples, in order)
+        total, peak, count = 0, 0, 0
+        pair = [ShardSplit(index, num_workers=args.workers, decode=d).batches(
+            np.arange(len(split)), args.batch_size, 0, 1, device) for d in ("cpu", "device")]
+        for (x, _, ids), (dx, _, dids) in zip(*pair):
+            assert torch.equal(ids.cpu(), dids.cpu())
+            diff = (x.to(device).int() - dx.int()).abs()
+            total, peak, count = total + int(diff.sum()), max(peak, int(diff.max())), count + diff.numel()
+        rows[-1].update(mean_abs_diff=total / count, max_abs_diff=peak)
+    print(f"\ndecode throughput to {args.decode_size} px, {args.decode_images} ImageNet-shaped JPEGs, "
+          f"{args.workers} loader worker(s), {args.threads} thread(s), batch {args.batch_size}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'shards':>8} {'KB/image':>9} {'decode':>7} {'decoded on':>20} {'images/s':>9} {'|diff| vs cpu':>14}")
+    for r in rows:
+        diff = f"{r['mean_abs_diff']:.3f} / {r['max_abs_diff']}" if "max_abs_diff" in r else ""
+        print(f"{r['shards']:>8} {r['mb_per_image'] * 1000:>9.0f} {r['decode']:>7} {r['decoded_on']:>20} "
+              f"{r['images_per_s']:>9.0f} {diff:>14}")
+    print("|diff| vs cpu: mean / max absolute difference, in levels, between the device-decoded and the CPU "
+          "path's pixels")
+    write_json(os.path.join(base, "result.json"), {"rows": rows, "workers": args.workers, "threads": args.threads,
+                                                   "device": str(device), **params})
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/ccfs_bench_shards", help="folder for the generated shards")
@@ -253,11 +348,18 @@ def main():
                    help="about this many (streamed window, forward-ceiling window) pairs per pass (default 20)")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--cpu", action="store_true", help="score on the CPU even where CUDA is available")
+    p.add_argument("--decode", action="store_true", help="measure decode throughput instead (see above)")
+    p.add_argument("--decode-images", type=int, default=600, help="--decode: JPEGs generated")
+    p.add_argument("--decode-size", type=int, default=224, help="--decode: the image size read (and --resize)")
+    p.add_argument("--decode-per-shard", type=int, default=25,
+                   help="--decode: samples per shard (default 25: enough shards for every loader worker)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.decode:
+        return decode_bench(args)
 
     full, small = generate(args)
     results = {"small": measure(args, small, "small"), "full": measure(args, full, "full")}

@@ -141,3 +141,23 @@ def test_shard_benchmark_report(tmp_path):
         assert r["rss_rank_mb"][0] > 0 and r["workers"] == 1
     assert result["rss_ratio"] > 0 and result["throughput_ratio"] == result["full"]["paired_ratio"]
     assert "paired windows" in proc.stdout
+
+
+def test_shard_decode_benchmark_report(tmp_path):
+    """launch/bench_shards.py --decode on 20 generated JPEGs read at 32 px: both shard sets (as stored and
+    pre-resized), both decode paths, every image counted, the table printed and result.json written."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_shards.py"), "--decode", "--cpu",
+                           "--out", str(out), "--decode-images", "20", "--decode-size", "32", "--decode-per-shard", "10",
+                           "--gen-workers", "1", "--batch-size", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.load(open(out / "decode" / "result.json"))
+    rows = {(r["shards"], r["decode"]): r for r in result["rows"]}
+    assert set(rows) == {(s, d) for s in ("full", "resized") for d in ("cpu", "device")}
+    assert all(r["images"] == 20 and r["images_per_s"] > 0 for r in rows.values())
+    assert rows["resized", "cpu"]["mb_per_image"] < rows["full", "cpu"]["mb_per_image"]
+    assert rows["full", "device"]["decoded_on"] == "cpu" and result["device"] == "cpu"
+    assert 0 < rows["full", "device"]["mean_abs_diff"] <= 0.25 and rows["full", "device"]["max_abs_diff"] == 1
+    assert rows["resized", "device"]["max_abs_diff"] == 0        # nothing left to resize: the decoder's pixels
+    assert "decode throughput to 32 px" in proc.stdout

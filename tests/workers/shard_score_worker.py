@@ -3,7 +3,7 @@
 Usage: shard_score_worker.py CASES.json OUT_DIR [--memory]   (run directly or under `accelerate launch`)
 
 CASES.json: a list of {"name", "memory": <data config of the original source>, "train": <train index JSON>,
-"workers": <DataLoader workers>, "subset": <bool>}. Rank 0 writes OUT_DIR/<name>.stream.npz (and
+"workers": <DataLoader workers>, "subset": <bool>[, "decode": data.decode, default cpu]}. Rank 0 writes OUT_DIR/<name>.stream.npz (and
 <name>.memory.npz with --memory), each with the world size and the scorer's per-sample fields.
 """
 import json
@@ -31,7 +31,7 @@ def main(cases_path, out_dir, memory):
     with open(cases_path) as f:
         cases = json.load(f)
     for case in cases:
-        split = ShardSplit(case["train"], num_workers=case["workers"])
+        split = ShardSplit(case["train"], num_workers=case["workers"], decode=case.get("decode", "cpu"))
         mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
         index = np.arange(len(split))
         if case["subset"]:               # an uneven, shuffled pool: what is left after earlier phases
