@@ -95,6 +95,8 @@ def child(args):
         json.dump(out, f)
     acc.wait_for_everyone()
     synthetic.drop(acc, current)
+    if acc.is_main_process:
+        os.rmdir(folder)                                   # the sets are gone: nothing of the run stays in --out
     exit_process(0)
 
 
