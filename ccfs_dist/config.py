@@ -92,6 +92,10 @@ DEFAULTS = {
         "compile": False,          # torch.compile the student and the teacher's forward in filter / evaluation training
         "checkpoint_every": 10,    # save the training state every this many epochs (0: never); resumable mid-training
         "min_batch_per_rank": 256, # split one training over the ranks (DDP) only if each gets >= this many samples a step
+        "synthetic": "resident",   # resident | shared: how S_j and the evaluation sets are held in filter / evaluation
+                                   # training: uint8 tensors on every rank, moved whole to the device (small sets), or
+                                   # one .npy file in the run directory shared by a node's ranks (page cache), rows
+                                   # moved per chunk (ImageNet scale; docs/shards.md)
     },
     "aug": {
         "scale_min": 0.08,         # RandomResizedCrop minimum area scale
@@ -221,6 +225,7 @@ CHOICES = {
     "teacher.crop": ("pad",),
     "ccfs.compat": ("none", "official"),
     "train.schedule_step": ("batch", "epoch"),
+    "train.synthetic": ("resident", "shared"),
     "distill.init": ("noise", "real"),
     "ccfs.coarse": ("misclassified", "correct"),
     "ccfs.fine": ("simple", "hard", "random"),

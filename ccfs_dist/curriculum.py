@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import io, seeds
+from . import synthetic as held
 from .data import load_distilled, write_image_folder
 from .sources import load_real
 from .difficulty import load_score_file, to_hardness
@@ -273,17 +274,20 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
     wall["distill"] = lap()
 
-    synthetic = (distilled.images, distilled.labels)
+    synthetic = held_set(run, cfg, data, run.synthetic(0), [distilled], successor=run.synthetic(1))   # S_0
+    distilled = given_distilled = None           # train.synthetic shared: the rank's own copy is no longer needed
     selected = np.empty(0, dtype=np.int64)
     phases = []
     for (j, k), stage in zip(enumerate(budgets, 1), phase_stages):
         trainings.synthetic = synthetic
         run_stage(run, stage, trainings)                                # filter j (and baseline evaluations)
-        new, metrics = finish_phase(run, cfg, data, j, k, len(synthetic[0]), selected, hardness, method, teacher_ok)
+        new, metrics = finish_phase(run, cfg, data, j, k, len(synthetic), selected, hardness, method, teacher_ok)
         phases.append(metrics)
         selected = np.concatenate([selected, new])
-        images, labels = data.train.fetch(new, accelerator=run.acc)   # streamed: each rank reads a share
-        synthetic = (torch.cat([synthetic[0], images]), torch.cat([synthetic[1], labels]))
+        # S_j = S_{j-1} + the selected images (a streamed pool: each rank reads a share)
+        previous, synthetic = synthetic, held_set(run, cfg, data, run.synthetic(j), [synthetic, (data.train, new)],
+                                                  successor=run.synthetic(j + 1) if j < len(budgets) else None)
+        held.drop(run.acc, previous)
         wall[f"phase {j}"] = lap()
     # ccfs.compat official: idx_selected in selection order, as the official code writes it
     order = selected if c["compat"] == "official" else np.sort(selected)
@@ -321,15 +325,29 @@ class Lap:
         return round(seconds, 3)
 
 
+def held_set(run, cfg, data, path, parts, successor=None):
+    """The set made of `parts` (synthetic.build), held as train.synthetic says; a shared one is written to
+    `path` once. A resumed run opens the file if it exists, and does not write it when the `successor` set's
+    file exists (S_j once S_{j+1} is written: the only training on S_j, filter j+1, has finished)."""
+    store = cfg["train"]["synthetic"]
+    if store == "shared" and (run.done(path) or (successor is not None and run.done(successor))):
+        return held.Stored(path, held.labels_of(parts))
+    made = held.build(run.acc, store, path, parts, data.train.shape)
+    if store == "shared":
+        run.log(f"synthetic set: {len(made)} images written to {os.path.relpath(path, run.dir)}")
+    return made
+
+
 def baseline_sets(run, cfg, data, distilled, n_distilled):
     """The evaluation sets CCFS is compared with, at the same IPC: distilled + random real, random real."""
     if not cfg["eval"]["baselines"]:
         return {}
     ipc, seed, labels = cfg["ccfs"]["ipc"], cfg["seed"], data.train.labels.numpy()
-    top_up = data.train.fetch(random_per_class(labels, ipc - n_distilled, seeds.top_up_baseline(seed)),
-                              accelerator=run.acc)
-    return {"distilled+random": (torch.cat([distilled.images, top_up[0]]), torch.cat([distilled.labels, top_up[1]])),
-            "random": data.train.fetch(random_per_class(labels, ipc, seeds.random_baseline(seed)), accelerator=run.acc)}
+    top_up = random_per_class(labels, ipc - n_distilled, seeds.top_up_baseline(seed))
+    return {"distilled+random": held_set(run, cfg, data, run.eval_set("distilled+random"),
+                                         [distilled, (data.train, top_up)]),
+            "random": held_set(run, cfg, data, run.eval_set("random"),
+                               [(data.train, random_per_class(labels, ipc, seeds.random_baseline(seed)))])}
 
 
 def gather_evaluation(run, cfg, trainings):

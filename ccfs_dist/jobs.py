@@ -39,8 +39,8 @@ class Trainings:
     def __init__(self, run, cfg, data, class_size):
         self.run, self.cfg, self.data, self.class_size = run, cfg, data, class_size
         self.teacher = None          # after the start stage
-        self.synthetic = None        # S_{j-1} during phase j
-        self.sets = {}               # evaluation sets: the baselines after the start stage, ccfs at the end
+        self.synthetic = None        # S_{j-1} during phase j (a synthetic.Resident or Stored)
+        self.sets = {}               # evaluation sets (held alike): the baselines after the start stage, ccfs at the end
 
     def artifact(self, kind, *key):
         """The file whose existence means the job (kind, key) is finished."""
@@ -101,9 +101,9 @@ class Trainings:
         filt = build(cfg, data, seed)
         if cfg["ccfs"]["warm_start"] and j > 1:              # from phase j-1's filter, as saved
             load_checkpoint(filt, run.phase(j - 1, "filter.pt"))
-        per_class = len(self.synthetic[0]) / data.num_classes
+        per_class = len(self.synthetic) / data.num_classes
         rec = Recipe.for_phase(cfg, ipc=cfg["ccfs"]["ipc"], class_size=self.class_size, per_class=per_class)
-        filt, stats = train_model(acc, filt, *self.synthetic, rec, mean=data.mean, std=data.std,
+        filt, stats = train_model(acc, filt, self.synthetic.images, self.synthetic.labels, rec, mean=data.mean, std=data.std,
                                   teacher=self.teacher if cfg["train"]["kd"] else None, seed=seed,
                                   desc=f"phase {j} filter", checkpoint=run.phase(j, "filter_state.pt"))
         if acc.is_main_process:
@@ -113,8 +113,8 @@ class Trainings:
 
     def train_eval(self, acc, name, r):
         cfg, data, c = self.cfg, self.data, self.cfg["ccfs"]
-        x, y = self.sets[name]
-        result = evaluate_run(acc, x, y, data=data, model_cfg=cfg["model"],
+        held = self.sets[name]
+        result = evaluate_run(acc, held.images, held.labels, data=data, model_cfg=cfg["model"],
                               recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
                               teacher=self.teacher if cfg["train"]["kd"] else None,
                               seed=seeds.eval_run(cfg["seed"], r), desc=f"eval {name} {r + 1}/{cfg['eval']['runs']}",

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .dist import rank_slice
+from .dist import rank_slice, share
 
 
 @runtime_checkable
@@ -33,6 +33,11 @@ class Pool(Protocol):
         """(uint8 images, labels) of the samples `index`, in that order; every rank gets them whole. With an
         `accelerator` every rank must call it with the same index (a streamed pool splits the reading);
         `batch_size`: how many samples a streamed pool decodes at a time."""
+
+    def fetch_shares(self, index, accelerator=None, batch_size=256):
+        """Yield this rank's share of the samples `index` (unique) as (positions in `index`, uint8 images); the
+        union over the ranks is every sample once (synthetic.write puts them into a file shared by the ranks).
+        Every rank must iterate it to its end."""
 
     def batches(self, index, batch_size, rank, world, device):
         """Yield this rank's share of `index` as (uint8 images, labels, global ids) on `device`; the union
@@ -66,6 +71,14 @@ class Split:
         Pool interface; every rank holds an in-memory split whole and copies the rows at once.)"""
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
         return self.images.index_select(0, idx), self.labels[idx]
+
+    def fetch_shares(self, index, accelerator=None, batch_size=256):
+        """This rank's contiguous share of the positions of `index` (Pool.fetch_shares), `batch_size` at a time."""
+        index = np.asarray(index, dtype=np.int64)
+        lo, hi = share(accelerator, len(index))
+        for a in range(lo, hi, batch_size):
+            positions = np.arange(a, min(hi, a + batch_size))
+            yield positions, self.images.index_select(0, torch.from_numpy(index[positions]))
 
     def batches(self, index, batch_size, rank, world, device):
         """Yield this rank's share of `index` as (uint8 images, labels, global ids) on `device`.

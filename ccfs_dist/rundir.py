@@ -114,6 +114,15 @@ class Layout:
         metrics.json (written last: the phase is finished)."""
         return self.path(f"phase_{j}", name)
 
+    def synthetic(self, j):
+        """synthetic/S_<j>.npy: the synthetic set after phase j (S_0: the distilled set), held in a file
+        shared by the ranks (train.synthetic: shared); removed once S_<j+1> is written."""
+        return self.path("synthetic", f"S_{j}.npy")
+
+    def eval_set(self, name):
+        """synthetic/<set>.npy: a baseline evaluation set held in a shared file (train.synthetic: shared)."""
+        return self.path("synthetic", f"{set_stem(name)}.npy")
+
     def eval_run(self, name, r, state=False):
         return self.path("eval", f"{set_stem(name)}_run{r}{'_state.pt' if state else '.json'}")
 

@@ -634,6 +634,26 @@ class ShardSplit:
             out = out.index_select(0, torch.from_numpy(np.searchsorted(wanted, index)))
         return out, self.labels[torch.from_numpy(index)]
 
+    def fetch_shares(self, index, accelerator=None, batch_size=256):
+        """Yield this rank's share of the samples `index` (unique) as (positions in `index`, uint8 images):
+        those of the shards `fetch` deals to this rank, read once and handed over batch by batch, so a caller
+        writing them into a shared file (synthetic.write) never holds the whole set. Every rank must iterate
+        it to its end (the check that every sample was found is collective)."""
+        index, mask = self._mask(index)
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        if len(index) > 1 and (ordered[1:] == ordered[:-1]).any():
+            raise ValueError("fetch_shares needs unique indices")
+        rank, world = rank_world(accelerator)
+        found = 0
+        for x, _, ids in self._loader(mask, batch_size, rank, world):
+            found += len(ids)
+            yield order[np.searchsorted(ordered, ids.numpy())], x
+        if world > 1:
+            found = int(accelerator.gather(torch.tensor([found], device=accelerator.device)).sum())
+        if found != len(index):
+            raise DataError(f"{self.index_path}: {len(index) - found} wanted samples not found in the shards")
+
     def _fetch_into(self, mask, rows, batch_size, rank, world):
         """Read this rank's share of the wanted samples into a new tensor whose row i is sample rows[i] (rows:
         sorted global indices). Returns (images, found per row)."""

@@ -1,6 +1,7 @@
 """Train a model on a small cached image set: the teacher, each phase's filter, and evaluation models.
 
-The set is held as a uint8 tensor on the device and augmented in batches on the device. A training runs
+The set is held as a uint8 tensor on the device and augmented in batches on the device (a set held in a
+shared file, synthetic.py, stays on the host: each chunk's rows are gathered there and moved). A training runs
 whole on one rank when `accelerator` is a dist.Local (the plan's rule, plan.split_training), else it is
 split: every rank draws the same epoch permutation and trains on its share of each global batch;
 Accelerate's DDP averages the gradients, so the recipe (global batch size, lr) does not depend on the
@@ -25,6 +26,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -316,6 +318,10 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     """Train `model` in place on uint8 `images` (N,C,H,W) with int64 `labels` by `recipe` (a Recipe);
     return (model, stats).
 
+    `images` is a tensor (moved whole to the device) or a numpy array such as the read-only memmap of a
+    shared set (synthetic.Stored): then each chunk's rows are gathered on the host and only they are moved,
+    with the same order and augmentation (the same result).
+
     With `teacher` the loss is KD at the recipe's temperature (labels unused), else cross-entropy.
     `on_epoch_end(epoch, model)` is called on every rank after each epoch (for periodic evaluation).
     `on_batch(rows, logits)` is called on every rank after each forward pass, before the optimizer
@@ -332,7 +338,9 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     n = len(images)
     rank, world = rank_world(accelerator)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    images = images.to(device).contiguous(memory_format=memory_format)
+    on_host = isinstance(images, np.ndarray)             # a shared set: rows gathered on the host per chunk
+    if not on_host:
+        images = images.to(device).contiguous(memory_format=memory_format)
     labels = labels.to(device)
     augment = Augment(mean, std, images.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
                       padding=r.padding)
@@ -348,7 +356,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     lo, hi = rank_slice(batch_size, rank, world)          # this rank's rows of every (full) global batch
     share = hi - lo
     # batches augmented together (per-sample results are the same): fewer, larger kernels per step
-    chunk_steps = max(1, min(steps_per_epoch, AUG_CHUNK_BYTES // max(1, share * images[0].numel() * 4)))
+    chunk_steps = max(1, min(steps_per_epoch, AUG_CHUNK_BYTES // max(1, share * math.prod(images.shape[1:]) * 4)))
 
     generators = {"order_gen": torch.Generator().manual_seed(seed),                         # same on every rank
                   "aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
@@ -362,7 +370,10 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
                       leave=False, initial=first_epoch, total=epochs):
         lrs.append(session.optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
-        perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n)).to(device)  # last batch wraps around
+        perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n))   # the last batch wraps around
+        if on_host:
+            mine_host = perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)[:, lo:hi].numpy()
+        perm = perm.to(device)
         boxes, flips = epoch_boxes(augment, steps_per_epoch * batch_size, height, width, aug_gen, device)
         # this rank's rows of every global batch of the epoch: steps x share
         mine = perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)[:, lo:hi]
@@ -373,8 +384,11 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
             if j == 0:                                     # augment the next chunk_steps batches at once
                 part = slice(step, step + chunk_steps)
                 chunk_idx = mine[part].reshape(-1)
-                chunk_x = augment.apply(images.index_select(0, chunk_idx),   # index_select: see pool.Split.batches
-                                        my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
+                if on_host:                                # contiguous rows, as index_select gives (take: a
+                    rows = torch.from_numpy(images.take(mine_host[part].reshape(-1), axis=0)).to(device)  # new array)
+                else:                                      # index_select: see pool.Split.batches
+                    rows = images.index_select(0, chunk_idx)
+                chunk_x = augment.apply(rows, my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
                 if r.channels_last:
                     chunk_x = chunk_x.contiguous(memory_format=torch.channels_last)
             idx = chunk_idx[j * share:(j + 1) * share]

@@ -26,9 +26,9 @@ def run(out, script=SCRIPT, extra=(), env=ENV):
     return proc
 
 
-def kill_when(out, ready, script=SCRIPT, env=ENV, timeout=300):
+def kill_when(out, ready, script=SCRIPT, env=ENV, timeout=300, extra=()):
     """Start a run, SIGKILL its whole process group as soon as `ready()` holds, return its stdout."""
-    proc = subprocess.Popen([sys.executable, script, "--out", str(out)] + SETTINGS, env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, script, "--out", str(out)] + SETTINGS + list(extra), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     while not ready():
@@ -73,10 +73,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("point", list(CASES) + ["scoring"])
+@pytest.mark.parametrize("point", list(CASES) + ["scoring", "phase_2_training_shared"])
 def test_killed_run_resumes_to_the_same_result(point, reference, tmp_path):
     out = tmp_path / "run"
-    if point == "scoring":
+    extra = ["train.synthetic=shared"] if point.endswith("_shared") else []
+    if point == "phase_2_training_shared":       # S_1 is in its file (S_0's removed); the filter trains on it
+        kill_when(out, CASES["phase_2_training"](out), extra=extra)
+        assert (out / "synthetic" / "S_1.npy").exists() and not (out / "synthetic" / "S_0.npy").exists()
+    elif point == "scoring":
         marker = tmp_path / "scoring-started"
         kill_when(out, exists(marker), script=SLOW, env=dict(ENV, CCFS_TEST_MARKER=str(marker)))
         assert (out / "phase_1" / "metrics.json").exists() and not (out / "phase_2" / "metrics.json").exists()
@@ -85,10 +89,12 @@ def test_killed_run_resumes_to_the_same_result(point, reference, tmp_path):
         kill_when(out, CASES[point](out))
     assert not (out / "summary.json").exists()
     check_artifacts_whole(out)
-    refused = subprocess.run([sys.executable, SCRIPT, "--out", str(out)] + SETTINGS, env=ENV, cwd=ROOT,
+    refused = subprocess.run([sys.executable, SCRIPT, "--out", str(out)] + SETTINGS + extra, env=ENV, cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    run(out, extra=["--resume"])
+    resumed = run(out, extra=extra + ["--resume"])
+    if extra:          # S_1 is in place: S_0 (deleted) is not written again, S_2 is
+        assert "written to synthetic/S_0.npy" not in resumed.stdout and "written to synthetic/S_2.npy" in resumed.stdout
     assert json.load(open(out / "selected_indices.json")) == reference["selected_indices.json"]
     assert json.load(open(out / "eval_ccfs.json"))["final"] == reference["eval_ccfs.json"]["final"]
     leftovers = [p.name for p in out.rglob("*_state.pt")]

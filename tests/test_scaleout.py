@@ -119,6 +119,17 @@ def test_two_processes_match_one(reference, tmp_path):
     assert_same(out, reference)
 
 
+def test_two_processes_with_a_shared_synthetic_set_match_one_resident(reference, tmp_path):
+    """train.synthetic=shared (S_j and the baselines in run-dir files shared by the ranks, rows moved per
+    chunk) with 2 processes: every selection and evaluation equals the resident 1-process run's."""
+    out = tmp_path / "run"
+    proc = two_processes(out, extra=["train.synthetic=shared"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same(out, reference)
+    held = sorted(p.name for p in (out / "synthetic").iterdir())
+    assert held == ["S_3.npy", "distilled_random.npy", "random.npy"], held     # S_0..S_2 were removed
+
+
 def test_two_nodes_match_one(reference, tmp_path):
     """Two `accelerate launch --cpu --num_machines 2 --machine_rank 0|1` commands, one process each,
     sharing the run directory (as nodes share a file system)."""

@@ -250,7 +250,8 @@ def test_streaming_scores_equal_in_memory_with_1_and_2_processes(pools, tmp_path
 def test_fetch_shared_by_two_ranks(pools, tmp_path, launch):
     """Two ranks fetch a shuffled third of the digits pool (5 shards): each opens only its share of the shards,
     none twice, and both return exactly the in-memory images; gather_rows_in_pieces gathers uneven, partly
-    empty shares piece by piece."""
+    empty shares piece by piece; the ranks write those samples into a shared set file (synthetic.build),
+    again each reading its own shards."""
     out = tmp_path / "fetch.npz"
     proc = launch([FETCH_WORKER, os.path.join(pools["digits5"], "train.json"), str(out)], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -262,6 +263,10 @@ def test_fetch_shared_by_two_ranks(pools, tmp_path, launch):
     assert got["opened"].tolist() == [3, 2]                   # shards 0, 2, 4 and 1, 3: 5 in all, none twice
     assert sorted(got["a"].tolist()) == [100, 101, 102] and got["b"].shape == (3, 2) and int(got["pieces"]) == 3
     assert np.array_equal(np.sort(got["b"][:, 0]), [100.0, 101.0, 102.0])
+    # a shared synthetic set of 4 of those rows + the fetched samples, each rank writing its shards' rows
+    assert np.array_equal(np.load(str(out) + ".S.npy", allow_pickle=False),
+                          np.concatenate([ref_x.numpy()[:4], ref_x.numpy()]))
+    assert got["shared_opened"].tolist() == [3, 2]
 
 
 # -------------------------------------------------------------------------------------------- errors

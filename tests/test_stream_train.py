@@ -220,7 +220,8 @@ def test_streamed_scores_agree_with_in_memory_as_two_seeds_do(pools, accelerator
 
 def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, launch):
     """1,000 classes of generated 8x8 images in shards, no teacher checkpoint and no score file: the teacher and
-    the forgetting scores are trained on the stream by 2 processes, then a whole CCFS run (distil, 1 phase, eval)."""
+    the forgetting scores are trained on the stream by 2 processes, then a whole CCFS run (distil, 1 phase, eval),
+    the synthetic set held shared as the config says."""
     data, _ = generated_pool(classes=1000, per_class=3, test_per_class=1, noise=30.0, fraction=0.0)
     cfg = write_pool_shards(data, str(tmp_path / "shards"), per_shard=500)
     out = str(tmp_path / "run")
@@ -244,6 +245,10 @@ def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, 
     sel = json.load(open(os.path.join(out, "selected_indices.json")))["idx_selected"]
     assert len(sel) == 1000 and len(set(sel)) == 1000
     assert sorted(data.train.labels[sel].tolist()) == list(range(1000))      # one selected per class
+    # the config holds the set shared (train.synthetic): S_1 = 1,000 distilled + the selected images, which the
+    # two ranks wrote into the file from their own shards
+    held = np.load(os.path.join(out, "synthetic", "S_1.npy"), allow_pickle=False)
+    assert held.shape == (2000, 3, 8, 8) and np.array_equal(held[1000:], data.train.images[np.sort(sel)].numpy())
 
 
 def test_ccfs_scores_cli_on_a_shard_pool(pools, tmp_path):
