@@ -77,14 +77,13 @@ def cmd_scores(args):
     if existing and not args.overwrite:
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
                         f"or choose another --out")
-    from .dist import make_accelerator
+    from .dist import log, make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
     from .scores import compute_score_files
     scores = compute_score_files(accelerator, cfg, data, paths, reuse=False)
-    if accelerator.is_main_process:
-        for m, values in scores.items():
-            print(f"{m}: {paths[m]} (+ .json): n={len(values)}, min {values.min():.4g}, mean {values.mean():.4g}, "
-                  f"max {values.max():.4g}", flush=True)
+    for m, values in scores.items():
+        log(accelerator, f"{m}: {paths[m]} (+ .json): n={len(values)}, min {values.min():.4g}, "
+                         f"mean {values.mean():.4g}, max {values.max():.4g}")
     accelerator.end_training()
     return 0
 

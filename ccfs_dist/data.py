@@ -42,11 +42,7 @@ def load_source(data_cfg):
                               f"tiny-imagenet only: leave it unset")
     if source == "digits":
         return _load_digits()
-    if root is None:
-        raise ConfigError(f"data source '{source}' needs 'data.root' (the folder holding it)")
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(root):
-        raise DataError(f"data.root folder not found: {root}")
+    root = source_root(source, root)
     if source == "cifar10":
         return _load_cifar(root, 10)
     if source == "cifar100":
@@ -57,6 +53,16 @@ def load_source(data_cfg):
         return _load_imagefolder(root, image_size)
     raise ConfigError(f"unknown data.source '{source}' "
                       f"(choose digits, cifar10, cifar100, tiny-imagenet, imagefolder or webdataset)")
+
+
+def source_root(source, root):
+    """The folder `root` (data.root) of `source`, user-expanded; a ConfigError if unset, a DataError if absent."""
+    if root is None:
+        raise ConfigError(f"data source '{source}' needs 'data.root' (the folder holding it)")
+    root = os.path.expanduser(os.fspath(root))
+    if not os.path.isdir(root):
+        raise DataError(f"data.root folder not found: {root}")
+    return root
 
 
 def set_normalisation(data, data_cfg):

@@ -43,7 +43,7 @@ def tune_malloc():
     settles at exactly the size of the recurring buffers), so every batch page-faults them in again and
     a CPU scoring pass spends much of its time in the kernel (figures: BENCHMARKS.md, "The allocator").
     The price: blocks up to 64 MB now share the heap with small long-lived ones, which can fragment it
-    (the scorer preallocates its records for this reason). DataLoader workers inherit the setting (fork).
+    (predict.predict preallocates its records for this reason). DataLoader workers inherit the setting (fork).
     CCFS_MALLOC_TUNING=0 keeps glibc's defaults. Returns True when the tuning is in effect.
     """
     if os.environ.get("CCFS_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
@@ -68,6 +68,15 @@ def exit_process(status=0):
     os._exit(int(status or 0))
 
 
+# ------------------------------------------------------------------------- rank arithmetic
+# Which rows, items or shards belong to rank r of w: every module that splits work over the ranks asks
+# these (pure functions of r and w, or of the accelerator's), so that the rule is stated once.
+
+def rank_world(accelerator):
+    """(rank, world) of `accelerator`: its process index and process count; (0, 1) for None."""
+    return (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+
+
 def rank_slice(n, rank, world):
     """Contiguous, balanced share [start, stop) of n items for `rank`; earlier ranks take the remainder."""
     base, extra = divmod(n, world)
@@ -75,10 +84,44 @@ def rank_slice(n, rank, world):
     return start, start + base + (1 if rank < extra else 0)
 
 
+def share(accelerator, n):
+    """This rank's rank_slice [start, stop) of n items (e.g. its rows of a global batch)."""
+    return rank_slice(n, *rank_world(accelerator))
+
+
+def share_sizes(n, world):
+    """The length of every rank's rank_slice of n items, in rank order."""
+    return [hi - lo for lo, hi in (rank_slice(n, r, world) for r in range(world))]
+
+
+def most_per_rank(n, world):
+    """The longest rank_slice of n items: how many a rank gets at most (ceil(n / world))."""
+    return math.ceil(n / world)
+
+
+def run_of(sizes, rank):
+    """[start, stop) of `rank`'s run when a sequence is cut, in rank order, into contiguous runs of `sizes`
+    (one length per rank)."""
+    start = int(sum(sizes[:rank]))
+    return start, start + int(sizes[rank])
+
+
+def deal(items, rank, world):
+    """`rank`'s items of the sequence `items` dealt round-robin (item i to rank i mod world), in order."""
+    return items[rank::world]
+
+
 def dealt(accelerator, n):
     """This rank's items of n dealt round-robin (item i to rank i mod world). Which rank runs an item depends
     on the world size; what the item computes must not (seed it by its own index)."""
-    return range(accelerator.process_index, n, accelerator.num_processes)
+    return deal(range(n), *rank_world(accelerator))
+
+
+def step_rank_key(accelerator, step):
+    """One integer per (step, rank), ordered step-major then by rank: the order in which the observations
+    of a data-parallel training's ranks are merged (the same for every rank and every gather)."""
+    rank, world = rank_world(accelerator)
+    return step * world + rank
 
 
 def log(accelerator, message):
@@ -136,7 +179,7 @@ class _Autocast(torch.nn.Module):
 class Local:
     """A one-process view of `accelerator`, for a training that runs whole on this rank.
 
-    It has the Accelerator's interface as train_model, evaluate_run, the scorer and TrainingDynamics use it
+    It has the Accelerator's interface as train_model, evaluate_run, predict and TrainingDynamics use it
     (prepare, backward, autocast, unwrap_model, gather, wait_for_everyone, ...), with no collective: the
     model is not wrapped in DDP, gathers return this rank's rows, and this rank writes the job's artifacts
     (is_main_process). Every training of the pipeline, also with one process, runs through it unless it

@@ -35,11 +35,7 @@ def read_images(paths, mode, size=None, resize=None, desc=None, exact_mode=False
     if not paths:
         return torch.empty(0, channels, size or 0, size or 0, dtype=torch.uint8)
     if size is None:
-        w, h = open_image(paths[0], mode, exact_mode, hint).size
-        if w != h:
-            raise DataError(f"{paths[0]}: image is {w}x{h}, not square; set data.image_size to "
-                            f"resize and center-crop all images")
-        size = w
+        size = square_side(paths[0], mode, exact_mode, hint)
     out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
 
     def load(path):
@@ -74,6 +70,15 @@ def open_image(path, mode, exact_mode=False, hint=""):
         raise DataError(f"cannot read image {path}: {e} (replace or delete the file)") from e
     names = {"L": "grey (L)", "RGB": "colour (RGB)"}
     raise DataError(f"{path}: image mode {found}, expected {names.get(mode, mode)} like the data; {hint}")
+
+
+def square_side(path, mode, exact_mode=False, hint=""):
+    """The side of the square image file at `path` (opened as open_image does); a DataError if not square."""
+    w, h = open_image(path, mode, exact_mode, hint).size
+    if w != h:
+        raise DataError(f"{path}: image is {w}x{h}, not square; set data.image_size to resize and center-crop "
+                        f"all images")
+    return w
 
 
 def crop_geometry(w, h, size):

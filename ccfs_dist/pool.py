@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .dist import rank_slice
+from .dist import rank_slice, share
 
 
 @runtime_checkable
@@ -75,8 +75,7 @@ class Split:
     def fetch_shares(self, index, accelerator=None, batch_size=256):
         """This rank's contiguous share of the positions of `index` (Pool.fetch_shares), `batch_size` at a time."""
         index = np.asarray(index, dtype=np.int64)
-        rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
-        lo, hi = rank_slice(len(index), rank, world)
+        lo, hi = share(accelerator, len(index))
         for a in range(lo, hi, batch_size):
             positions = np.arange(a, min(hi, a + batch_size))
             yield positions, self.images.index_select(0, torch.from_numpy(index[positions]))

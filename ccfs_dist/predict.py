@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import normalize
-from .dist import gather_rows
+from .dist import gather_rows, most_per_rank, rank_world
 
 FIELDS = ("index", "label", "pred", "true_logit", "margin", "loss")
 PROGRESS_MIN_BATCHES = 10       # passes of fewer batches per rank show no progress bar
@@ -62,7 +62,7 @@ def predict(accelerator, model, split, index, *, mean, std, batch_size=512, chan
         model = model.to(device, memory_format=memory_format)     # (a no-op walk over the modules otherwise)
     model.eval()
     index = np.asarray(index, dtype=np.int64)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = rank_world(accelerator)
     # records go into buffers allocated once (this rank gets at most len(index) samples): many small
     # per-batch tensors kept alive between large transient ones fragment the heap (RSS grows ~4 KB/sample)
     local = {k: _empty(k, device, len(index)) for k in FIELDS}
@@ -71,7 +71,7 @@ def predict(accelerator, model, split, index, *, mean, std, batch_size=512, chan
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
     start = time.perf_counter()
     batches = split.batches(index, batch_size, rank, world, device)
-    total = math.ceil(math.ceil(len(index) / batch_size) / world)
+    total = most_per_rank(math.ceil(len(index) / batch_size), world)     # batches on the busiest rank
     # no bar for a few batches: setting one up costs as much as a small batch
     for x, y, ids in tqdm(batches, desc=desc, total=total, leave=False,
                           disable=not accelerator.is_main_process or total < PROGRESS_MIN_BATCHES):

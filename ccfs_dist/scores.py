@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from . import io, seeds
 from .difficulty import CHECKPOINT, DYNAMICS, HARDER_IS_HIGHER, METHODS, labels_fingerprint, load_score_file
-from .dist import Local, dealt, gather_rows, log
+from .dist import Local, dealt, gather_rows, log, step_rank_key
 from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .plan import split_training
@@ -129,7 +129,7 @@ class TrainingDynamics:
         """Record this rank's observations of one training step (called before the optimizer step)."""
         logits = logits.detach().float()
         y = self.labels[rows]
-        key = ((self._step * self.acc.num_processes + self.acc.process_index) * _KEY_STRIDE
+        key = (step_rank_key(self.acc, self._step) * _KEY_STRIDE
                + torch.arange(len(rows), device=rows.device))
         prob = logits.softmax(1)
         self._parts.append({

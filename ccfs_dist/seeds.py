@@ -1,5 +1,7 @@
 """Every random stream of a run, named, as a function of the run's `seed` (never of the rank or the
 process count): a job seeded from this table gives the same result on whichever rank it runs.
+The one exception is training on a streamed pool (stream_*), whose sample order depends on the process
+count by design (stream_train.py); its streams are seeded per (seed, epoch, rank).
 
 The values are those the pipeline has always used (changing one changes every result).
 """
@@ -48,6 +50,32 @@ def distill_batch(seed, gid):
 def augmentation(seed):
     """The crop boxes and flips of a training seeded `seed` (train.train_model)."""
     return seed * 1000 + 1
+
+
+def _entropy(*parts):
+    """numpy SeedSequence entropy from integer parts (each taken mod 2**63)."""
+    return [int(p) % (1 << 63) for p in parts]
+
+
+def stream_shard_order(seed, epoch):
+    """The shard order of epoch `epoch` of a training on a streamed pool (the same on every rank)."""
+    return _entropy(seed, epoch, 0)
+
+
+def stream_buffer(seed, epoch, rank):
+    """Rank `rank`'s draws from its shuffle buffer in epoch `epoch` (streamed training)."""
+    return _entropy(seed, epoch, 1, rank)
+
+
+def stream_interleave(seed, epoch, rank):
+    """Rank `rank`'s interleaving of the shards its loader workers read in epoch `epoch` (each worker
+    appends its id: shards.ShardSplit.stream)."""
+    return _entropy(seed, epoch, 2, rank)
+
+
+def stream_augmentation(seed, epoch, rank):
+    """Rank `rank`'s crop boxes and flips in epoch `epoch` (streamed training)."""
+    return _entropy(seed, epoch, 3, rank)
 
 
 def bench_first_set(seed):

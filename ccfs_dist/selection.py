@@ -364,7 +364,7 @@ def _check_inputs(index, label, pred, hardness, teacher_correct, k, coarse, fine
         values, counts = np.unique(index, return_counts=True)
         dup = values[counts > 1]
         raise DataError(f"selection: pool indices must be unique, {len(dup)} repeated "
-                        f"(first: {dup[:5].tolist()}); the scorer saw some samples twice")
+                        f"(first: {dup[:5].tolist()}); the prediction pass saw some samples twice")
     nan = np.isnan(hardness)
     if nan.any():
         bad = np.flatnonzero(nan)

@@ -51,10 +51,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation
+from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
+from .dist import deal, rank_world
 from .errors import CCFSError, ConfigError, DataError
-from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decoder, is_jpeg, open_image,
-                     resize_shorter)
+from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decoder, is_jpeg, resize_shorter,
+                     square_side)
 from .pool import RealData
 
 FORMAT = "ccfs-shards/1"
@@ -186,21 +187,10 @@ def _open_source(data_cfg, split, resize=None, jpeg_quality=RESIZE_JPEG_QUALITY)
         raise ConfigError("data.source is already 'webdataset'; name the original source (digits, cifar10, "
                           "cifar100, tiny-imagenet, imagefolder) to write shards from it")
     if source in ("tiny-imagenet", "imagefolder"):
-        root = data_cfg.get("root")
-        if root is None:
-            raise ConfigError(f"data source '{source}' needs 'data.root' (the folder holding it)")
-        root = os.path.expanduser(os.fspath(root))
-        if not os.path.isdir(root):
-            raise DataError(f"data.root folder not found: {root}")
+        root = source_root(source, data_cfg.get("root"))
         train_files, train_labels, classes = image_files(source, root, "train")
         files, labels = (train_files, train_labels) if split == "train" else image_files(source, root, split)[:2]
-        size = image_size
-        if size is None:
-            w, h = open_image(train_files[0], "RGB").size
-            if w != h:
-                raise DataError(f"{train_files[0]}: image is {w}x{h}, not square; set data.image_size to "
-                                f"resize and center-crop all images")
-            size = w
+        size = square_side(train_files[0], "RGB") if image_size is None else image_size
         if resize is not None and resize < size:
             raise ConfigError(f"--resize {resize} is smaller than the image size {size} the shards are read at "
                               f"(data.image_size); pass at least {size}, or lower data.image_size")
@@ -518,7 +508,7 @@ class ShardSplit:
     def rank_shards(self, mask, rank, world):
         """Positions of the shards `rank` reads (for `batches` and `fetch`): those holding a wanted sample,
         dealt round-robin to the ranks."""
-        return self.shards_with(mask)[rank::world]
+        return deal(self.shards_with(mask), rank, world)
 
     def _loader(self, mask, batch_size, rank, world, pin_memory=False, device=None):
         """Batches (uint8 images, labels, global ids) of the wanted samples in this rank's shards; with a
@@ -619,7 +609,7 @@ class ShardSplit:
         """
         index, mask = self._mask(index)
         wanted = np.flatnonzero(mask)
-        rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+        rank, world = rank_world(accelerator)
         if world == 1:
             out, found = self._fetch_into(mask, wanted, batch_size, 0, 1)
         else:
@@ -654,7 +644,7 @@ class ShardSplit:
         ordered = index[order]
         if len(index) > 1 and (ordered[1:] == ordered[:-1]).any():
             raise ValueError("fetch_shares needs unique indices")
-        rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+        rank, world = rank_world(accelerator)
         found = 0
         for x, _, ids in self._loader(mask, batch_size, rank, world):
             found += len(ids)
@@ -734,7 +724,7 @@ class _ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
+        shards = self.shards if info is None else deal(self.shards, info.id, info.num_workers)
         try:
             yield from self._batches(shards)
         except DataError as e:

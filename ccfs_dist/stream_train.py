@@ -30,14 +30,14 @@ loader workers; so do the per-rank BatchNorm statistics (as with train_model und
 the recipe, the step count and the samples per epoch are the same for any process count.
 """
 import math
-import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .augment import Augment
-from .dist import rank_slice
+from . import seeds
+from .dist import rank_world, run_of, share_sizes
 from .errors import DataError
 from .train import Session
 
@@ -52,8 +52,7 @@ def epoch_plan(n, batch_size, world):
     if sizes[-1] < world and len(sizes) > 1:
         rest = sizes.pop()
         sizes[-1] += rest
-    return np.array([[hi - lo for lo, hi in (rank_slice(b, r, world) for r in range(world))] for b in sizes],
-                    dtype=np.int64)
+    return np.array([share_sizes(b, world) for b in sizes], dtype=np.int64)
 
 
 def rank_run(split, order, plan, rank):
@@ -61,9 +60,7 @@ def rank_run(split, order, plan, rank):
     the epoch's sample sequence (the shards in `order`)."""
     counts = np.array([split.shards[i]["count"] for i in order], dtype=np.int64)
     starts = np.cumsum(counts) - counts
-    per_rank = plan.sum(0)
-    a = int(per_rank[:rank].sum())
-    b = a + int(per_rank[rank])
+    a, b = run_of(plan.sum(0), rank)
     mask = np.zeros(len(split), dtype=bool)
     hits = np.flatnonzero((starts < b) & (starts + counts > a))
     for i in hits:
@@ -106,24 +103,20 @@ class ShuffleBuffer:
         return out
 
 
-def _seed(*parts):
-    return [int(p) % (1 << 63) for p in parts]
-
-
 def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device=torch.device("cpu")):
     """This rank's training batches of one epoch, (uint8 images, labels, global ids), one per step of `plan`;
     raises DataError when the stream does not deliver exactly the planned samples. Images on `device` when
     the split decodes there (data.decode: device), else on the CPU; labels and ids on the CPU."""
-    order = np.random.default_rng(_seed(seed, epoch, 0)).permutation(len(split.shards))
+    order = np.random.default_rng(seeds.stream_shard_order(seed, epoch)).permutation(len(split.shards))
     positions, mask = rank_run(split, order, plan, rank)
     sizes = plan[:, rank]
     expected = int(sizes.sum())
     loader_batch = int(sizes.max())
     on = device if split.decode == "device" else "cpu"
     buffer = ShuffleBuffer(shuffle_buffer + 2 * loader_batch, split.shape, on)
-    rng = np.random.default_rng(_seed(seed, epoch, 1, rank))
+    rng = np.random.default_rng(seeds.stream_buffer(seed, epoch, rank))
     stream = iter(split.stream(positions, mask, loader_batch, interleave=interleave,
-                               seed=_seed(seed, epoch, 2, rank), device=device))
+                               seed=seeds.stream_interleave(seed, epoch, rank), device=device))
     seen = np.zeros(len(split), dtype=bool)
     pushed = 0
     where = f"{split.index_path}, epoch {epoch}, rank {rank}"
@@ -162,7 +155,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     """
     r = recipe
     device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = rank_world(accelerator)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     augment = Augment(mean, std, split.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop, padding=r.padding)
     plan = epoch_plan(len(split), r.batch_size, world)
@@ -171,13 +164,12 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     model = model.to(device, memory_format=memory_format)
     session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
     first_epoch = session.resume(checkpoint, {}, extra_state)     # every epoch's randomness comes from (seed, epoch, rank)
-    cuda = device.type == "cuda"
-    start, seen = time.perf_counter(), 0
+    start, seen = session.clock(), 0
     session.ddp_model.train()
     for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
                       leave=False, initial=first_epoch, total=r.epochs):
         aug_gen = torch.Generator(device=device).manual_seed(
-            int(np.random.default_rng(_seed(seed, epoch, 3, rank)).integers(1 << 62)))
+            int(np.random.default_rng(seeds.stream_augmentation(seed, epoch, rank)).integers(1 << 62)))
         for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device):
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)
             x = x.contiguous(memory_format=memory_format)
@@ -185,13 +177,10 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
             session.step(x, y, ids, on_batch)
             seen += len(ids)
         session.end_epoch(epoch, on_epoch_end, checkpoint, {}, extra_state)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = session.clock() - start
     seen = int(accelerator.reduce(torch.tensor([seen], device=device), reduction="sum").item()) if world > 1 else seen
     model = session.finish(checkpoint, broadcast=False)
-    return model, {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                   "epochs": r.epochs, "batch_size": r.batch_size, "steps": r.epochs * steps_per_epoch}
+    return model, session.stats(seconds, seen)
 
 
 def stream_options(cfg):

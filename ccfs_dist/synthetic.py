@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from .dist import rank_slice
+from .dist import share
 from .io import wait_for
 
 COPY_BYTES = 64 << 20          # rows copied at a time from one held set into a new file (bounded host memory)
@@ -87,7 +87,6 @@ def write(accelerator, path, parts, shape):
     accelerator.wait_for_everyone()
     offset = np.load(wait_for(tmp), mmap_mode="r", allow_pickle=False).offset    # (another node's file: it may show late)
     row_bytes = int(np.prod(shape[1:]))
-    rank, world = accelerator.process_index, accelerator.num_processes
     # plain writes at byte offsets, not a writable mmap: ranks on other nodes may share the file system
     with open(tmp, "r+b") as f:
         def put(start, rows):                                  # rows: uint8 array of consecutive rows
@@ -105,7 +104,7 @@ def write(accelerator, path, parts, shape):
                     for at, rows in zip(np.split(positions, breaks), np.split(images, breaks)):
                         put(first + int(at[0]), rows)
             else:
-                lo, hi = rank_slice(len(part), rank, world)
+                lo, hi = share(accelerator, len(part))
                 step = max(1, COPY_BYTES // max(1, row_bytes))
                 for a in range(lo, hi, step):
                     rows = part.images[a:min(hi, a + step)]

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import seeds
 from .augment import Augment
-from .dist import broadcast_state, rank_slice
+from .dist import broadcast_state, rank_slice, rank_world
 from .errors import DataError
 from .io import save_torch
 
@@ -224,7 +224,7 @@ class Session:
     the tear-down. `model` is on the device already (in its memory format)."""
 
     def __init__(self, accelerator, model, recipe, steps_per_epoch, *, teacher, memory_format):
-        self.accelerator, self.recipe = accelerator, recipe
+        self.accelerator, self.recipe, self.steps_per_epoch = accelerator, recipe, steps_per_epoch
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         self.ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -288,6 +288,17 @@ class Session:
                     **({"extra": extra_state.state_dict()} if extra_state is not None else {})})
             self.accelerator.wait_for_everyone()
 
+    def clock(self):
+        """time.perf_counter() once the device has finished its queued work: a training's timing points."""
+        _sync(self.accelerator.device)
+        return time.perf_counter()
+
+    def stats(self, seconds, images):
+        """The figures every training returns: its time, images trained on (all ranks), and the recipe's size."""
+        r = self.recipe
+        return {"seconds": seconds, "images": images, "images_per_s": images / max(seconds, 1e-9),
+                "epochs": r.epochs, "batch_size": r.batch_size, "steps": r.epochs * self.steps_per_epoch}
+
     def finish(self, checkpoint, *, broadcast):
         """The trained model (unwrapped, in eval mode; with `broadcast`, every rank holds rank 0's state);
         the checkpoint is deleted."""
@@ -325,7 +336,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     r = recipe
     device = accelerator.device
     n = len(images)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = rank_world(accelerator)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     on_host = isinstance(images, np.ndarray)             # a shared set: rows gathered on the host per chunk
     if not on_host:
@@ -351,8 +362,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
                   "aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
     order_gen, aug_gen = generators["order_gen"], generators["aug_gen"]
     first_epoch = session.resume(checkpoint, generators, extra_state)
-    _sync(device)
-    start = time.perf_counter()
+    start = session.clock()
     seen = 0
     lrs = []                                              # lr at the first step of each epoch trained here
     session.ddp_model.train()
@@ -385,8 +395,6 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
             session.step(chunk_x[j * share:(j + 1) * share], labels[idx] if teacher is None else None, idx, on_batch)
             seen += batch_size
         session.end_epoch(epoch, on_epoch_end, checkpoint, generators, extra_state)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    seconds = session.clock() - start
     model = session.finish(checkpoint, broadcast=split)
-    return model, {"seconds": seconds, "images": seen, "images_per_s": seen / max(seconds, 1e-9),
-                   "epochs": epochs, "batch_size": batch_size, "steps": epochs * steps_per_epoch, "lrs": lrs}
+    return model, {**session.stats(seconds, seen), "lrs": lrs}

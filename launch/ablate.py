@@ -128,7 +128,8 @@ def difficulty_overrides(resolved, cfg):
     if resolved == "logits":
         return ["ccfs.difficulty=logits", "ccfs.difficulty_file=null", "ccfs.difficulty_file_method=null"]
     own = c["difficulty"] == "file" and c["difficulty_file"] == resolved
-    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={resolved}"] + ([] if own else ["ccfs.difficulty_file_method=null"])
+    method = [] if own else ["ccfs.difficulty_file_method=null"]
+    return ["ccfs.difficulty=file", f"ccfs.difficulty_file={resolved}", *method]
 
 
 def make_base(acc, args, per_class):

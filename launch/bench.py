@@ -61,7 +61,7 @@ from ccfs_dist.config import load_config
 from ccfs_dist.data import load_distilled
 from ccfs_dist.pool import RealData, Split
 from ccfs_dist.sources import load_real
-from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, rank_slice, relaunch_cpu_processes
+from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share
 from ccfs_dist.errors import CCFSError
 from ccfs_dist.models import build_model, load_checkpoint
 from ccfs_dist.predict import predict
@@ -251,7 +251,7 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     peak = _peak_mb(kind, device)
 
     # the ceiling: one resident, normalised batch of this rank's share, the same model/optimizer/precision
-    lo, hi = rank_slice(batch, acc.process_index, acc.num_processes)
+    lo, hi = share(acc, batch)
     rows = torch.arange(lo, hi) % len(x)
     xb = normalize(x[rows].to(device), data.mean, data.std).contiguous(memory_format=mf)
     yb = y[rows].to(device)
@@ -317,7 +317,7 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     preds, first = predict(acc, model, data.train, index, desc="bench score", **kw)
     peak = _peak_mb(kind, device)
 
-    lo, hi = rank_slice(len(index), acc.process_index, acc.num_processes)
+    lo, hi = share(acc, len(index))
     rows = np.asarray(index)[lo:hi][:batch_size]
     xb, _ = data.train.fetch(rows)
     xb = normalize(xb.to(device), data.mean, data.std).contiguous(memory_format=mf)

@@ -91,3 +91,17 @@ def test_cells_dealt_to_two_processes_give_the_one_process_tables(tmp_path, laun
         for name in ("selected_indices.json", "eval_ccfs.json"):
             assert (one / "cells" / c / name).read_bytes() == (two / "cells" / c / name).read_bytes(), (c, name)
     assert json.load(open(two / "ablation.json")) == json.load(open(one / "ablation.json"))
+
+
+def test_a_cells_difficulty_overrides_keep_the_method_with_the_configs_own_file_only():
+    """A cell reads a score file as ccfs.difficulty=file; the config's ccfs.difficulty_file_method stays with the
+    config's own file, and any other file (computed ones carry a JSON naming their method) is read by its own rule."""
+    from ccfs_dist.config import load_config
+    overrides = load_ablate().difficulty_overrides
+    base = ["ccfs.difficulty=file", "ccfs.difficulty_file=own.npy", "ccfs.difficulty_file_method=margin"]
+    cfg = load_config(None, base)
+    cells = {r: load_config(None, base + overrides(r, cfg))["ccfs"] for r in ("logits", "own.npy", "/x/other.npy")}
+    assert (cells["logits"]["difficulty"], cells["logits"]["difficulty_file"]) == ("logits", None)
+    assert (cells["own.npy"]["difficulty_file"], cells["own.npy"]["difficulty_file_method"]) == ("own.npy", "margin")
+    assert (cells["/x/other.npy"]["difficulty"], cells["/x/other.npy"]["difficulty_file"],
+            cells["/x/other.npy"]["difficulty_file_method"]) == ("file", "/x/other.npy", None)

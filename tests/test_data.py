@@ -289,6 +289,21 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path):
         load_real(cfg("imagefolder", tmp_path))
 
 
+def test_shards_of_an_image_folder_check_its_root_and_size_as_loading_does(tmp_path):
+    """`ccfs shards` from an image folder refuses what loading it refuses (data.source_root, images.square_side)."""
+    from ccfs_dist.shards import write_shards
+    folder = cfg("imagefolder", tmp_path / "data")
+    with pytest.raises(ConfigError, match="needs 'data.root'"):
+        write_shards(dict(folder, root=None), str(tmp_path / "out"))
+    with pytest.raises(DataError, match="data.root folder not found"):
+        write_shards(folder, str(tmp_path / "out"))
+    (tmp_path / "data").mkdir()
+    make_imagefolder(tmp_path / "data", [(12, 12)] * 4 + [(12, 13)] + [(12, 12)] * 2)  # first file not square
+    with pytest.raises(DataError, match="m.bmp.*not square"):
+        write_shards(folder, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
 def test_imagefolder_test_size_must_match_train(tmp_path):
     make_imagefolder(tmp_path, [(12, 12)] * 5 + [(14, 14)] * 2)
     with pytest.raises(DataError, match="data.image_size"):

@@ -75,3 +75,26 @@ def test_dealt_deals_items_round_robin():
     from ccfs_dist.dist import dealt
     shares = [list(dealt(SimpleNamespace(process_index=r, num_processes=3), 7)) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_rank_arithmetic_covers_every_item_once():
+    """The rank helpers: every item of n goes to exactly one rank, in the documented shapes (contiguous and
+    balanced, earlier ranks taking the remainder; round-robin; runs laid end to end in rank order)."""
+    from types import SimpleNamespace
+
+    from ccfs_dist.dist import deal, most_per_rank, rank_slice, rank_world, run_of, share, share_sizes, step_rank_key
+    assert rank_world(None) == (0, 1)
+    for n in (0, 1, 5, 7, 12):
+        for world in (1, 2, 3, 5):
+            slices = [rank_slice(n, r, world) for r in range(world)]
+            assert [i for lo, hi in slices for i in range(lo, hi)] == list(range(n))      # contiguous, in order
+            sizes = share_sizes(n, world)
+            assert sizes == [hi - lo for lo, hi in slices] and max(sizes) - min(sizes) <= 1
+            assert sizes == sorted(sizes, reverse=True) and max(sizes) == most_per_rank(n, world)
+            accs = [SimpleNamespace(process_index=r, num_processes=world) for r in range(world)]
+            assert [share(a, n) for a in accs] == slices and rank_world(accs[-1]) == (world - 1, world)
+            assert sorted(i for r in range(world) for i in deal(list(range(n)), r, world)) == list(range(n))
+            assert [run_of(sizes, r) for r in range(world)] == slices
+            keys = [step_rank_key(a, step) for step in range(3) for a in accs]
+            assert keys == list(range(3 * world))                        # step-major, then rank
+    assert share_sizes(7, 3) == [3, 2, 2] and deal("abcdefg", 1, 3) == "be" and run_of([4, 0, 2], 2) == (4, 6)
