@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from conftest import ROOT
 from ccfs_dist.relaunch import exit_code, rank_environments, supervise
 
 PY = sys.executable
@@ -64,3 +67,14 @@ def test_sigterm_to_the_supervisor_reaches_every_rank(tmp_path):
     # no rank is left behind in the supervisor's session
     out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert out == []
+
+
+@pytest.mark.parametrize("how", ["supervisor", "torchrun"])
+def test_launched_ranks_meet_in_one_group(how, launch):
+    """`accelerate launch --cpu --num_processes 2`: the supervisor's ranks (or torchrun's, with
+    CCFS_RELAUNCH=torchrun) join one gloo group through the env:// rendezvous."""
+    env = {"CCFS_RELAUNCH": "torchrun"} if how == "torchrun" else {"CCFS_RELAUNCH": ""}
+    proc = launch([os.path.join(ROOT, "tests", "workers", "relaunch_worker.py")], processes=2, timeout=180,
+                  env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"ranks 2 sum 3 local 2 by {how}" in proc.stdout
