@@ -82,7 +82,13 @@ def supervise(argvs, envs):
                 p.send_signal(signum)
     previous = {s: signal.signal(s, forward) for s in FORWARDED}     # before the first start: none is missed
     try:
-        procs.extend(subprocess.Popen(argv, env=env) for argv, env in zip(argvs, envs))
+        try:
+            procs.extend(subprocess.Popen(argv, env=env) for argv, env in zip(argvs, envs))
+        except OSError:                  # a rank could not be started: the ones that were must not run on
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise
         while True:
             codes = [p.poll() for p in procs]
             failed = next((p for p, code in zip(procs, codes) if code not in (None, 0)), None)

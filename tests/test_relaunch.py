@@ -78,3 +78,12 @@ def test_launched_ranks_meet_in_one_group(how, launch):
                   env_extra=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"ranks 2 sum 3 local 2 by {how}" in proc.stdout
+
+
+def test_a_rank_that_cannot_start_stops_the_started_ones(tmp_path):
+    survivor = tmp_path / "survivor"
+    with pytest.raises(OSError):
+        supervise([[PY, "-c", f"import time; time.sleep(1); open({str(survivor)!r}, 'w')"],
+                   [str(tmp_path / "no-such-program")]], [dict(os.environ)] * 2)
+    time.sleep(2)
+    assert not survivor.exists()
