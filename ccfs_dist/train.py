@@ -371,12 +371,10 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
         lrs.append(session.optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
         perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n))   # the last batch wraps around
-        if on_host:
-            mine_host = perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)[:, lo:hi].numpy()
-        perm = perm.to(device)
+        # this rank's rows of every global batch of the epoch: steps x share (on the host; a copy on the device)
+        mine_host = perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)[:, lo:hi]
+        mine = mine_host.to(device)
         boxes, flips = epoch_boxes(augment, steps_per_epoch * batch_size, height, width, aug_gen, device)
-        # this rank's rows of every global batch of the epoch: steps x share
-        mine = perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)[:, lo:hi]
         my_boxes = boxes.view(steps_per_epoch, batch_size, 4)[:, lo:hi]
         my_flips = flips.view(steps_per_epoch, batch_size)[:, lo:hi]
         for step in range(steps_per_epoch):
@@ -384,8 +382,8 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
             if j == 0:                                     # augment the next chunk_steps batches at once
                 part = slice(step, step + chunk_steps)
                 chunk_idx = mine[part].reshape(-1)
-                if on_host:                                # contiguous rows, as index_select gives (take: a
-                    rows = torch.from_numpy(images.take(mine_host[part].reshape(-1), axis=0)).to(device)  # new array)
+                if on_host:                                # take: a new contiguous array, as index_select gives
+                    rows = torch.from_numpy(images.take(mine_host[part].reshape(-1).numpy(), axis=0)).to(device)
                 else:                                      # index_select: see pool.Split.batches
                     rows = images.index_select(0, chunk_idx)
                 chunk_x = augment.apply(rows, my_boxes[part].reshape(-1, 4), my_flips[part].reshape(-1))
