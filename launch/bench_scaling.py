@@ -3,6 +3,7 @@
 
     python launch/bench_scaling.py                         # both workloads, then the cost model
     python launch/bench_scaling.py --workloads default     # the default run (configs/default.yaml) only
+    python launch/bench_scaling.py --workloads default --repeat 5 eval.runs=3   # 5 pairs, with an override
     python launch/bench_scaling.py --model-only --rates R.json
 
 Workloads: `default` (configs/default.yaml as it is) and `cifar` (CIFAR-shaped: 32x32 RGB, 10 classes,
@@ -49,8 +50,15 @@ def parse_args(argv):
     p.add_argument("--model-only", action="store_true", help="only the cost model (needs --rates)")
     p.add_argument("--split-sweep", action="store_true", help="only the measurement behind train.min_batch_per_rank: "
                    "one training whole vs split over 2 processes, per global batch size")
+    p.add_argument("--repeat", type=int, default=1, help="pairs of runs per workload, back to back (default 1); "
+                   "with more, the whole-command ratios and their median are printed at the end")
     p.add_argument("--sweep-worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides for every run, after the workload's own (e.g. eval.runs=3)")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
+    return args
 
 
 def make_cifar_like(folder):
@@ -89,17 +97,27 @@ def same_results(a, b):
     return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in COMPARED)
 
 
-def bench(name, folder, args):
-    print(f"\n== {name}: load average {os.getloadavg()[0]:.2f} before", flush=True)
-    one_dir, two_dir = os.path.join(folder, f"{name}_1"), os.path.join(folder, f"{name}_2")
-    one_s, one = run(one_dir, 1, args)
-    two_s, two = run(two_dir, 2, args)
-    print(f"{'step':<22}{'1 process s':>13}{'2 processes s':>15}{'ratio':>8}")
-    for step, s1 in one["wall_seconds"].items():
-        s2 = two["wall_seconds"][step]
-        print(f"{step:<22}{s1:>13.1f}{s2:>15.1f}{s2 / max(s1, 1e-9):>8.2f}")
-    print(f"{'whole command':<22}{one_s:>13.1f}{two_s:>15.1f}{two_s / one_s:>8.2f}")
-    print(f"results byte-identical: {same_results(one_dir, two_dir)}; load average {os.getloadavg()[0]:.2f} after")
+def bench(name, folder, args, repeat=1):
+    """`repeat` pairs of runs (1 process, then 2), back to back; the step table of each pair, and with
+    several pairs the whole-command ratios and their median (start-up times vary by a few tenths of a second)."""
+    ratios = []
+    for i in range(repeat):
+        print(f"\n== {name}{f' (pair {i + 1} of {repeat})' if repeat > 1 else ''}: "
+              f"load average {os.getloadavg()[0]:.2f} before", flush=True)
+        one_dir, two_dir = (os.path.join(folder, f"{name}_{p}" + (f"_{i}" if i else "")) for p in (1, 2))
+        one_s, one = run(one_dir, 1, args)
+        two_s, two = run(two_dir, 2, args)
+        print(f"{'step':<22}{'1 process s':>13}{'2 processes s':>15}{'ratio':>8}")
+        for step, s1 in one["wall_seconds"].items():
+            s2 = two["wall_seconds"][step]
+            print(f"{step:<22}{s1:>13.1f}{s2:>15.1f}{s2 / max(s1, 1e-9):>8.2f}")
+        print(f"{'whole command':<22}{one_s:>13.1f}{two_s:>15.1f}{two_s / one_s:>8.2f}")
+        print(f"results byte-identical: {same_results(one_dir, two_dir)}; "
+              f"load average {os.getloadavg()[0]:.2f} after", flush=True)
+        ratios.append(two_s / one_s)
+    if repeat > 1:
+        print(f"\n== {name}: whole-command ratios {' '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {sorted(ratios)[(repeat - 1) // 2]:.2f} (the lower middle one for an even count)")
     return one
 
 
@@ -222,10 +240,11 @@ def main(argv=None):
     rates = json.load(open(args.rates)) if args.rates else None
     for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
         if name == "default":
-            bench(name, folder, [])
+            bench(name, folder, args.overrides, args.repeat)
         elif name == "cifar":
             data = make_cifar_like(os.path.join(folder, "cifar_like"))
-            one = bench(name, folder, ["data.source=imagefolder", f"data.root={data}", *CIFAR_OVERRIDES])
+            one = bench(name, folder, ["data.source=imagefolder", f"data.root={data}", *CIFAR_OVERRIDES,
+                                       *args.overrides], args.repeat)
             rates = rates or rates_of(one)
         else:
             sys.exit(f"error: --workloads: unknown workload {name!r} (default, cifar)")
