@@ -44,7 +44,8 @@ def test_activation_buffers_are_reused_not_faulted_in_again():
     # with glibc's defaults the activation buffers go back to the kernel on free and are faulted in again in
     # every batch (80,000-110,000 faults in 10 batches here); tuned, the grown heap is reused and what is
     # left is noise of the machine (1,000-8,000 seen): a count, compared within one test, not a time
-    assert untuned_faults > 10 * BUFFER_PAGES, f"glibc's defaults faulted only {untuned_faults} pages"
+    if untuned_faults < 10 * BUFFER_PAGES:
+        pytest.skip(f"this C library's defaults keep the buffers too ({untuned_faults} faults): nothing to compare")
     assert faults * 5 < untuned_faults, (f"{faults} page faults in 10 batches tuned, {untuned_faults} untuned "
                                          f"(one activation buffer: {BUFFER_PAGES} pages)")
 
