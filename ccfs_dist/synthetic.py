@@ -106,8 +106,9 @@ def write(accelerator, path, parts, shape):
             else:
                 lo, hi = share(accelerator, len(part))
                 step = max(1, COPY_BYTES // max(1, row_bytes))
+                images = part.images                       # a Stored part opens its file once, not per chunk
                 for a in range(lo, hi, step):
-                    rows = part.images[a:min(hi, a + step)]
+                    rows = images[a:min(hi, a + step)]
                     put(first + a, rows.numpy() if isinstance(rows, torch.Tensor) else rows)
             first += len(part) if not isinstance(part, tuple) else len(part[1])
         f.flush()
