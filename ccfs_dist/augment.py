@@ -8,8 +8,9 @@
 
 Every sample gets its own crop box and flip; the whole batch is resampled by a single
 `affine_grid` + `grid_sample` (bilinear, align_corners=False, border padding) on the input's device,
-with no Python loop over samples. Randomness comes from an optional torch.Generator (on any device:
-the numbers are drawn on the generator's device and moved), so runs are reproducible.
+with no Python loop over samples. Randomness comes from an optional torch.Generator on the CPU (the
+numbers are drawn there and moved to the images' device), so runs are reproducible, and equal on every
+device.
 
 Crop sampling follows torchvision's RandomResizedCrop: area = scale * H * W with scale uniform in
 [scale_min, scale_max], aspect ratio w/h log-uniform in `ratio`. Instead of torchvision's rejection
@@ -70,9 +71,25 @@ def denormalize_to_uint8(x, mean, std):
 
 
 def _rand(shape, generator, device):
-    """Uniform [0, 1) numbers drawn from `generator` (on its own device), returned on `device`."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+    """Uniform [0, 1) numbers drawn on the CPU from `generator` (a CPU torch.Generator; None: torch's
+    global CPU generator), returned on `device`.
+
+    Every random number of a recipe passes through here (or randn_cpu), so it is the same whatever device
+    the training runs on: a CUDA generator's values depend on the kernel's launch grid, which torch sizes
+    by the GPU's SM count (one seed gives other crops on another GPU model)."""
+    return torch.rand(shape, generator=_cpu(generator)).to(device)
+
+
+def randn_cpu(shape, generator, device):
+    """Standard normal numbers drawn on the CPU from `generator` (as _rand), returned on `device`."""
+    return torch.randn(shape, generator=_cpu(generator)).to(device)
+
+
+def _cpu(generator):
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"random draws come from a CPU generator (the same numbers on every device), "
+                         f"got one on {generator.device}")
+    return generator
 
 
 def crop_boxes(batch, height, width, scale_min=0.08, ratio=(3 / 4, 4 / 3), scale_max=1.0,

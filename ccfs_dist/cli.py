@@ -38,7 +38,8 @@ def cmd_run(args):
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
     from .dist import make_accelerator
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                                   deterministic=cfg["train"]["deterministic"])
     from .curriculum import run_ccfs
     from .rundir import release_locks
     try:
@@ -78,7 +79,8 @@ def cmd_scores(args):
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
                         f"or choose another --out")
     from .dist import log, make_accelerator
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                                   deterministic=cfg["train"]["deterministic"])
     from .scores import compute_score_files
     scores = compute_score_files(accelerator, cfg, data, paths, reuse=False)
     for m, values in scores.items():

@@ -90,6 +90,8 @@ DEFAULTS = {
         "mixed_precision": "no",   # no | fp16 | bf16
         "channels_last": False,
         "compile": False,          # torch.compile the student and the teacher's forward in filter / evaluation training
+        "deterministic": True,     # deterministic algorithms (cuDNN, cuBLAS) on CUDA: the same result in every run;
+                                   # false: cudnn.benchmark and torch's fastest kernels (docs/distributed.md)
         "checkpoint_every": 10,    # save the training state every this many epochs (0: never); resumable mid-training
         "min_batch_per_rank": 256, # split one training over the ranks (DDP) only if each gets >= this many samples a step
         "synthetic": "resident",   # resident | shared: how S_j and the evaluation sets are held in filter / evaluation

@@ -66,7 +66,7 @@ def make_distilled(run, cfg, data, teacher, per_class):
     images, labels, order = [], [], []
     for gid in dealt(run.acc, len(items)):                     # item gid is seeded by gid: any world size
         b, c = items[gid]
-        gen = torch.Generator(device=run.acc.device).manual_seed(seeds.distill_batch(cfg["seed"], gid))
+        gen = torch.Generator().manual_seed(seeds.distill_batch(cfg["seed"], gid))   # CPU: any device
         init = None
         if d["init"] == "real":
             one = random_per_class(labels_np, 1, seeds.distill_batch(cfg["seed"], gid))

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import seeds
 from .augment import Augment
-from .dist import broadcast_state, rank_slice, rank_world
+from .dist import broadcast_state, fresh_scaler, rank_slice, rank_world
 from .errors import DataError
 from .io import save_torch
 
@@ -225,6 +225,7 @@ class Session:
 
     def __init__(self, accelerator, model, recipe, steps_per_epoch, *, teacher, memory_format):
         self.accelerator, self.recipe, self.steps_per_epoch = accelerator, recipe, steps_per_epoch
+        self.scaler = fresh_scaler(accelerator)        # fp16: this training's own, saved with its state
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         self.ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -251,7 +252,7 @@ class Session:
 
     def resume(self, checkpoint, generators, extra_state=None):
         """The first epoch to train: 0, or the one after the state saved at `checkpoint` (weights, optimizer,
-        schedule, the named random `generators` and `extra_state`, restored in place)."""
+        schedule, the fp16 loss scaler, the named random `generators` and `extra_state`, restored in place)."""
         if not (checkpoint and os.path.exists(checkpoint)):
             return 0
         try:
@@ -260,6 +261,8 @@ class Session:
             self.unwrapped.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
             for name, generator in generators.items():
                 generator.set_state(state[name].cpu())
             if extra_state is not None:
@@ -284,6 +287,7 @@ class Session:
                 save_torch(checkpoint, {
                     "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                    **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                     **{name: generator.get_state() for name, generator in generators.items()},
                     **({"extra": extra_state.state_dict()} if extra_state is not None else {})})
             self.accelerator.wait_for_everyone()
@@ -358,8 +362,9 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     # batches augmented together (per-sample results are the same): fewer, larger kernels per step
     chunk_steps = max(1, min(steps_per_epoch, AUG_CHUNK_BYTES // max(1, share * math.prod(images.shape[1:]) * 4)))
 
-    generators = {"order_gen": torch.Generator().manual_seed(seed),                         # same on every rank
-                  "aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
+    # on the CPU, same on every rank and every device (augment._rand); the boxes are moved to the device
+    generators = {"order_gen": torch.Generator().manual_seed(seed),
+                  "aug_gen": torch.Generator().manual_seed(seeds.augmentation(seed))}
     order_gen, aug_gen = generators["order_gen"], generators["aug_gen"]
     first_epoch = session.resume(checkpoint, generators, extra_state)
     start = session.clock()
