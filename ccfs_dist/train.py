@@ -8,8 +8,9 @@ Accelerate's DDP averages the gradients, so the recipe (global batch size, lr) d
 process count; on CUDA BatchNorm becomes SyncBatchNorm (global batch statistics), and at the end every
 rank receives rank 0's parameters and buffers, the state that is saved.
 The augmentation (crop box and flip of every sample) is drawn for all global batches of an epoch at
-once from a generator seeded alike on every rank, and each rank takes its slice of each batch: a sample
-sees the same augmented view whatever the process count (on the CPU the boxes equal those of drawing
+once from a CPU generator seeded alike on every rank (and moved to the device: the same views on every
+device), and each rank takes its slice of each batch: a sample sees the same augmented view whatever the
+process count (on the CPU the boxes equal those of drawing
 batch by batch, as earlier versions did).
 
 The step loop does only device work: the epoch permutation and the epoch's crop boxes are made once
@@ -332,7 +333,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     step, with this rank's rows of `images` (int64, on the device; a row may repeat where the last batch
     of an epoch wraps around) and the detached logits of their augmented views (training dynamics).
     With `checkpoint` (a path) and the recipe's `checkpoint_every` > 0, the full training state (weights,
-    optimizer, schedule, random generators) is saved every that many epochs, training continues from it
+    optimizer, schedule, random generators, the fp16 loss scaler) is saved every that many epochs, training continues from it
     when it exists, and it is deleted at the end: a killed run resumes mid-training and ends exactly as an
     uninterrupted one. `extra_state` (an object with state_dict() -> dict of tensors and load_state_dict())
     is saved and restored with it: what `on_epoch_end` accumulates (a score run's training dynamics).
