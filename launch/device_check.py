@@ -13,7 +13,8 @@ one failed (a check that raises is recorded as failed with its error, and the ot
 Checks (ResNet-18 with the CIFAR stem on 32x32 images, 10 classes, KD from a second ResNet-18, on CUDA):
   environment     torch, CUDA, cuDNN, GPU name and SM count; the deterministic settings are in effect
   determinism     train_model twice (a few hundred steps at batch 32, train.deterministic on): bitwise equal
-                  weights; then once with it off: the largest weight difference and the speed it gains
+                  weights; then once with it off: the largest weight difference and the speed it gains; and
+                  the crop boxes and flips of 250,000 views drawn for the device equal the CPU's
   step_time       a plain-PyTorch KD step (resident batch, no augmentation) at batch 32/64/128: eager fp32,
                   channels_last, bf16 autocast, and the fp32 step captured in a CUDA graph; eager / captured
                   says how launch-bound a step is. Passes when every variant runs.
@@ -47,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_scaling import COMPARED, make_cifar_like  # noqa: E402
+from ccfs_dist.augment import Augment  # noqa: E402
 from ccfs_dist.dist import Local, make_accelerator, set_determinism  # noqa: E402
 from ccfs_dist.io import check_writable_folder, write_json, write_text  # noqa: E402
 from ccfs_dist.models import build_model  # noqa: E402
@@ -156,12 +158,20 @@ def kd_training(acc, sz, deterministic):
         set_determinism(True)
 
 
+def same_views(device, samples=250_000):
+    """The crop boxes and flips of a score-run epoch's size drawn for `device` equal the CPU's (augment._rand)."""
+    aug = Augment(MEAN, STD, 32)
+    cpu, dev = (aug.draw(samples, 32, 32, torch.Generator().manual_seed(0), d) for d in ("cpu", device))
+    return all(torch.equal(a, b.cpu()) for a, b in zip(cpu, dev))
+
+
 def determinism(acc, sz):
     first, _, steps = kd_training(acc, sz, True)
     second, seconds, _ = kd_training(acc, sz, True)
     fast, fast_seconds, _ = kd_training(acc, sz, False)
-    return torch.equal(first, second), {
-        "steps": steps, "batch": 32, "bitwise_equal": torch.equal(first, second),
+    views = same_views(acc.device)
+    return torch.equal(first, second) and views, {
+        "steps": steps, "batch": 32, "bitwise_equal": torch.equal(first, second), "views_equal_cpu": views,
         "seconds": round(seconds, 2), "off_seconds": round(fast_seconds, 2),
         "off_speedup": round(seconds / max(fast_seconds, 1e-9), 3),
         "off_bitwise_equal": torch.equal(first, fast), "off_max_abs_diff": float((first - fast).abs().max())}

@@ -25,7 +25,7 @@ def test_cpu_mode_runs_what_a_cpu_can_and_writes_both_files(tmp_path):
     env = records["environment"]
     assert env["passed"] and env["figures"]["deterministic"] and env["figures"]["cublas_workspace"] == ":4096:8"
     det = records["determinism"]["figures"]
-    assert records["determinism"]["passed"] and det["bitwise_equal"] and det["steps"] == 4
+    assert records["determinism"]["passed"] and det["bitwise_equal"] and det["views_equal_cpu"] and det["steps"] == 4
     run = records["small_run"]
     assert run["passed"] and run["figures"]["compared"] == 2 and run["figures"]["differ"] == []
     assert 0.0 <= run["figures"]["a_accuracy"] == run["figures"]["b_accuracy"] <= 1.0
