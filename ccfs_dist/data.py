@@ -42,6 +42,9 @@ def load_source(data_cfg):
                               f"tiny-imagenet only: leave it unset")
     if source == "digits":
         return _load_digits()
+    if data_cfg.get("download") and root is not None:
+        from .download import ensure
+        ensure(source, os.path.expanduser(os.fspath(root)))
     root = source_root(source, root)
     if source == "cifar10":
         return _load_cifar(root, 10)
@@ -55,13 +58,21 @@ def load_source(data_cfg):
                       f"(choose digits, cifar10, cifar100, tiny-imagenet, imagefolder or webdataset)")
 
 
+WHERE_TO_GET = {
+    "cifar10": "data.download=true fetches CIFAR-10 into it; docs/data.md",
+    "cifar100": "data.download=true fetches CIFAR-100 into it; docs/data.md",
+    "tiny-imagenet": "extract tiny-imagenet-200.zip there; docs/data.md says where to get it",
+    "imagefolder": "a folder with train/ and val/ class sub-folders; docs/data.md",
+}
+
+
 def source_root(source, root):
     """The folder `root` (data.root) of `source`, user-expanded; a ConfigError if unset, a DataError if absent."""
     if root is None:
         raise ConfigError(f"data source '{source}' needs 'data.root' (the folder holding it)")
     root = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(root):
-        raise DataError(f"data.root folder not found: {root}")
+        raise DataError(f"data.root folder not found: {root} ({WHERE_TO_GET.get(source, 'see docs/data.md')})")
     return root
 
 
@@ -130,7 +141,7 @@ def _load_cifar(root, num_classes):
     if missing:
         raise DataError(f"{title} files missing in {folder}: {', '.join(missing)} "
                         f"(expected {', '.join(expected)}, as extracted from {archive}; "
-                        f"set data.root to that folder or its parent)")
+                        f"set data.root to that folder or its parent, or set data.download=true)")
 
     meta = _read_pickle(os.path.join(folder, meta_file))
     if not isinstance(meta, dict):
