@@ -65,3 +65,33 @@ def test_cda_distilled_folder_layout_loads_in_class_then_name_order(tmp_path):
     assert split.labels.tolist() == [0, 0, 1, 1, 2, 2]
     means = split.images.float().mean(dim=(1, 2, 3)).round().tolist()
     assert means == pytest.approx([1, 11, 41, 51, 81, 91], abs=2)   # ids 000 and 001 of each class
+
+
+def test_every_missing_input_is_named_in_one_error_with_where_to_get_it(tmp_path):
+    from ccfs_dist.config import load_config
+    from ccfs_dist.errors import DataError
+    from ccfs_dist.inputs import check_present
+    (tmp_path / "teacher.pt").write_bytes(b"")                     # present: not named
+    cfg = load_config(None, ["data.source=cifar10", f"data.root={tmp_path}/cifar", f"data.distilled={tmp_path}/syn",
+                             f"teacher.checkpoint={tmp_path}/teacher.pt", "ccfs.difficulty=file",
+                             f"ccfs.difficulty_file={tmp_path}/forgetting_CIFAR10.npy"])
+    with pytest.raises(DataError) as err:
+        check_present(cfg)
+    message = str(err.value)
+    assert message.startswith("3 inputs missing: data.root not found: ")
+    for key, hint in [("data.root", "data.download=true"), ("data.distilled", "CDA"),
+                      ("ccfs.difficulty_file", "ccfs scores")]:
+        assert key in message and hint in message
+    assert "teacher.checkpoint" not in message
+    check_present(load_config(None, []))                           # the demo reads no file
+
+
+def test_a_run_says_what_it_makes_itself():
+    from ccfs_dist.config import load_config
+    from ccfs_dist.inputs import made_here
+    cfg = load_config(None, ["data.source=cifar10", "data.root=data", "teacher.epochs=200"])
+    lines = made_here(cfg, 50000, 100)
+    assert lines[0].startswith("teacher.checkpoint not given: training a teacher here, 200 epochs over 50,000 "
+                               "images (10,000,000 image passes); the paper's runs use the authors' files")
+    assert lines[1].startswith("data.distilled not given: the base distiller")
+    assert made_here(cfg, 50000, 0)[1:] == []                       # alpha 0: no distilled images to make
