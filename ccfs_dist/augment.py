@@ -96,9 +96,11 @@ def crop_boxes(batch, height, width, scale_min=0.08, ratio=(3 / 4, 4 / 3), scale
                generator=None, device="cpu", flip=False):
     """Random crop boxes: (boxes B x 4 float [x0, y0, w, h] in pixels, flips B bool).
 
-    `flips` is all False when flip=False. See the module docstring for the sampling rule.
+    `flips` is all False when flip=False. See the module docstring for the sampling rule. The boxes are
+    computed on the CPU and moved to `device`: their arithmetic (exp, sqrt) too is then the same on every
+    device, not only the random numbers.
     """
-    u = _rand((batch, 5), generator, device)
+    u = _rand((batch, 5), generator, "cpu")
     area_full = float(height * width)
     scale = scale_min + (scale_max - scale_min) * u[:, 0]
     area = scale * area_full
@@ -110,8 +112,8 @@ def crop_boxes(batch, height, width, scale_min=0.08, ratio=(3 / 4, 4 / 3), scale
     h = torch.sqrt(area / r).clamp(max=float(height))
     x0 = (width - w) * u[:, 2]
     y0 = (height - h) * u[:, 3]
-    flips = (u[:, 4] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool, device=device)
-    return torch.stack([x0, y0, w, h], dim=1), flips
+    flips = (u[:, 4] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool)
+    return torch.stack([x0, y0, w, h], dim=1).to(device), flips.to(device)
 
 
 def _interp_matrix(start, length, n_in, size, flips):
@@ -168,12 +170,13 @@ def resized_crop_flip(x, size, scale_min=0.08, ratio=(3 / 4, 4 / 3), flip=True, 
 
 def pad_boxes(batch, height, width, padding, generator=None, device="cpu", flip=False):
     """Random offsets of torchvision's RandomCrop((height, width), padding): boxes B x 4 [x0, y0, w, h]
-    in pixels of the unpadded image (x0, y0 integers in [-padding, padding]) and flips B bool."""
-    u = _rand((batch, 3), generator, device)
+    in pixels of the unpadded image (x0, y0 integers in [-padding, padding]) and flips B bool; computed on
+    the CPU and moved to `device`, as crop_boxes."""
+    u = _rand((batch, 3), generator, "cpu")
     offsets = (u[:, :2] * (2 * padding + 1)).floor().clamp(max=2 * padding) - padding
-    size = torch.tensor([width, height], dtype=torch.float32, device=device).expand(batch, 2)
-    flips = (u[:, 2] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool, device=device)
-    return torch.cat([offsets, size], dim=1), flips
+    size = torch.tensor([width, height], dtype=torch.float32).expand(batch, 2)
+    flips = (u[:, 2] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool)
+    return torch.cat([offsets, size], dim=1).to(device), flips.to(device)
 
 
 def pad_crop(x, boxes, padding, flips=None):
