@@ -137,3 +137,22 @@ def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp
     assert json.load(open(b / "summary.json"))["teacher_test_acc"] < 0.1
     assert (b / "eval" / "random_hard_run0.json").read_bytes() == (a / "eval" / "random_hard_run0.json").read_bytes()
     assert (b / "eval" / "random_run0.json").read_bytes() != (a / "eval" / "random_run0.json").read_bytes()
+
+
+@pytest.mark.parametrize("labels", ["kd", "hard", "both"])
+def test_plan_deals_each_regimes_evaluations_once(labels):
+    """eval.labels: every set's evaluation runs in each regime, once; CCFS's in the final stage (its set
+    exists only then); a hard-label run is costed without the teacher's forward pass."""
+    from ccfs_dist.plan import KD_COST, make_plan
+    cfg = load_config(None, ["ccfs.difficulty=logits", f"eval.labels={labels}"])
+    for world in (1, 2):
+        stages = make_plan(cfg, world, n_train=1437, num_classes=10, class_size=143.7)
+        evals = {job.name: (stage.name, job) for stage in stages for jobs in stage.local for job in jobs
+                 if job.kind == "eval"}
+        wanted = {"kd": [""], "hard": [" hard"], "both": ["", " hard"]}[labels]
+        assert sorted(evals) == sorted(f"eval {s} {r}{x}" for x in wanted for s in ("ccfs", "distilled+random", "random")
+                                       for r in range(3))
+        assert all(stage == "final" for name, (stage, _) in evals.items() if name.startswith("eval ccfs"))
+        if labels == "both":
+            assert evals["eval random 1"][1].cost == pytest.approx(KD_COST * evals["eval random 1 hard"][1].cost)
+            assert evals["eval random 1 hard"][1].key == ("random", 1, "hard")
