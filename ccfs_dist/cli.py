@@ -18,6 +18,13 @@ def add_overrides_arg(p, help):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
 
 
+def add_progress_arg(p):
+    p.add_argument("--progress", choices=("auto", "bars", "lines", "off"), default=None,
+                   help="progress of long loops: bars on a terminal, lines (one per loop, and one a minute while "
+                        "it runs) in a log file; auto (default, or $CCFS_PROGRESS) picks by whether stderr is "
+                        "a terminal. Only the main process reports")
+
+
 def add_timeout_arg(p):
     p.add_argument("--timeout", type=int, default=1800,
                    help="seconds a collective waits for other ranks before failing (default 1800)")
@@ -30,6 +37,7 @@ def add_run_args(p):
                    "(the config must be the run's; eval.labels=both may add an evaluation regime to a finished run)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
     add_timeout_arg(p)
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. ccfs.ipc=20 train.epochs=5 (values parsed as YAML)")
 
 
@@ -46,6 +54,8 @@ def cmd_run(args):
         run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         release_locks()                    # also on failure: the lock file and an uncommitted staged run go
+    from .dist import log
+    log(accelerator, f"outputs: {os.path.abspath(out)} (summary.json, report.md, eval_*.json; docs/outputs.md)")
     accelerator.end_training()
     return 0
 
@@ -167,6 +177,7 @@ def build_parser():
                    help="output .npy; {method} is replaced by the method name (default: scores/<data>_{method}.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_timeout_arg(p)
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. scores.runs=5 scores.epochs=200 (values parsed as YAML)")
     p.set_defaults(func=cmd_scores)
 
@@ -223,6 +234,9 @@ def main(argv=None):
     other ranks are not left waiting in a collective: their launcher stops them, or their next
     collective fails within --timeout."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "progress", None):
+        from .progress import set_mode
+        set_mode(args.progress)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
     try:

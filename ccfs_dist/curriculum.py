@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from . import io, seeds
+from . import inputs, io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
 from .sources import load_real
@@ -238,6 +238,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run = Run(accelerator, out_dir, resume)
     run.check(cfg, overwrite)
     c = cfg["ccfs"]
+    inputs.check_present(cfg)                  # every missing input in one error, before any is read
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
@@ -248,6 +249,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.open(cfg, overwrite)
     run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
+    for line in inputs.made_here(cfg, len(data.train), n_distilled):
+        run.log(line)
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
                                             streamed=not data.train.in_memory)
