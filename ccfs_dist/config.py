@@ -19,6 +19,8 @@ DEFAULTS = {
         "root": None,              # folder holding the data set (not used by digits); webdataset: train index JSON
         "download": False,         # cifar10 / cifar100: fetch the archive into data.root if missing (MD5-checked)
         "test_root": None,         # webdataset: the test index JSON (written by `ccfs shards`)
+        "validation": False,       # in-memory sources: leave the test split unread; evaluate on a fixed, stratified
+                                   # 20 % of the training split, removed from the pool (choosing settings)
         "image_size": None,        # imagefolder, tiny-imagenet, webdataset: resize + center-crop to this size
         "distilled": None,         # folder of distilled images (one sub-folder per class); None: run the base distiller
         "mean": None,              # per-channel normalisation mean in [0, 1] units; None: the source's default
@@ -355,6 +357,13 @@ def validate(cfg):
             raise ConfigError(f"config key '{key}' must be a list of numbers (one per channel), got {values!r}")
     if cfg["data"]["std"] is not None and min(cfg["data"]["std"]) <= 0:
         raise ConfigError(f"config key 'data.std' must hold positive numbers, got {cfg['data']['std']}")
+    if cfg["data"]["validation"] and cfg["data"]["source"] == "webdataset":
+        raise ConfigError("config key 'data.validation' applies to in-memory sources only (data.source is "
+                          "'webdataset': write a validation index with `ccfs shards` and set data.test_root)")
+    if cfg["data"]["validation"] and cfg["ccfs"]["difficulty"] == "file":
+        raise ConfigError("config key 'data.validation' is true but 'ccfs.difficulty' is 'file': a score file "
+                          "is aligned with the full training split, not the carved pool; compute the scores in "
+                          "the run (ccfs.difficulty: forgetting, loss or el2n) or set data.validation: false")
     if cfg["data"]["decode"] == "device" and cfg["data"]["source"] != "webdataset":
         raise ConfigError(f"config key 'data.decode' is 'device', which applies to data.source webdataset only "
                           f"(data.source is {cfg['data']['source']!r}: its images are decoded once, in memory)")

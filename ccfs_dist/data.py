@@ -30,9 +30,10 @@ CIFAR100_MEAN, CIFAR100_STD = CIFAR10_MEAN, CIFAR10_STD
 TINY_MEAN, TINY_STD = (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
 
 
-def load_source(data_cfg):
+def load_source(data_cfg, test=True):
     """RealData of the in-memory source named by the `data` config section (not `webdataset`), with the
-    source's own normalisation (`set_normalisation` applies data.mean / data.std)."""
+    source's own normalisation (`set_normalisation` applies data.mean / data.std). test=False leaves the
+    test split unread (RealData.test is None): data.validation replaces it (sources.carve_validation)."""
     source, root, image_size = data_cfg["source"], data_cfg.get("root"), data_cfg.get("image_size")
     if source in ("digits", "cifar10", "cifar100") and image_size is not None:
         native = 8 if source == "digits" else 32
@@ -41,19 +42,19 @@ def load_source(data_cfg):
                               f"(its images are {native}x{native}); it applies to imagefolder and "
                               f"tiny-imagenet only: leave it unset")
     if source == "digits":
-        return _load_digits()
+        return _load_digits(test)
     if data_cfg.get("download") and root is not None:
         from .download import ensure
         ensure(source, os.path.expanduser(os.fspath(root)))
     root = source_root(source, root)
     if source == "cifar10":
-        return _load_cifar(root, 10)
+        return _load_cifar(root, 10, test)
     if source == "cifar100":
-        return _load_cifar(root, 100)
+        return _load_cifar(root, 100, test)
     if source == "tiny-imagenet":
-        return _load_tiny_imagenet(root, image_size)
+        return _load_tiny_imagenet(root, image_size, test)
     if source == "imagefolder":
-        return _load_imagefolder(root, image_size)
+        return _load_imagefolder(root, image_size, test)
     raise ConfigError(f"unknown data.source '{source}' "
                       f"(choose digits, cifar10, cifar100, tiny-imagenet, imagefolder or webdataset)")
 
@@ -110,7 +111,7 @@ def digits_arrays():
     return bunch.images, bunch.target.astype(np.int64)
 
 
-def _load_digits():
+def _load_digits(test=True):
     """sklearn digits, 8x8 grey. Test = original index % 5 == 0 (360), train = the rest (1,437)."""
     pixels, target = digits_arrays()
     images = np.floor(pixels * (255.0 / 16.0) + 0.5).astype(np.uint8)  # values 0..16 -> 0..255
@@ -118,12 +119,12 @@ def _load_digits():
     labels = torch.from_numpy(target)
     is_test = torch.arange(len(labels)) % 5 == 0
     train = Split(images[~is_test].contiguous(), labels[~is_test].contiguous())
-    test = Split(images[is_test].contiguous(), labels[is_test].contiguous())
+    test = Split(images[is_test].contiguous(), labels[is_test].contiguous()) if test else None
     mean, std = channel_stats(train.images)
     return RealData("digits", [str(c) for c in range(10)], train, test, mean, std)
 
 
-def _load_cifar(root, num_classes):
+def _load_cifar(root, num_classes, test=True):
     """CIFAR-10/100 python pickles; train order = data_batch_1..5 (torchvision order)."""
     if num_classes == 10:
         sub, title, archive = "cifar-10-batches-py", "CIFAR-10", "cifar-10-python.tar.gz"
@@ -158,7 +159,8 @@ def _load_cifar(root, num_classes):
         parts = [_read_cifar_batch(os.path.join(folder, f), label_key, num_classes) for f in files]
         return Split(torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts]))
 
-    return RealData(f"cifar{num_classes}", classes, read(train_files), read([test_file]), mean, std)
+    return RealData(f"cifar{num_classes}", classes, read(train_files),
+                    read([test_file]) if test else None, mean, std)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -225,13 +227,14 @@ def image_files(source, root, split="train"):
     return files, labels, classes
 
 
-def _load_tiny_imagenet(root, image_size):
+def _load_tiny_imagenet(root, image_size, test=True):
     """Tiny-ImageNet-200: train = ImageFolder over train/, test = val/ with val_annotations.txt."""
     classes, (train_files, train_labels), (test_files, test_labels) = _tiny_imagenet_files(root)
     train = _read_split(train_files, train_labels, "RGB", image_size, "Tiny-ImageNet train")
-    test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
-                       "Tiny-ImageNet val", crop=image_size is not None)
-    return RealData("tiny-imagenet", classes, train, test, TINY_MEAN, TINY_STD)
+    if test:
+        test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
+                           "Tiny-ImageNet val", crop=image_size is not None)
+    return RealData("tiny-imagenet", classes, train, test or None, TINY_MEAN, TINY_STD)
 
 
 def _tiny_imagenet_files(root):
@@ -268,14 +271,15 @@ def _tiny_imagenet_files(root):
     return classes, (train_files, train_labels), (test_files, test_labels)
 
 
-def _load_imagefolder(root, image_size):
+def _load_imagefolder(root, image_size, test=True):
     """root/train/<class>/... and root/val/<class>/... (or root/test/), ImageFolder order, RGB."""
     classes, (train_files, train_labels), (test_files, test_labels) = _imagefolder_files(root)
     train = _read_split(train_files, train_labels, "RGB", image_size, "train images")
-    test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
-                       "test images", crop=image_size is not None)
+    if test:
+        test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
+                           "test images", crop=image_size is not None)
     mean, std = channel_stats(train.images)
-    return RealData("imagefolder", classes, train, test, mean, std)
+    return RealData("imagefolder", classes, train, test or None, mean, std)
 
 
 def _imagefolder_files(root):

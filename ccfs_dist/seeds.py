@@ -98,3 +98,9 @@ def bench_selection(seed):
 def bench_eval(seed):
     """The benchmark's evaluation training."""
     return seed + 500
+
+
+def validation():
+    """The carve of data.validation: fixed, not the run's seed, so every seed of a settings search sees the
+    same validation split and the same pool."""
+    return 20250

@@ -1,8 +1,15 @@
 """The real data a run uses, by `data.source`: an in-memory source (data.py) or WebDataset shards
 (shards.py). The one place that chooses between them, above both, so that neither imports the other's
 reader."""
+import torch
+
+from . import seeds
 from .data import load_source, set_normalisation
+from .errors import DataError
+from .pool import RealData, Split
 from .shards import load_shards
+
+VALIDATION_FRACTION = 0.2
 
 
 def load_real(data_cfg):
@@ -10,9 +17,36 @@ def load_real(data_cfg):
 
     data.num_workers: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
     data.mean / data.std, when set, replace the source's default normalisation.
+    data.validation: the test split is left unread and replaced by a split carved from the training data
+    (carve_validation), so settings can be chosen without looking at the test split.
     """
+    validation = data_cfg.get("validation", False)
     if data_cfg["source"] == "webdataset":
         data = load_shards(data_cfg, num_workers=data_cfg.get("num_workers", 0))
     else:
-        data = load_source(data_cfg)
+        data = load_source(data_cfg, test=not validation)
+        if validation:
+            data = carve_validation(data)
     return set_normalisation(data, data_cfg)
+
+
+def carve_validation(data, fraction=VALIDATION_FRACTION):
+    """`data` with its test split replaced by a fixed, per-class-stratified `fraction` of its training split
+    (round(fraction x class count) images of each class, drawn by seeds.validation()), and those images
+    removed from the pool. The pool keeps its source order; its global indices are rows of the carved pool,
+    so score files aligned with the full training split do not apply (config.validate refuses them). The
+    normalisation stays the source's default (for digits: the full training split's statistics)."""
+    labels = data.train.labels
+    generator = torch.Generator().manual_seed(seeds.validation())
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(data.num_classes):
+        rows = torch.nonzero(labels == c).flatten()
+        take = int(round(fraction * len(rows)))
+        if not 0 < take < len(rows):
+            raise DataError(f"data.validation: class {data.classes[c]!r} has {len(rows)} training image(s), too "
+                            f"few to carve {fraction:.0%} of them for validation and keep the rest")
+        held[rows[torch.randperm(len(rows), generator=generator)[:take]]] = True
+    images = data.train.images
+    pool = Split(images[~held].contiguous(), labels[~held].contiguous())
+    val = Split(images[held].contiguous(), labels[held].contiguous())
+    return RealData(data.name, data.classes, pool, val, data.mean, data.std)

@@ -107,11 +107,13 @@ def grid(args, centre):
 
 
 def resolve_scores(args, acc, cfg, centre):
-    """Map each --scores entry to a ccfs.difficulty value; compute forgetting/loss/el2n files once."""
+    """Map each --scores entry to a ccfs.difficulty value; compute forgetting/loss/el2n files once.
+    With data.validation on, a score file cannot be read (config.validate): each cell computes its own
+    scores on the carved pool, as a single run does."""
     wanted = list(dict.fromkeys(split(args.scores) + [centre["difficulty"]]))
     resolved, todo = {}, {}
     for s in wanted:
-        if s == "logits" or os.path.isfile(s):
+        if s == "logits" or os.path.isfile(s) or (s in COMPUTED and cfg["data"]["validation"]):
             resolved[s] = s
         elif s in COMPUTED:
             todo[s] = os.path.abspath(os.path.join(args.out, "scores", f"{cfg['data']['source']}_{s}.npy"))
@@ -131,8 +133,8 @@ def difficulty_overrides(resolved, cfg):
     The config's ccfs.difficulty_file_method belongs to the config's own score file; any other file (the
     computed ones carry a JSON naming their method) is read by its own rule."""
     c = cfg["ccfs"]
-    if resolved == "logits":
-        return ["ccfs.difficulty=logits", "ccfs.difficulty_file=null", "ccfs.difficulty_file_method=null"]
+    if resolved == "logits" or resolved in COMPUTED:
+        return [f"ccfs.difficulty={resolved}", "ccfs.difficulty_file=null", "ccfs.difficulty_file_method=null"]
     own = c["difficulty"] == "file" and c["difficulty_file"] == resolved
     method = [] if own else ["ccfs.difficulty_file_method=null"]
     return ["ccfs.difficulty=file", f"ccfs.difficulty_file={resolved}", *method]

@@ -489,3 +489,59 @@ def test_imagenet_flat_validation_folder_without_ground_truth_says_what_to_add(t
     (tmp_path / "val_labels.txt").write_text("ILSVRC2012_val_00000001 n01443537\n")
     with pytest.raises(DataError, match="ILSVRC2012_val_00000002.JPEG has no line in"):
         image_files("imagefolder", str(tmp_path), "test")
+
+
+# ------------------------------------------------------------------------------------- data.validation
+
+def test_validation_split_is_carved_from_train_stratified_disjoint_and_fixed():
+    full = load_real(cfg("digits"))
+    data = load_real(dict(cfg("digits"), validation=True))
+    pool, val = data.train, data.test
+    # every image of the carve comes from the training split, none from the test split: each training row
+    # lands in exactly one of pool / validation, in source order (rows identified by image and label)
+    def rows(split):
+        return [(bytes(i.numpy().tobytes()), int(l)) for i, l in zip(split.images, split.labels)]
+    train_rows, pool_rows, val_rows = rows(full.train), rows(pool), rows(val)
+    assert len(pool_rows) + len(val_rows) == len(train_rows) == 1437
+    in_val = set(val_rows)
+    assert [r for r in train_rows if r not in in_val] == pool_rows       # the pool: the rest, in order
+    assert sorted(val_rows) == sorted(r for r in train_rows if r in in_val)
+    assert not in_val & set(pool_rows)
+    assert not in_val & set(rows(full.test))
+    # stratified: round(20 %) of every class
+    counts = torch.bincount(full.train.labels, minlength=10)
+    assert torch.bincount(val.labels, minlength=10).tolist() == [int(round(0.2 * int(n))) for n in counts]
+    # fixed: the same carve on every load (seeded, not the run's seed), and not simply the first rows
+    again = load_real(dict(cfg("digits"), validation=True))
+    assert torch.equal(again.test.images, val.images) and torch.equal(again.train.labels, pool.labels)
+    first = torch.cat([torch.nonzero(full.train.labels == c).flatten()[:int(round(0.2 * int(n)))]
+                       for c, n in enumerate(counts)])
+    assert not torch.equal(torch.sort(first).values, torch.arange(len(first)))
+    assert sorted(val_rows) != sorted(train_rows[i] for i in first.tolist())
+    assert data.mean == full.mean and data.std == full.std
+
+
+def test_validation_never_reads_the_test_split(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    make_cifar10(str(folder), np.random.default_rng(0))      # 1 image per class: nothing to carve
+    with pytest.raises(DataError, match="too few to carve"):
+        load_real(dict(cfg("cifar10", folder), validation=True))
+    rng = np.random.default_rng(1)
+    for i in range(1, 6):                                    # 10 images a batch: 5 per class
+        write_pickle(folder / f"data_batch_{i}", {b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+                                                  b"labels": list(range(10))})
+    with open(folder / "test_batch", "wb") as f:
+        f.write(b"not a pickle")                             # reading it would fail
+    data = load_real(dict(cfg("cifar10", folder), validation=True))
+    assert len(data.train) == 40 and sorted(data.test.labels.tolist()) == list(range(10))
+    with pytest.raises(DataError):
+        load_real(cfg("cifar10", folder))
+
+
+def test_validation_refuses_score_files_and_streamed_pools():
+    from ccfs_dist.config import load_config
+    with pytest.raises(ConfigError, match="data.validation.*difficulty"):
+        load_config(None, ["data.validation=true", "ccfs.difficulty=file", "ccfs.difficulty_file=s.npy"])
+    with pytest.raises(ConfigError, match="data.validation.*in-memory"):
+        load_config(None, ["data.validation=true", "data.source=webdataset", "data.root=x.json"])
+    assert load_config(None, ["data.validation=true"])["data"]["validation"] is True
