@@ -125,3 +125,18 @@ def test_a_cells_difficulty_overrides_keep_the_method_with_the_configs_own_file_
     assert (cells["own.npy"]["difficulty_file"], cells["own.npy"]["difficulty_file_method"]) == ("own.npy", "margin")
     assert (cells["/x/other.npy"]["difficulty"], cells["/x/other.npy"]["difficulty_file"],
             cells["/x/other.npy"]["difficulty_file_method"]) == ("file", "/x/other.npy", None)
+
+
+def test_under_data_validation_each_cell_computes_its_own_scores(tmp_path):
+    """A score file cannot be read with data.validation on (it is aligned with the full training split), so
+    the grid computes no shared file: forgetting / loss / el2n stay the cell's own computed difficulty."""
+    from argparse import Namespace
+    from ccfs_dist.config import load_config
+    module = load_ablate()
+    cfg = load_config(None, ["data.validation=true", "ccfs.difficulty=forgetting"])
+    args = Namespace(scores="logits,loss", out=str(tmp_path / "grid"))
+    resolved = module.resolve_scores(args, None, cfg, {"difficulty": "forgetting"})
+    assert resolved == {"logits": "logits", "loss": "loss", "forgetting": "forgetting"}
+    assert not (tmp_path / "grid").exists()
+    cell = load_config(None, ["data.validation=true"] + module.difficulty_overrides("loss", cfg))["ccfs"]
+    assert (cell["difficulty"], cell["difficulty_file"], cell["difficulty_file_method"]) == ("loss", None, None)
