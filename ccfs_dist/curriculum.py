@@ -37,6 +37,7 @@ from .rundir import Run
 from .predict import accuracy, predict
 from .scores import DYNAMICS, compute_score_files
 from .selection import phase_budgets, random_per_class, select, select_official
+from .stream_train import streams
 
 
 def load_given_teacher(cfg, data):
@@ -250,7 +251,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
-                                            streamed=not data.train.in_memory)
+                                            streamed=streams(cfg, data.train))
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
     trainings = Trainings(run, cfg, data, class_size)

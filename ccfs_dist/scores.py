@@ -55,7 +55,7 @@ from .errors import ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .plan import split_training
 from .predict import predict
-from .stream_train import stream_options, train_stream
+from .stream_train import stream_options, streams, train_stream
 from .train import Recipe, train_model
 
 _KEY_STRIDE = 1 << 24                              # > any local batch size: orders observations in an epoch
@@ -225,11 +225,12 @@ def training_dynamics(accelerator, cfg, data):
 
     Each run trains whole on one rank (runs dealt round-robin; their results all-gathered) unless the
     plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks; so is
-    every run on a streamed pool (stream_train deals the stream to the ranks).
+    every run on a pool streamed over the ranks (stream_train.streams: larger than stream.shuffle_buffer; a
+    smaller streamed pool is read whole by each run and trained as in memory, with the same result).
     """
     s = cfg["scores"]
     world = accelerator.num_processes
-    streamed = not data.train.in_memory
+    streamed = streams(cfg, data.train)
     if streamed or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
         return combine_runs([dynamics_run(accelerator, cfg, data, r) for r in range(s["runs"])])
     if world == 1:

@@ -48,16 +48,19 @@ def pools(tmp_path_factory):
 
 @pytest.mark.parametrize("n,batch,world", [(1437, 64, 1), (1437, 64, 2), (1437, 128, 3), (10, 4, 3),
                                            (9, 4, 2), (5, 8, 2), (3, 3, 3)])
-def test_plan_trains_every_sample_once_and_every_rank_every_step(n, batch, world):
+def test_plan_has_train_models_steps_and_every_rank_a_sample(n, batch, world):
+    """train_model's batches: ceil(n / batch) steps, all full but the last (completed by wrapping around in
+    epoch_batches); every sample once; every rank has a sample to wrap around to."""
     plan = epoch_plan(n, batch, world)
-    assert plan.shape[1] == world and plan.sum() == n and (plan >= 1).all()
-    sizes = plan.sum(1)
-    assert (sizes[:-1] == batch).all() and world <= sizes[-1] < batch + world   # full batches, then the rest
     steps = max(1, -(-n // batch))
-    assert len(plan) == (steps - 1 if steps > 1 and n - (steps - 1) * batch < world else steps)
+    assert plan.shape == (steps, world) and plan.sum() == n and (plan.sum(0) >= 1).all()
+    assert (plan.sum(1)[:-1] == batch).all() and plan.sum(1)[-1] == n - (steps - 1) * batch
     assert (plan.max(1) - plan.min(1) <= 1).all()                            # ranks balanced within a step
     with pytest.raises(DataError, match="fewer samples than ranks"):
         epoch_plan(world - 1, batch, world) if world > 1 else epoch_plan(0, batch, 2)
+    if world > 1:
+        with pytest.raises(DataError, match="fewer samples than ranks"):
+            epoch_plan(n, world - 1, world)
 
 
 def test_rank_runs_partition_the_pool(pools):
@@ -143,7 +146,7 @@ def test_epoch_boundary_checkpoint_resumes_to_the_same_weights(pools, tmp_path, 
         torch.manual_seed(0)
         return build_model(model_cfg, 10, 3, 8)
     whole, stats = train_stream(accelerator, fresh(), streamed.train, rec, **kw)
-    assert stats["images"] == 4 * len(streamed.train) and stats["steps"] == 4 * len(epoch_plan(1500, 64, 1))
+    assert stats["steps"] == 4 * 24 and stats["images"] == 4 * 24 * 64        # full batches, as train_model
     state = str(tmp_path / "state.pt")
 
     def killed(epoch, _model):
