@@ -103,7 +103,8 @@ DEFAULTS = {
     },
     "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
         "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes;
-                                   # on the device under data.decode: device)
+                                   # on the device under data.decode: device); a pool of at most this many is read once
+                                   # and trained as in memory (train_model: the same result)
         "interleave": 16,          # shards each loader worker (data.num_workers) reads at once, drawing samples from all
     },
     "predict": {                   # a model's pass over pool samples (predict.py): teacher and filter predictions, accuracy

@@ -1,6 +1,7 @@
 """Difficulty scores trained on the stream vs in memory, and a teacher from shards vs in memory (issue 15).
 
     python launch/bench_stream_scores.py [--runs 32] [--epochs 20] [--out /tmp/ccfs_bench_stream]
+    python launch/bench_stream_scores.py --throughput [--sizes 8,32,224] [--out /tmp/ccfs_bench_stream]
 
 For planted digits and a generated class-sorted pool (5 % of the training labels flipped, tests/stream_pools.py),
 both written as shards: forgetting / loss / EL2N from `scores.training_dynamics` on the shards and in memory,
@@ -8,6 +9,12 @@ same recipe and seeds (ConvNet width 8, depth 2, batch 256, averaged over --runs
 other seeds (the run-to-run noise that bounds any two computations' agreement). Prints the Spearman rank
 correlations and the AUROC of the planted samples. Then the digits teacher recipe (30 epochs, batch 128,
 lr 0.1) from shards vs in memory over 3 seeds: test accuracy.
+
+--throughput: the cost of a score run on the stream against in memory (issue 24), per image size: a generated
+pool of 8x8, 32x32 or 224x224 RGB PNGs (2,048 / 2,048 / 256 samples, shards of 256), one score run of the
+default model (ConvNet-D3, width 8) for 2 epochs, timed as images trained per second: resident (train_model),
+streamed every epoch (stream.shuffle_buffer = N / 4) and read once (the buffer holds the pool), plus the
+stream's loader alone (read, check, decode, buffer; no training).
 """
 import argparse
 import os
@@ -26,8 +33,12 @@ def main():
     p.add_argument("--runs", type=int, default=32)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--out", default="/tmp/ccfs_bench_stream")
+    p.add_argument("--throughput", action="store_true", help="score-run images/s streamed vs resident by image size")
+    p.add_argument("--sizes", default="8,32,224")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.throughput:
+        return throughput(args)
     from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
     from test_scores import auroc, spearman
     from ccfs_dist.config import load_config
@@ -67,6 +78,38 @@ def main():
         print(f"teacher seed {seed}: test accuracy in memory {100 * row[0]:.2f} %, from shards {100 * row[1]:.2f} %")
     r = np.array(results)
     print(f"teacher mean: in memory {100 * r[:, 0].mean():.2f} %, from shards {100 * r[:, 1].mean():.2f} %")
+
+
+def throughput(args):
+    from stream_pools import generated_pool, write_pool_shards
+    from ccfs_dist.config import load_config
+    from ccfs_dist.dist import Local, make_accelerator
+    from ccfs_dist.scores import dynamics_run
+    from ccfs_dist.shards import load_shards
+    from ccfs_dist.stream_train import epoch_batches, epoch_plan
+
+    acc = Local(make_accelerator())
+    default = os.path.join(ROOT, "configs", "default.yaml")
+    print("size  N     batch | resident img/s | streamed img/s (buffer N/4) | read once img/s | loader alone img/s")
+    for size in (int(s) for s in args.sizes.split(",")):
+        n, batch = (256, 64) if size >= 128 else (2048, 128)
+        data, _ = generated_pool(classes=10, per_class=n // 10 + 1, test_per_class=1, size=size, fraction=0.0)
+        folder = os.path.join(args.out, f"throughput_{size}")
+        streamed = load_shards(write_pool_shards(data, folder, per_shard=256))
+        recipe = ["scores.runs=1", "scores.epochs=2", f"scores.batch_size={batch}"]
+        rates = []
+        for pool, buffer in ((data, 4096), (streamed, len(data.train) // 4), (streamed, len(data.train))):
+            cfg = load_config(default, recipe + [f"stream.shuffle_buffer={buffer}"])
+            t = time.perf_counter()
+            dynamics_run(acc, cfg, pool, 0)
+            rates.append(2 * len(data.train) / (time.perf_counter() - t))
+        plan = epoch_plan(len(streamed.train), batch, 1)
+        t = time.perf_counter()
+        for _ in epoch_batches(streamed.train, plan, 0, 0, 0, len(data.train) // 4, 16, share=batch):
+            pass
+        loader = len(data.train) / (time.perf_counter() - t)
+        print(f"{size:<5} {len(data.train):<5} {batch:<5} | {rates[0]:>14,.0f} | {rates[1]:>27,.0f} | "
+              f"{rates[2]:>15,.0f} | {loader:>18,.0f}", flush=True)
 
 
 if __name__ == "__main__":
