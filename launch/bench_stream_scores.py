@@ -1,18 +1,20 @@
 """Difficulty scores trained on the stream vs in memory, and a teacher from shards vs in memory (issue 15).
 
-    python launch/bench_stream_scores.py [--runs 32] [--epochs 20] [--out /tmp/ccfs_bench_stream]
+    python launch/bench_stream_scores.py [--runs 32] [--epochs 20] [--buffer 256] [--out /tmp/ccfs_bench_stream]
     python launch/bench_stream_scores.py --throughput [--sizes 8,32,224] [--out /tmp/ccfs_bench_stream]
 
 For planted digits and a generated class-sorted pool (5 % of the training labels flipped, tests/stream_pools.py),
-both written as shards: forgetting / loss / EL2N from `scores.training_dynamics` on the shards and in memory,
-same recipe and seeds (ConvNet width 8, depth 2, batch 256, averaged over --runs runs), and in memory with
-other seeds (the run-to-run noise that bounds any two computations' agreement). Prints the Spearman rank
+both written as shards of 200: forgetting / loss / EL2N from `scores.training_dynamics` on the shards (streamed
+through a shuffle buffer of --buffer samples: a pool within the buffer would be read once and score exactly as
+in memory) and in memory, same recipe and seeds (ConvNet width 8, depth 2, batch 256, averaged over --runs
+runs), and in memory with other seeds (the run-to-run noise that bounds any two computations' agreement). Prints the Spearman rank
 correlations and the AUROC of the planted samples. Then the digits teacher recipe (30 epochs, batch 128,
 lr 0.1) from shards vs in memory over 3 seeds: test accuracy.
 
 --throughput: the cost of a score run on the stream against in memory (issue 24), per image size: a generated
 pool of 8x8, 32x32 or 224x224 RGB PNGs (2,048 / 2,048 / 256 samples, shards of 256), one score run of the
-default model (ConvNet-D3, width 8) for 2 epochs, timed as images trained per second: resident (train_model),
+default model (ConvNet-D3, width 8) for --throughput-epochs epochs (5; 224 px: 1), median of --repeat (3; 224 px: 1) after a warm-up
+round, as images trained per second: resident (train_model),
 streamed every epoch (stream.shuffle_buffer = N / 4) and read once (the buffer holds the pool), plus the
 stream's loader alone (read, check, decode, buffer; no training).
 """
@@ -32,9 +34,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=32)
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--buffer", type=int, default=256, help="stream.shuffle_buffer of the streamed scores")
     p.add_argument("--out", default="/tmp/ccfs_bench_stream")
     p.add_argument("--throughput", action="store_true", help="score-run images/s streamed vs resident by image size")
     p.add_argument("--sizes", default="8,32,224")
+    p.add_argument("--throughput-epochs", type=int, default=5, help="--throughput: epochs of the score run")
+    p.add_argument("--repeat", type=int, default=3, help="--throughput: timed repeats (median)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.throughput:
@@ -57,7 +62,8 @@ def main():
         t0 = time.perf_counter()
         memory, _ = training_dynamics(acc, load_config(default, recipe), data)
         t1 = time.perf_counter()
-        stream, _ = training_dynamics(acc, load_config(default, recipe), streamed)
+        stream, _ = training_dynamics(acc, load_config(default, recipe + [f"stream.shuffle_buffer={args.buffer}"]),
+                                      streamed)
         t2 = time.perf_counter()
         other, _ = training_dynamics(acc, load_config(default, recipe + ["seed=1000"]), data)
         print(f"{name}: {len(data.train)} samples, {int(planted.sum())} planted; in memory {t1 - t0:.1f} s, "
@@ -90,26 +96,34 @@ def throughput(args):
 
     acc = Local(make_accelerator())
     default = os.path.join(ROOT, "configs", "default.yaml")
-    print("size  N     batch | resident img/s | streamed img/s (buffer N/4) | read once img/s | loader alone img/s")
+    print(f"one score run of {args.throughput_epochs} epochs (224 px: 1), median of {args.repeat} (224 px: 1) after a "
+          f"warm-up round, images trained per second")
+    print("size  N     batch | resident | streamed (buffer N/4) | read once (buffer N) | loader alone (buffer N/4)")
     for size in (int(s) for s in args.sizes.split(",")):
         n, batch = (256, 64) if size >= 128 else (2048, 128)
         data, _ = generated_pool(classes=10, per_class=n // 10 + 1, test_per_class=1, size=size, fraction=0.0)
-        folder = os.path.join(args.out, f"throughput_{size}")
-        streamed = load_shards(write_pool_shards(data, folder, per_shard=256))
-        recipe = ["scores.runs=1", "scores.epochs=2", f"scores.batch_size={batch}"]
-        rates = []
-        for pool, buffer in ((data, 4096), (streamed, len(data.train) // 4), (streamed, len(data.train))):
-            cfg = load_config(default, recipe + [f"stream.shuffle_buffer={buffer}"])
+        n = len(data.train)
+        streamed = load_shards(write_pool_shards(data, os.path.join(args.out, f"throughput_{size}"), per_shard=256))
+        epochs, repeat = (1, 1) if size >= 128 else (args.throughput_epochs, args.repeat)   # 224 px: minutes an epoch
+        recipe = ["scores.runs=1", f"scores.epochs={epochs}", f"scores.batch_size={batch}"]
+        ways = [(data, 4096), (streamed, n // 4), (streamed, n)]
+        times = [[] for _ in ways]
+        for rep in range(repeat + 1):                    # interleaved: a busy machine slows all alike
+            for way, (pool, buffer) in enumerate(ways):
+                t = time.perf_counter()
+                dynamics_run(acc, load_config(default, recipe + [f"stream.shuffle_buffer={buffer}"]), pool, 0)
+                if rep:                                       # the first round warms the kernels up
+                    times[way].append(time.perf_counter() - t)
+        rates = [epochs * n / np.median(t) for t in times]
+        plan = epoch_plan(n, batch, 1)
+        loads = []
+        for _ in range(repeat):
             t = time.perf_counter()
-            dynamics_run(acc, cfg, pool, 0)
-            rates.append(2 * len(data.train) / (time.perf_counter() - t))
-        plan = epoch_plan(len(streamed.train), batch, 1)
-        t = time.perf_counter()
-        for _ in epoch_batches(streamed.train, plan, 0, 0, 0, len(data.train) // 4, 16, share=batch):
-            pass
-        loader = len(data.train) / (time.perf_counter() - t)
-        print(f"{size:<5} {len(data.train):<5} {batch:<5} | {rates[0]:>14,.0f} | {rates[1]:>27,.0f} | "
-              f"{rates[2]:>15,.0f} | {loader:>18,.0f}", flush=True)
+            for _ in epoch_batches(streamed.train, plan, 0, 0, 0, n // 4, 16, share=batch):
+                pass
+            loads.append(time.perf_counter() - t)
+        print(f"{size:<5} {n:<5} {batch:<5} | {rates[0]:>8,.0f} | {rates[1]:>21,.0f} | {rates[2]:>20,.0f} | "
+              f"{n / np.median(loads):>25,.0f}", flush=True)
 
 
 if __name__ == "__main__":

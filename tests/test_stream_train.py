@@ -328,7 +328,7 @@ def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["processes"] == 2 and summary["teacher"]["source"] == "trained"
-    assert summary["teacher"]["images"] == 3 * 3000 and summary["difficulty"] == "forgetting"
+    assert summary["teacher"]["images"] == 3 * 12 * 256 and summary["difficulty"] == "forgetting"   # full batches
     scores = np.load(os.path.join(out, "scores_forgetting.npy"))
     meta = json.load(open(os.path.join(out, "scores_forgetting.json")))
     assert scores.shape == (3000,) and meta["processes"] == 2 and set(np.unique(scores)) <= {0.0, 1.0, 3.0}
