@@ -2,6 +2,7 @@
 
     python launch/bench_stream_scores.py [--runs 32] [--epochs 20] [--buffer 256] [--out /tmp/ccfs_bench_stream]
     python launch/bench_stream_scores.py --throughput [--sizes 8,32,224] [--out /tmp/ccfs_bench_stream]
+    python launch/bench_stream_scores.py --bias [--runs 6] [--buffer 512] [--out /tmp/ccfs_bench_stream]
 
 For planted digits and a generated class-sorted pool (5 % of the training labels flipped, tests/stream_pools.py),
 both written as shards of 200: forgetting / loss / EL2N from `scores.training_dynamics` on the shards (streamed
@@ -17,6 +18,11 @@ default model (ConvNet-D3, width 8) for --throughput-epochs epochs (5; 224 px: 1
 round, as images trained per second: resident (train_model),
 streamed every epoch (stream.shuffle_buffer = N / 4) and read once (the buffer holds the pool), plus the
 stream's loader alone (read, check, decode, buffer; no training).
+
+--bias: the default config's score runs (digits, 30 epochs) one by one, --runs of them in memory and as many
+streamed (shards of 200 through a --buffer-sample shuffle buffer), the same seeds: the mean forgetting / loss /
+EL2N of each (a systematic shift is a different estimator) and the mean single-run Spearman memory-memory
+(distinct runs) against stream-memory (distinct runs).
 """
 import argparse
 import os
@@ -38,12 +44,15 @@ def main():
     p.add_argument("--out", default="/tmp/ccfs_bench_stream")
     p.add_argument("--throughput", action="store_true", help="score-run images/s streamed vs resident by image size")
     p.add_argument("--sizes", default="8,32,224")
+    p.add_argument("--bias", action="store_true", help="per-run means and Spearman, default config, stream vs memory")
     p.add_argument("--throughput-epochs", type=int, default=5, help="--throughput: epochs of the score run")
     p.add_argument("--repeat", type=int, default=3, help="--throughput: timed repeats (median)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.throughput:
         return throughput(args)
+    if args.bias:
+        return bias(args)
     from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
     from test_scores import auroc, spearman
     from ccfs_dist.config import load_config
@@ -124,6 +133,32 @@ def throughput(args):
             loads.append(time.perf_counter() - t)
         print(f"{size:<5} {n:<5} {batch:<5} | {rates[0]:>8,.0f} | {rates[1]:>21,.0f} | {rates[2]:>20,.0f} | "
               f"{n / np.median(loads):>25,.0f}", flush=True)
+
+
+def bias(args):
+    import itertools
+    from stream_pools import write_pool_shards
+    from test_scores import spearman
+    from ccfs_dist.config import load_config
+    from ccfs_dist.dist import Local, make_accelerator
+    from ccfs_dist.scores import dynamics_run
+    from ccfs_dist.shards import load_shards
+    from ccfs_dist.sources import load_real
+
+    acc = Local(make_accelerator())
+    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), [f"stream.shuffle_buffer={args.buffer}"])
+    memory = load_real({"source": "digits"})
+    streamed = load_shards(write_pool_shards(memory, os.path.join(args.out, "digits_200"), per_shard=200))
+    runs = {name: [dynamics_run(acc, cfg, data, r)[0] for r in range(args.runs)]
+            for name, data in (("memory", memory), ("stream", streamed))}
+    print(f"default config, {args.runs} runs x {cfg['scores']['epochs']} epochs each way, buffer {args.buffer}")
+    for m in ("forgetting", "loss", "el2n"):
+        mm = [spearman(runs["memory"][i][m], runs["memory"][j][m]) for i, j in itertools.combinations(range(args.runs), 2)]
+        sm = [spearman(runs["stream"][i][m], runs["memory"][j][m]) for i in range(args.runs) for j in range(args.runs)
+              if i != j]
+        print(f"  {m:<10} mean score memory {np.mean([r[m].mean() for r in runs['memory']]):.4f} stream "
+              f"{np.mean([r[m].mean() for r in runs['stream']]):.4f}; single-run Spearman memory-memory "
+              f"{np.mean(mm):.4f} stream-memory {np.mean(sm):.4f}", flush=True)
 
 
 if __name__ == "__main__":
