@@ -54,7 +54,7 @@ def epoch_plan(n, batch_size, world):
     train_model's is, so every step trains on a full global batch of rank shares share_sizes(batch_size)."""
     if n < world or batch_size < world:
         raise DataError(f"a pool of {n} samples in global batches of {batch_size} cannot be trained on by {world} "
-                        f"processes (fewer samples than ranks)")
+                        f"processes (fewer samples than ranks in the pool or in a global batch)")
     steps = max(1, math.ceil(n / batch_size))
     sizes = [batch_size] * (steps - 1) + [n - (steps - 1) * batch_size]
     return np.array([share_sizes(b, world) for b in sizes], dtype=np.int64)
@@ -183,7 +183,8 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
 
     Arguments as train_model (the images and labels come from `split`; `on_batch(ids, logits)` gets the
     global ids of this rank's batch, on the device), plus `shuffle_buffer` (decoded samples per rank) and
-    `interleave` (shards each loader worker reads at once). With `checkpoint` and the recipe's
+    `interleave` (shards each loader worker reads at once). A pool of at most `shuffle_buffer` samples is read
+    once and trained by train_model (its stats, "lrs" included). With `checkpoint` and the recipe's
     `checkpoint_every` > 0 the training state is saved every that many epochs and training continues from
     it when it exists; it is deleted at the end.
     """
