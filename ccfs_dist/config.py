@@ -17,6 +17,7 @@ DEFAULTS = {
     "data": {
         "source": "digits",        # digits | cifar10 | cifar100 | tiny-imagenet | imagefolder | webdataset
         "root": None,              # folder holding the data set (not used by digits); webdataset: train index JSON
+        "download": False,         # cifar10 / cifar100: fetch the archive into data.root if missing (MD5-checked)
         "test_root": None,         # webdataset: the test index JSON (written by `ccfs shards`)
         "image_size": None,        # imagefolder, tiny-imagenet, webdataset: resize + center-crop to this size
         "distilled": None,         # folder of distilled images (one sub-folder per class); None: run the base distiller
@@ -90,6 +91,8 @@ DEFAULTS = {
         "mixed_precision": "no",   # no | fp16 | bf16
         "channels_last": False,
         "compile": False,          # torch.compile the student and the teacher's forward in filter / evaluation training
+        "deterministic": True,     # deterministic algorithms (cuDNN, cuBLAS) on CUDA: the same result in every run;
+                                   # false: cudnn.benchmark and torch's fastest kernels (docs/distributed.md)
         "checkpoint_every": 10,    # save the training state every this many epochs (0: never); resumable mid-training
         "min_batch_per_rank": 256, # split one training over the ranks (DDP) only if each gets >= this many samples a step
         "synthetic": "resident",   # resident | shared: how S_j and the evaluation sets are held in filter / evaluation

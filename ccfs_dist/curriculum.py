@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from . import io, seeds
+from . import inputs, io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
 from .sources import load_real
@@ -67,7 +67,7 @@ def make_distilled(run, cfg, data, teacher, per_class):
     images, labels, order = [], [], []
     for gid in dealt(run.acc, len(items)):                     # item gid is seeded by gid: any world size
         b, c = items[gid]
-        gen = torch.Generator(device=run.acc.device).manual_seed(seeds.distill_batch(cfg["seed"], gid))
+        gen = torch.Generator().manual_seed(seeds.distill_batch(cfg["seed"], gid))   # CPU: any device
         init = None
         if d["init"] == "real":
             one = random_per_class(labels_np, 1, seeds.distill_batch(cfg["seed"], gid))
@@ -239,6 +239,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run = Run(accelerator, out_dir, resume)
     run.check(cfg, overwrite)
     c = cfg["ccfs"]
+    inputs.check_present(cfg)                  # every missing input in one error, before any is read
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
@@ -249,6 +250,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.open(cfg, overwrite)
     run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
+    for line in inputs.made_here(cfg, len(data.train), n_distilled):
+        run.log(line)
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
                                             streamed=streams(cfg, data.train))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import io, seeds
-from .dist import Local, wait_for_all
+from .dist import Local, main_says, wait_for_all
 from .evaluate import evaluate_run
 from .models import build_model, load_checkpoint, state_dict_of
 from .scores import DYNAMICS, dynamics_run
@@ -124,11 +124,20 @@ class Trainings:
             io.write_json(self.artifact("eval", name, r), result)
 
 
+def finished(acc, trainings, job):
+    """Whether `job` is finished. A split job is decided by rank 0 alone and its answer given to every rank
+    (they run it together: on a lagging shared file system one rank could see the artifact and another not,
+    and one would enter the training alone and wait in its first collective); a whole job by its own rank."""
+    if not job.split:
+        return trainings.finished(job)
+    return main_says(acc, trainings.finished(job) if acc.is_main_process else None)
+
+
 def run_stage(run, stage, trainings):
     """This rank's jobs of `stage`: the split ones (with every rank, in the same order), then its own;
     then every rank waits for all, so each job's artifact can be read by any rank."""
     for job in stage.jobs_of(run.acc.process_index):
-        if trainings.finished(job):
+        if finished(run.acc, trainings, job):
             run.log(f"{job.name}: resumed")
         else:
             trainings.do(job)

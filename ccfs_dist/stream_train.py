@@ -38,12 +38,12 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .augment import Augment
 from . import seeds
 from .dist import rank_slice, rank_world, run_of, share_sizes
 from .errors import DataError
+from .progress import track
 from .train import Session, epoch_boxes, train_model
 
 
@@ -206,14 +206,15 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
     session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
-    # the views of an epoch's positions come from train_model's generator, drawn alike on every rank
-    generators = {"aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
+    # the views of an epoch's positions come from train_model's generator, drawn alike on every rank (on the
+    # CPU: the same views on every device) and moved to the device
+    generators = {"aug_gen": torch.Generator().manual_seed(seeds.augmentation(seed))}
     first_epoch = session.resume(checkpoint, generators, extra_state)   # the stream's order: from (seed, epoch, rank)
     height, width = split.shape[1], split.shape[2]
     start, seen = session.clock(), 0
     session.ddp_model.train()
-    for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
-                      leave=False, initial=first_epoch, total=r.epochs):
+    for epoch in track(range(first_epoch, r.epochs), desc=desc, main=accelerator.is_main_process,
+                       initial=first_epoch, total=r.epochs, unit="epochs"):
         boxes, flips = epoch_boxes(augment, steps_per_epoch * r.batch_size, height, width, generators["aug_gen"],
                                    device)
         my_boxes = boxes.view(steps_per_epoch, r.batch_size, 4)[:, lo:hi]

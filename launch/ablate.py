@@ -232,7 +232,7 @@ def main(argv=None):
     from ccfs_dist.curriculum import run_ccfs
     from ccfs_dist.dist import Local, make_accelerator, wait_for_all
     wanted = grid(args, centre)
-    acc = make_accelerator(cfg["train"]["mixed_precision"])
+    acc = make_accelerator(cfg["train"]["mixed_precision"], deterministic=cfg["train"]["deterministic"])
     scores = resolve_scores(args, acc, cfg, centre)
     cells, infeasible = {}, {}
     for n, s in wanted.items():

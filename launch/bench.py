@@ -601,7 +601,8 @@ def run_from_args(args):
             raise CCFSError(f"--baseline {args.baseline}: cannot read a report ({exc})") from None
         baseline = baseline["runs"][0] if "runs" in baseline else baseline
     cfg, data = _load(args)
-    acc = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    acc = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                           deterministic=cfg["train"]["deterministic"])
     report = run_bench(acc, cfg, data, steps=args.steps, repeats=args.repeats, phases=phases,
                        compile_backend=args.compile_backend, selection_n=args.selection_n,
                        selection_classes=args.selection_classes, selection_k=args.selection_k)

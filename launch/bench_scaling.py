@@ -61,11 +61,10 @@ def parse_args(argv):
     return args
 
 
-def make_cifar_like(folder):
-    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class)."""
+def make_cifar_like(folder, c=CIFAR):
+    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class); `c` as CIFAR."""
     import torch
     from ccfs_dist.data import write_image_folder
-    c = CIFAR
     g = torch.Generator().manual_seed(0)
     for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
         n = per_class * c["classes"]

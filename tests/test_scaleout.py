@@ -204,7 +204,8 @@ def test_run_with_split_and_whole_trainings(tmp_path):
 def test_split_training_ends_identical_on_every_rank(tmp_path):
     """DDP keeps the parameters in step, but each rank's forward passes update its own BatchNorm running
     statistics (on the CPU torch has no SyncBatchNorm): they differ before the closing broadcast, and
-    every rank holds rank 0's state after it."""
+    every rank holds rank 0's state after it. Whether a split job has finished is rank 0's answer on every
+    rank, also where the other rank's file system does not show the artifact yet."""
     out = tmp_path / "split.npz"
     proc = accelerate_launch([SPLIT, str(out)], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,6 +214,7 @@ def test_split_training_ends_identical_on_every_rank(tmp_path):
     assert not np.array_equal(got["before"][0], got["before"][1])
     np.testing.assert_array_equal(got["after"][0], got["after"][1])
     np.testing.assert_array_equal(got["after"][0], got["before"][0])
+    assert got["finished"].tolist() == [True, True]       # rank 0's look, broadcast (jobs.finished)
 
 
 LOCAL_BF16 = """
