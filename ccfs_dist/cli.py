@@ -33,7 +33,8 @@ def add_timeout_arg(p):
 def add_run_args(p):
     add_config_arg(p, "YAML run config (default: configs/default.yaml, the digits demo)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps "
+                   "(the config must be the run's; eval.labels=both may add an evaluation regime to a finished run)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
     add_timeout_arg(p)
     add_progress_arg(p)

@@ -86,7 +86,8 @@ DEFAULTS = {
                                    # official: 0.01 (LinearLR start_factor), reaching 1 after warmup_epochs
         "schedule_step": "batch",  # batch | epoch: advance warm-up + cosine per optimizer step, or once per epoch
                                    # (official: per epoch, cosine over epochs - warmup_epochs)
-        "kd": True,                # knowledge distillation from the teacher (else cross-entropy on labels)
+        "kd": True,                # filters: knowledge distillation from the teacher (else cross-entropy on labels);
+                                   # the evaluation models follow eval.labels
         "temperature": 20.0,
         "mixed_precision": "no",   # no | fp16 | bf16
         "channels_last": False,
@@ -129,6 +130,9 @@ DEFAULTS = {
         "baselines": True,         # also evaluate distilled+random and random-only sets
         "best_after": 0.8,         # official protocol: best test accuracy over every epoch e (0-based) with
                                    # e > best_after * epochs, reported beside the final-epoch headline
+        "labels": "kd",            # kd | hard | both: evaluation models trained by KD from the teacher (the paper's
+                                   # protocol), by cross-entropy on the true labels, or each set in both regimes
+                                   # (the filters follow train.kd); docs/pipeline.md
     },
 }
 
@@ -237,6 +241,7 @@ CHOICES = {
     "ccfs.difficulty_file_method": ("forgetting", "cscore", "loss", "el2n", "margin", "logits"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "scores.method": ("forgetting", "loss", "el2n", "margin", "logits"),
+    "eval.labels": ("kd", "hard", "both"),
 }
 
 # old keys (issue 12): one that appears names its new key instead of being just unknown
