@@ -59,7 +59,9 @@ def cmd_scores(args):
         raise CCFSError(f"--method must name one or more of {', '.join(METHODS)} (comma-separated), "
                         f"got {args.method!r}")
     methods = list(dict.fromkeys(methods))
-    from .sources import load_real
+    from .io import check_outputs
+    from .sources import inputs, load_real
+    given = inputs(cfg)                    # before anything is read in full or written
     data = load_real(cfg["data"])
     out = args.out or os.path.join("scores", f"{data.name}_{{method}}.npy")
     if len(methods) > 1 and "{method}" not in out:
@@ -69,14 +71,20 @@ def cmd_scores(args):
         raise CCFSError(f"--out {out!r} must end in .npy (a JSON file with the same stem is written beside it)")
     paths = {m: out.replace("{method}", m) for m in methods}
     from .io import check_writable_folder
+    written = [(what, p) for m in methods for what, p in (("--out", paths[m]),
+                                                         ("--out's sidecar", os.path.splitext(paths[m])[0] + ".json"))]
+    check_outputs(written, given)
     for p in paths.values():
         if os.path.isdir(p):
             raise CCFSError(f"--out '{p}' is a folder; name the .npy file to write")
         check_writable_folder(p, "--out", file=True)
-    existing = [p for p in paths.values() if os.path.exists(p)]
+    existing = [p for _, p in written if os.path.lexists(p)]
     if existing and not args.overwrite:
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
                         f"or choose another --out")
+    from .scores import written_by_scores
+    for m in methods:                      # --overwrite replaces only score files `ccfs scores` wrote
+        written_by_scores(paths[m])
     from .dist import log, make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
     from .scores import compute_score_files
@@ -93,7 +101,9 @@ def cmd_shards(args):
     cfg = load_config(args.config, args.overrides)
     if args.verify:
         return verify_shards(args, cfg)
-    from .io import check_writable_folder
+    from .io import check_outputs, check_writable_folder
+    from .sources import inputs
+    check_outputs([("--out", args.out)], inputs(cfg, checkpoints=False))
     check_writable_folder(args.out, "--out")
     from .shards import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
@@ -222,7 +232,15 @@ def main(argv=None):
     other ranks are not left waiting in a collective: their launcher stops them, or their next
     collective fails within --timeout."""
     args = build_parser().parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):     # set but empty: as if unset (accelerate reads them too)
+        if os.environ.get(name) == "":
+            del os.environ[name]
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        print(f"error: the environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of "
+              f"processes; unset it or launch with accelerate", file=sys.stderr, flush=True)
+        return 2
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
     try:
         status = args.func(args)

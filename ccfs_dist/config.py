@@ -10,7 +10,11 @@ from typing import NamedTuple
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+
+MAX_DEPTH = 64                 # nesting of a YAML or JSON file the engine reads (io.py); none needs > 8
+MAX_YAML_BYTES = 1 << 20       # a run config is a few kB
+MAX_SIDE = 8192                # data.image_size and a shard index's image side: no huge allocation
 
 DEFAULTS = {
     "seed": 0,
@@ -175,7 +179,7 @@ AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
 # the range of every numeric key (a test checks that none is missing); documented in docs/configuration.md
 RANGES = {
     "seed": AT_LEAST_0,
-    "data.image_size": AT_LEAST_1,
+    "data.image_size": Range(1, MAX_SIDE),
     "model.width": AT_LEAST_1,
     "model.depth": AT_LEAST_1,
     "teacher.epochs": AT_LEAST_1,            # 0 epochs would give an untrained teacher
@@ -324,9 +328,9 @@ def parse_override(text):
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        value = load_yaml(raw, f"override '{text}': its value") if raw != "" else None
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     tree = node = {}
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -370,21 +374,58 @@ def validate(cfg):
     return cfg
 
 
-def read_yaml(path):
-    """The YAML document in the file at `path`, or a ConfigError saying why it cannot be read."""
+def load_yaml(text, where):
+    """The YAML document `text` (safe tags only) with its nesting bounded by MAX_DEPTH: PyYAML composes
+    nodes recursively, so a document nested 100,000 deep would end in a RecursionError; a DataError naming
+    `where` instead (also for a syntax error)."""
+    class Bounded(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise DataError(f"{where} nests more than {MAX_DEPTH} levels deep; refused")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+        return yaml.load(text, Loader=Bounded)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise DataError(f"{where} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{where} nests too deep; refused") from None
+
+
+def read_yaml(path):
+    """The YAML document in the file at `path`, or a ConfigError saying why it cannot be read (a FIFO, a
+    file over MAX_YAML_BYTES or nested deeper than MAX_DEPTH are refused before they are parsed)."""
+    import os
+    import stat
+    try:
+        st = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file '{path}' is a directory; name a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"config file '{path}' is a directory; name a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config file '{path}' is not a regular file (a pipe or device); name a YAML file")
+    if st.st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file '{path}' is {st.st_size} bytes, over the limit of {MAX_YAML_BYTES}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); name a YAML file") from None
     except OSError as exc:
         raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    try:
+        return load_yaml(text, f"config file '{path}'")
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(path=None, overrides=()):

@@ -24,7 +24,7 @@ import torch
 from . import io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
-from .sources import load_real
+from .sources import inputs, load_real
 from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows
 from .distill import recover
@@ -132,7 +132,8 @@ def get_hardness_source(cfg, data):
     if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
     scores, method = load_score_file(cfg["ccfs"]["difficulty_file"], len(data.train),     # spec "file"
-                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"])
+                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"],
+                                     data_name=data.name)
     return to_hardness(scores, method), method
 
 
@@ -236,7 +237,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     same collective steps (distillation, scoring, selection) on the artifacts the jobs wrote.
     """
     run = Run(accelerator, out_dir, resume)
-    run.check(cfg, overwrite)
+    run.check(cfg, overwrite, inputs(cfg))           # no --out overlaps an input: before any byte is written
     c = cfg["ccfs"]
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)

@@ -35,8 +35,10 @@ def write_report(run_dir, data=None, name=None):
     `name`: the run's name in the title (default: run_dir's; a staged run is written under another name)."""
     run_dir = os.fspath(run_dir)
     run = Layout(run_dir)
-    if not os.path.exists(run.config()):
-        raise CCFSError(f"{run_dir} is not a run directory (no config.yaml in it)")
+    from .rundir import MARKER, is_run
+    if not is_run(run_dir) or not os.path.exists(run.config()):
+        raise CCFSError(f"{run_dir} is not a run directory (no {MARKER} or no config.yaml in it); a report is "
+                        f"written only into a ccfs run")
     summary = run.read_json(run.summary())
     finished = run.finished_phases()
     phases = summary["phases"] if summary else [io.read_json(run.phase(j, "metrics.json")) for j, _ in finished]
@@ -49,11 +51,10 @@ def write_report(run_dir, data=None, name=None):
     except CCFSError as e:
         notes.append(f"config.yaml could not be read ({e}); image grids skipped")
     if cfg is not None and data is None and finished:
-        try:
-            from .sources import load_real
-            data = load_real(cfg["data"])
-        except (CCFSError, OSError) as e:
-            notes.append(f"the real data could not be loaded ({e}); selected-image grid skipped")
+        # a report reads the run's artifacts only: never data through a config found on disk (its shard
+        # index could name URLs or `pipe:` commands); `ccfs run` draws this grid with the data it holds
+        notes.append("the selected-image grid is drawn by `ccfs run`, which holds the real data; `ccfs report` "
+                     "reads the run's own artifacts only")
     if cfg is not None and data is not None and finished:
         figures.append(("Selected real images per phase", _selected_grid(run, cfg, data, notes)))
     if cfg is not None:
@@ -155,8 +156,8 @@ def _selected_grid(run, cfg, data, notes):
 
 def _distilled_grid(run, cfg, summary, data, notes):
     folder = run.distilled()
-    if not os.path.isdir(folder):
-        folder = cfg["data"]["distilled"]
+    if not os.path.isdir(folder) and data is not None:   # in `ccfs run`, which checked data.distilled; a
+        folder = cfg["data"]["distilled"]                  # standalone report opens no path its config names
     per_class = summary["distilled_per_class"] if summary else math.floor(cfg["ccfs"]["ipc"] * cfg["ccfs"]["alpha"])
     if not folder or not os.path.isdir(folder) or per_class == 0:
         notes.append("no distilled images to show (no distilled folder, or alpha gives 0 per class)")

@@ -58,7 +58,7 @@ def test_int_is_accepted_for_float():
     ("teacher.epochs=-3", "'teacher.epochs' must be at least 1"),
     ("train.epochs=0", "'train.epochs' must be at least 1"),
     ("distill.iterations=0", "'distill.iterations' must be at least 1"),
-    ("data.image_size=0", "'data.image_size' must be at least 1"),
+    ("data.image_size=0", "'data.image_size' must lie in [1, 8192]"),
     ("model.width=0", "'model.width' must be at least 1"),
     ("train.lr=.nan", "'train.lr' must be positive, got nan"),
 ])
