@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from . import io
-from .errors import CCFSError
+from .errors import CCFSError, DataError
 from .rundir import Layout
 
 SET_LABELS = {"ccfs": "CCFS (distilled + selected real)", "distilled+random": "distilled + random real",
@@ -31,8 +31,17 @@ MIN_TILE = 48         # upscale images smaller than this (pixels) with nearest-n
 
 
 def write_report(run_dir, data=None, name=None):
-    """Write run_dir/report.md and its figures; `data` (a RealData) saves reloading the real images.
-    `name`: the run's name in the title (default: run_dir's; a staged run is written under another name)."""
+    """Write run_dir/report.md and its figures; `data` (a RealData, in `ccfs run`) draws the selected-image
+    grid. `name`: the run's name in the title (default: run_dir's; a staged run is written under another
+    name). An artifact without the fields a report reads is a DataError naming the run, not a traceback."""
+    try:
+        return _write_report(run_dir, data, name)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise DataError(f"{run_dir}: a run artifact is malformed ({type(exc).__name__}: {exc}); the run was "
+                        f"not written by this version of ccfs or was edited") from None
+
+
+def _write_report(run_dir, data, name):
     run_dir = os.fspath(run_dir)
     run = Layout(run_dir)
     from .rundir import MARKER, is_run
@@ -53,8 +62,11 @@ def write_report(run_dir, data=None, name=None):
     if cfg is not None and data is None and finished:
         # a report reads the run's artifacts only: never data through a config found on disk (its shard
         # index could name URLs or `pipe:` commands); `ccfs run` draws this grid with the data it holds
+        drawn = os.path.isfile(run.path("selected_per_phase.png"))
+        if drawn:
+            figures.append(("Selected real images per phase", "selected_per_phase.png"))
         notes.append("the selected-image grid is drawn by `ccfs run`, which holds the real data; `ccfs report` "
-                     "reads the run's own artifacts only")
+                     "reads the run's own artifacts only" + (" (the grid shown is the run's)" if drawn else ""))
     if cfg is not None and data is not None and finished:
         figures.append(("Selected real images per phase", _selected_grid(run, cfg, data, notes)))
     if cfg is not None:
