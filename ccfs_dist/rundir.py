@@ -41,6 +41,7 @@ MARKER = ".ccfs-run"                              # in every run directory: what
 MARKER_TEXT = "a ccfs-dist run directory: `ccfs run --overwrite` may replace this folder\n"
 # lock file path -> [fd, staged folder or None] of the runs this process holds (rank 0; one at a time)
 _HELD = {}
+_MADE = {}            # lock file path -> the folders made for it, deepest first (removed again if left empty)
 
 
 def release_locks():
@@ -55,6 +56,11 @@ def release_locks():
         except FileNotFoundError:
             pass
         os.close(fd)
+        for folder in _MADE.pop(path, ()):           # folders made for the lock, if the run left them empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
 
 atexit.register(release_locks)
@@ -264,7 +270,12 @@ class Run(Layout):
         release_locks()                          # a run that ended in this process (cli.main called again)
         while True:
             try:
+                made, folder = [], os.path.dirname(self.lock_path)
+                while not os.path.lexists(folder):
+                    made.append(folder)
+                    folder = os.path.dirname(folder)
                 os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
+                _MADE[self.lock_path] = made
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as exc:
                 raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "

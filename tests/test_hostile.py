@@ -104,12 +104,12 @@ def pax_member(records, name="000000.cls", data=b"1"):
 
 
 @pytest.mark.parametrize("stream, words", [
-    (tar_member("000000.cls", b"1", size=((124, 136), b"\x80" + b"\xff" * 11)), "base-256 tar field 'size'"),
+    (tar_member("000000.cls", b"1", size=((124, 136), b"\x80" + b"\xff" * 11)), "declares 3094850098213450687"),
     (tar_member("000000.cls", b"1", size=((124, 136), b"\xff" * 12)), "negative or oversized base-256"),
     (tar_member("000000.cls", b"1", size=((124, 136), b"1e9")), "field 'size' b'1e9"),
     (tar_member("000000.cls", b"1", size=((124, 136), b"77777777777")), "over the limit"),
     (pax_member([b"20 size=99999999999\n"]), "pax header field 'size'"),
-    (pax_member([b"13 size=-12\n"]), "pax header field 'size'"),
+    (pax_member([b"12 size=-12\n"]), "pax header field 'size' '-12'"),
     (pax_member([b"x9 size=1\n"]), "bad pax header record"),
     (pax_member([b"99 size=1\n"]), "bad pax header record"),
     (pax_member([b"\xd9\xa1\xd9\xa2 size=1\n"]), "bad pax header record"),          # Arabic-Indic digits
