@@ -109,6 +109,8 @@ DEFAULTS = {
         "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes;
                                    # on the device under data.decode: device)
         "interleave": 16,          # shards each loader worker (data.num_workers) reads at once, drawing samples from all
+        "resume_other_processes": False,  # --resume a streamed run with another process count: its trainings on the
+                                   # stream then see other batches, so the result differs (refused unless true; warns)
     },
     "predict": {                   # a model's pass over pool samples (predict.py): teacher and filter predictions, accuracy
         "batch_size": 512,         # per rank

@@ -38,7 +38,7 @@ from .errors import CCFSError, ConfigError
 
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)$")      # io.atomic_path and write_image_folder temporaries
 MARKER = ".ccfs-run"                              # in every run directory: what --overwrite may replace
-MARKER_TEXT = "a ccfs-dist run directory: `ccfs run --overwrite` may replace this folder\n"
+RESUME_FREE = {"stream.resume_other_processes"}  # keys a --resume may set otherwise than the run's config
 # lock file path -> [fd, staged folder or None] of the runs this process holds (rank 0; one at a time)
 _HELD = {}
 _MADE = {}            # lock file path -> the folders made for it, deepest first (removed again if left empty)
@@ -347,13 +347,37 @@ class Run(Layout):
             raise CCFSError(f"--resume: {exc}; pass --overwrite to start over") from None
         if not isinstance(theirs, dict):
             raise CCFSError(f"--resume: the run's {saved} holds no mapping; pass --overwrite to start over")
-        theirs = flatten(theirs)
-        ours = flatten(cfg)
+        theirs = {k: v for k, v in flatten(theirs).items() if k not in RESUME_FREE}
+        ours = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE}
         differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         if differ:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
             raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "
                               f"the same config, or pass --overwrite to start over")
+        self._check_processes(cfg)
+
+    def _check_processes(self, cfg):
+        """A streamed (webdataset) pool is dealt to ranks by shards and cut into batches per rank and loader
+        worker: its trainings depend on the process count, so a resume with another count would mix two
+        orders. Refused unless stream.resume_other_processes, then said (docs/distributed.md)."""
+        if cfg["data"]["source"] != "webdataset":
+            return
+        try:
+            then = io.read_json(self.path(MARKER), "run marker").get("processes")
+        except (CCFSError, AttributeError):
+            then = None                          # a marker without the count: nothing to compare
+        now = self.acc.num_processes
+        if then is None or then == now:
+            return
+        if not cfg["stream"]["resume_other_processes"]:
+            raise ConfigError(f"--resume: the run in '{self.out}' streams its pool (data.source webdataset) and "
+                              f"was started with {then} process(es), this resume has {now}; a streamed training's "
+                              f"batches depend on the process count, so the result would differ from an "
+                              f"uninterrupted run. Resume with {then} process(es), or set "
+                              f"stream.resume_other_processes=true to accept another result")
+        self.log(f"warning: resuming a streamed run started with {then} process(es) on {now}: the trainings "
+                 f"still to run see other batches, the result differs from an uninterrupted run "
+                 f"(stream.resume_other_processes=true)")
 
     # ------------------------------------------------------------------------------------- the run
 
@@ -368,7 +392,9 @@ class Run(Layout):
             try:
                 os.makedirs(self.dir, exist_ok=True)
                 if not is_run(self.dir):         # checked: new or empty; the marker first, then anything else
-                    io.write_text(os.path.join(self.dir, MARKER), MARKER_TEXT)
+                    io.write_json(os.path.join(self.dir, MARKER), {
+                        "ccfs_run": "a ccfs-dist run directory: `ccfs run --overwrite` may replace this folder",
+                        "processes": self.acc.num_processes, "streamed": cfg["data"]["source"] == "webdataset"})
                 self._remove_leftovers()
                 io.write_text(self.config(), dump_config(cfg))
             except OSError as exc:

@@ -213,3 +213,27 @@ def test_report_opens_no_data_and_writes_only_into_a_run(finished, tmp_path, cap
     refused(["report", str(run)], capsys, "summary.json is not valid JSON", run)
     (run / "summary.json").write_text('{"phases": [{}]}')                            # keys missing
     refused(["report", str(run)], capsys, "is malformed", run)
+
+
+# ------------------------------------------------------------------ streamed resume, other process count
+
+def test_streamed_resume_with_another_process_count(tmp_path, digit_shards, capsys):  # noqa: F811
+    import json
+    from types import SimpleNamespace
+
+    from ccfs_dist.rundir import Run
+    stream = TINY + ["data.source=webdataset", f"data.root={digit_shards}/train.json",
+                     f"data.test_root={digit_shards}/test.json"]
+    run = fake_run(tmp_path / "run", stream)
+    (run / MARKER).write_text(json.dumps({"ccfs_run": "...", "processes": 2, "streamed": True}))
+    refused(["run", "--out", str(run), "--resume"] + stream, capsys, "was started with 2 process(es), this "
+            "resume has 1", tmp_path)
+    # allowed by the one key a resume may change: a warning, and the check passes (the run would go on)
+    acc = SimpleNamespace(num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    cfg = load_config(DEFAULT_CONFIG, stream + ["stream.resume_other_processes=true"])
+    Run(acc, run, resume=True)._check(cfg, overwrite=False)
+    assert "warning: resuming a streamed run started with 2 process(es) on 1" in capsys.readouterr().out
+    # an in-memory pool resumes on any count
+    digits = fake_run(tmp_path / "digits", TINY)
+    (digits / MARKER).write_text(json.dumps({"processes": 2}))
+    Run(acc, digits, resume=True)._check(load_config(DEFAULT_CONFIG, TINY), overwrite=False)
