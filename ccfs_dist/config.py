@@ -346,6 +346,9 @@ def validate(cfg):
     """Cross-key checks that a single key's type and range cannot express."""
     if cfg["data"]["source"] != "digits" and cfg["data"]["root"] is None:
         raise ConfigError(f"data source '{cfg['data']['source']}' needs 'data.root' (the folder holding it)")
+    if cfg["data"]["test_root"] is not None and cfg["data"]["source"] != "webdataset":
+        raise ConfigError(f"config key 'data.test_root' applies to data.source webdataset only (the test index "
+                          f"JSON); source {cfg['data']['source']!r} takes its test split from data.root: remove it")
     for key in ("data.mean", "data.std"):
         values = cfg["data"][key.split(".")[1]]
         if values is not None and (not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .errors import ConfigError, DataError
 from .images import IMG_EXTENSIONS, channel_stats, read_images
+from .io import regular_file
 from .pool import RealData, Split
 
 # Default normalisation per source (config keys data.mean / data.std override them). These follow the
@@ -172,6 +173,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _read_pickle(path):
     """A CIFAR pickle, loaded Python-2 style (encoding='bytes') through the restricted unpickler."""
+    if os.path.exists(path):
+        regular_file(path, "CIFAR batch")                  # a FIFO would block the open forever
     try:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="bytes").load()
@@ -230,8 +233,8 @@ def _tiny_imagenet_files(root):
         root = os.path.join(root, "tiny-imagenet-200")
     classes, train_files, train_labels = _scan_image_folder(os.path.join(root, "train"))
     wnids_path = os.path.join(root, "wnids.txt")
-    if os.path.isfile(wnids_path):
-        with open(wnids_path) as f:
+    if os.path.exists(wnids_path):
+        with open(regular_file(wnids_path, "Tiny-ImageNet class list")) as f:
             wnids = sorted(line.strip() for line in f if line.strip())
         _check_same_classes(wnids, classes, wnids_path, os.path.join(root, "train"))
 
@@ -242,7 +245,7 @@ def _tiny_imagenet_files(root):
                         f"(expected val/images/*.JPEG and val/val_annotations.txt)")
     index = {c: i for i, c in enumerate(classes)}
     val = {}
-    with open(ann_path) as f:
+    with open(regular_file(ann_path, "Tiny-ImageNet validation labels")) as f:
         for n, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
             if not line.strip():

@@ -78,9 +78,10 @@ def load_score_file(path, n, labels=None, method=None, data_name=None):
     file_labels = None
     _check_magic(path, suffix)
     if suffix == ".npy":
-        scores = io.read_array(path, "score file", max_elements=n)
+        scores = io.read_array(path, "score file", max_elements=n, check_shape=lambda s: _check_dims(path, s, n))
     else:
-        archive = io.read_arrays(path, "score file", max_elements=n)
+        archive = io.read_arrays(path, "score file", max_elements=n,
+                                 check_shape=lambda s, key: key in ("scores", "labels") and _check_dims(path, s, n, key))
         missing = [key for key in ("scores", "labels") if key not in archive]
         if missing:
             raise DataError(f"score file {path}: missing key(s) {missing}; an .npz score file needs "
@@ -150,11 +151,16 @@ def _check_magic(path, suffix):
 
 
 def _check_shape(path, array, n, what):
-    if array.ndim != 1:
-        raise DataError(f"score file {path}: {what} must be a 1-D array of length {n}, got shape {array.shape}")
-    if len(array) != n:
+    _check_dims(path, array.shape, n, what)
+
+
+def _check_dims(path, shape, n, what="scores"):
+    """The 1-D, length-n rule on a shape: on the file's header, before its data is read, and on the array."""
+    if len(shape) != 1:
+        raise DataError(f"score file {path}: {what} must be a 1-D array of length {n}, got shape {tuple(shape)}")
+    if shape[0] != n:
         raise DataError(f"score file {path}: wrong length of {what}: expected {n} (one per training "
-                        f"sample), got {len(array)}; the file belongs to another data set")
+                        f"sample), got {shape[0]}; the file belongs to another data set")
 
 
 def _read_sidecar(path):

@@ -12,12 +12,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .config import MAX_DEPTH, MAX_YAML_BYTES      # nesting of JSON / YAML; the size of a YAML config
 from .errors import CCFSError, DataError
 
 # stated limits of the readers (docs/safety.md): a file beyond them is refused before it is parsed
 MAX_JSON_BYTES = 512 << 20     # an ImageNet-21k shard index is ~100 MB
-from .config import MAX_YAML_BYTES  # a run config is a few kB
-from .config import MAX_DEPTH  # nesting of JSON / YAML (config.load_yaml); every file the engine reads is < 8 deep
 MAX_ZIP_RATIO = 1100           # deflate expands at most ~1032:1; a member that claims more is a bomb
 
 
@@ -135,13 +134,17 @@ def _read_bounded(path, limit, what):
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
-def json_depth(data):
-    """The deepest nesting of brackets in JSON text `data` (bytes), strings skipped: linear, no recursion."""
+def json_depth(data, chunk=1 << 24):
+    """The deepest nesting of brackets in JSON text `data` (bytes), strings skipped: linear, no recursion,
+    in chunks (a running depth carried over) so that a large index needs little extra memory."""
     bare = np.frombuffer(_JSON_STRING.sub(b"", data), dtype=np.uint8)
-    if not len(bare):
-        return 0
-    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max(initial=0))
+    depth = deepest = 0
+    for start in range(0, len(bare), chunk):
+        part = bare[start:start + chunk]
+        step = ((part == ord("[")) | (part == ord("{"))).astype(np.int64) - ((part == ord("]")) | (part == ord("}")))
+        running = np.cumsum(step) + depth
+        deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
 
 
 def loads_json(data, where, limit=MAX_JSON_BYTES):
@@ -187,7 +190,7 @@ def _array_header(f, where):
     except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, SyntaxError, EOFError, ...
         raise DataError(f"{where} is not a valid .npy array: {exc}") from None
     if dtype.hasobject:
-        raise DataError(f"{where} holds an object array (Python objects, a pickle); refused")
+        raise DataError(f"{where} holds an object array of pickled Python objects (they can run code); refused")
     return shape, dtype, f.tell()
 
 
@@ -201,15 +204,18 @@ def _declared_bytes(shape, dtype, where, max_elements):
     return count * dtype.itemsize
 
 
-def read_array(path, what="array file", max_elements=None, mmap=False):
+def read_array(path, what="array file", max_elements=None, mmap=False, check_shape=None):
     """The .npy array at `path` after its header was checked against the file's real size (and the element
-    count against `max_elements`): a short or lying file is a DataError naming it, never an allocation."""
+    count against `max_elements`, the shape by `check_shape(shape)`): a short or lying file is a DataError
+    naming it, never an allocation."""
     path = os.fspath(path)
     regular_file(path, what)
     where = f"{what} {path}"
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         shape, dtype, offset = _array_header(f, where)
+    if check_shape is not None:
+        check_shape(shape)
     need = _declared_bytes(shape, dtype, where, max_elements)
     if offset + need != size:
         raise DataError(f"{where}: its header declares shape {tuple(shape)} of {dtype} ({need} bytes) but the "
@@ -220,10 +226,11 @@ def read_array(path, what="array file", max_elements=None, mmap=False):
         raise DataError(f"cannot read {where}: {exc}") from None
 
 
-def read_arrays(path, what="array archive", max_elements=None):
+def read_arrays(path, what="array archive", max_elements=None, check_shape=None):
     """{name: array} of the .npz archive at `path`, every member's header checked against the member's
-    size first (and a compressed member's size against its compressed size), so nothing is allocated that
-    the file cannot hold; a DataError naming the file and the member otherwise."""
+    size first (and a compressed member's size against its compressed size; its shape by
+    `check_shape(shape, name)`), so nothing is allocated that the file cannot hold; a DataError naming the
+    file and the member otherwise."""
     path = os.fspath(path)
     regular_file(path, what)
     where = f"{what} {path}"
@@ -241,6 +248,8 @@ def read_arrays(path, what="array archive", max_elements=None):
                                     f"stored; corrupt or a decompression bomb, refused")
                 with archive.open(info) as f:
                     shape, dtype, offset = _array_header(f, member)
+                    if check_shape is not None:
+                        check_shape(shape, info.filename[:-len(".npy")])
                     need = _declared_bytes(shape, dtype, member, max_elements)
                     if offset + need != info.file_size:
                         raise DataError(f"{member}: its header declares shape {tuple(shape)} of {dtype} "

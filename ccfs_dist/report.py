@@ -63,10 +63,14 @@ def _write_report(run_dir, data, name):
         # a report reads the run's artifacts only: never data through a config found on disk (its shard
         # index could name URLs or `pipe:` commands); `ccfs run` draws this grid with the data it holds
         drawn = os.path.isfile(run.path("selected_per_phase.png"))
+        method = cfg["ccfs"]["difficulty"] if cfg["ccfs"]["difficulty"] != "file" else \
+            cfg["ccfs"]["difficulty_file_method"] or (summary or {}).get("difficulty", "the file's")
+        how = "the filter's true-class logit" if method == "logits" else f"{method} score"
         if drawn:
             figures.append(("Selected real images per phase", "selected_per_phase.png"))
         notes.append("the selected-image grid is drawn by `ccfs run`, which holds the real data; `ccfs report` "
-                     "reads the run's own artifacts only" + (" (the grid shown is the run's)" if drawn else ""))
+                     "reads the run's own artifacts only" + (f" (the grid shown is the run's: selected images "
+                                                            f"ordered by {how})" if drawn else ""))
     if cfg is not None and data is not None and finished:
         figures.append(("Selected real images per phase", _selected_grid(run, cfg, data, notes)))
     if cfg is not None:

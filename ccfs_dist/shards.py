@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
 from .dist import deal, rank_world
-from . import io as files
+from . import io as ccfs_io
 from .errors import CCFSError, ConfigError, DataError
 from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decoder, is_jpeg, resize_shorter,
                      square_side)
@@ -332,7 +332,7 @@ def _refuse_foreign(out_dir, split, index_path):
     index (its format), and `<split>-NNNNNN.tar` files may exist only beside such an index."""
     if os.path.lexists(index_path):
         try:
-            meta = files.read_json(index_path, "shard index")
+            meta = ccfs_io.read_json(index_path, "shard index")
         except DataError as exc:
             raise CCFSError(f"--out: {exc}; it is not a ccfs shard index, so --overwrite does not replace it: "
                             f"choose another --out") from None
@@ -402,7 +402,7 @@ def read_index(path, allow_urls=False, allow_outside=False):
         hint = " (data.root / data.test_root of the webdataset source name the index JSON written by " \
                "`ccfs shards`, e.g. shards/train.json)" if os.path.isdir(path) else ""
         raise DataError(f"shard index not found: {path}{hint}")
-    meta = files.read_json(path, "shard index")
+    meta = ccfs_io.read_json(path, "shard index")
 
     def bad(what):
         return DataError(f"shard index {path} is malformed: {what} (rewrite it with `ccfs shards`)")
@@ -506,7 +506,7 @@ class ShardSplit:
             if not os.path.exists(s["url"]):
                 missing.append(s["url"])
                 continue
-            files.regular_file(s["url"], f"shard (listed in {self.index_path})")
+            ccfs_io.regular_file(s["url"], f"shard (listed in {self.index_path})")
             size = os.path.getsize(s["url"])
             if "bytes" in s and size != s["bytes"]:
                 wrong.append(f"shard {s['url']} is truncated or was replaced: {size} bytes, "
@@ -848,7 +848,7 @@ def _open_shard(url, where):
         if _is_url(url):
             from webdataset.gopen import gopen   # pipe:, http(s):, s3 via pipe: ... as webdataset opens them
             return gopen(url)
-        return open(files.regular_file(url, "shard"), "rb", buffering=READ_BUFFER)
+        return open(ccfs_io.regular_file(url, "shard"), "rb", buffering=READ_BUFFER)
     except Exception as e:
         raise DataError(f"cannot open {where}: {e}") from e
 
@@ -1087,6 +1087,11 @@ def load_shards(data_cfg, num_workers=0):
             train.meta.get("source") and train.meta.get("source") == test.meta.get("source")):
         raise DataError(f"data.test_root {test.index_path} holds the same samples as data.root {train.index_path}; "
                         f"name the test split's index (e.g. test.json)")
+    shared = {os.path.realpath(s["url"]) for s in train.shards if not _is_url(s["url"])} & \
+        {os.path.realpath(s["url"]) for s in test.shards if not _is_url(s["url"])}
+    if shared:
+        raise DataError(f"data.test_root {test.index_path} names {len(shared)} shard file(s) of data.root "
+                        f"{train.index_path}, e.g. {sorted(shared)[0]}; the test split must hold other samples")
     if test.classes != train.classes or test.shape != train.shape:
         raise DataError(f"{test.index_path} does not match {train.index_path}: {len(test.classes)} vs "
                         f"{len(train.classes)} classes, {test.shape[0]} vs {train.shape[0]} channels; "

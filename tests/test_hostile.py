@@ -71,16 +71,22 @@ def test_array_headers_checked_against_the_file(tmp_path, capsys):
     npy = tmp_path / "s.npy"
     npy.write_bytes(lying_npy())
     refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npy}"], capsys,
-            "declares shape (2199023255552,)", npy)
+            "got 2199023255552", npy)
     npy.write_bytes(lying_npy((len(DIGITS.train),)))                         # the right shape, short data
     refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npy}"], capsys,
             "truncated or corrupt", npy)
     npz = tmp_path / "c.npz"
-    with zipfile.ZipFile(npz, "w") as z:
-        z.writestr("scores.npy", lying_npy())
-        z.writestr("labels.npy", lying_npy())
-    refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npz}"], capsys,
-            "member scores.npy: its header declares", npz)
+    for declared, words in (((1 << 41,), "got 2199023255552"),
+                            ((len(DIGITS.train),), "member scores.npy: its header declares shape (1437,)")):
+        with zipfile.ZipFile(npz, "w") as z:
+            z.writestr("scores.npy", lying_npy(declared))
+            z.writestr("labels.npy", lying_npy(declared))
+        refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npz}"], capsys, words, npz)
+    from ccfs_dist import io as ccfs_io                      # the reader alone, without an expected length
+    big = tmp_path / "big.npy"
+    big.write_bytes(lying_npy())
+    with pytest.raises(DataError, match="declares shape .2199023255552,. of float32"):
+        ccfs_io.read_array(big)
 
 
 def tar_member(name, data, **fields):
@@ -200,6 +206,23 @@ def test_test_split_is_the_training_split(data, tmp_path, capsys):
         for name in os.listdir(data / "train" / c):
             (data / "val" / c / name).symlink_to(data / "train" / c / name)
     refused(out(tmp_path) + IMAGES + [f"data.root={data}"], capsys, "holds 4 of the training files", data)
+
+
+def test_shards_shared_with_the_test_split_or_linked_from_outside(tmp_path, digit_shards, capsys):  # noqa: F811
+    shards = tmp_path / "shards"
+    shutil.copytree(digit_shards, shards)
+    test = json.loads((shards / "test.json").read_text())
+    train = json.loads((shards / "train.json").read_text())
+    (shards / "test2.json").write_text(json.dumps(dict(test, shards=train["shards"][:1] + test["shards"][1:])))
+    stream = TINY + ["data.source=webdataset", f"data.root={shards}/train.json"]
+    refused(out(tmp_path) + stream + [f"data.test_root={shards}/test2.json"], capsys, "names 1 shard file(s) of "
+            "data.root", shards)
+    outside = tmp_path / "outside.tar"
+    os.rename(shards / "test-000000.tar", outside)
+    (shards / "test-000000.tar").symlink_to(outside)          # inside by its name, outside by its target
+    refused(out(tmp_path) + stream + [f"data.test_root={shards}/test.json"], capsys, "through a symlink", shards)
+    refused(out(tmp_path) + IMAGES + ["data.root=x", "data.test_root=x"], capsys,
+            "'data.test_root' applies to data.source webdataset only")
 
 
 def test_duplicate_distilled_images(tmp_path, capsys):
