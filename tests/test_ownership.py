@@ -141,15 +141,27 @@ def test_resume_with_a_config_nested_too_deep(tmp_path, capsys):
     refused(["run", "--out", str(run), "--resume"] + TINY, capsys, "nests more than 64 levels", tmp_path)
 
 
-def test_overwrite_through_a_symlink_replaces_the_run_not_the_link(finished, tmp_path, capsys):  # noqa: F811
-    import shutil
-    real = tmp_path / "real"
-    shutil.copytree(finished, real)
+def test_overwrite_through_a_symlink_replaces_the_run_not_the_link(tmp_path):
+    """The run directory's whole life (check, open into the staged sibling, commit) through a symlink to a
+    run, on one process: the run is replaced, the link stays a link (never `rmtree` on it)."""
+    from types import SimpleNamespace
+
+    from ccfs_dist import io
+    from ccfs_dist.rundir import Run
+    real = fake_run(tmp_path / "real", TINY)
     link = tmp_path / "link"
     link.symlink_to(real)
-    assert main(["run", "--out", str(link), "--overwrite"] + TINY + ["seed=3"]) == 0, capsys.readouterr().err
+    acc = SimpleNamespace(num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    cfg = load_config(DEFAULT_CONFIG, TINY + ["seed=3"])
+    run = Run(acc, link, resume=False)
+    run.check(cfg, overwrite=True)
+    run.open(cfg, overwrite=True)
+    assert run.dir == str(tmp_path / ".real.ccfs-new")          # staged beside the run, not beside the link
+    io.write_json(run.summary(), {})
+    run.commit()
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert "seed: 3" in (real / "config.yaml").read_text() and (real / MARKER).is_file()
+    assert not (real / "phase_1").exists() and sorted(os.listdir(tmp_path)) == ["link", "real"]
 
 
 # -------------------------------------------------------------------------------------- ccfs scores
