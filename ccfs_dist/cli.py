@@ -18,6 +18,13 @@ def add_overrides_arg(p, help):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
 
 
+def add_progress_arg(p):
+    p.add_argument("--progress", choices=("auto", "bars", "lines", "off"), default=None,
+                   help="progress of long loops: bars on a terminal, lines (one per loop, and one a minute while "
+                        "it runs) in a log file; auto (default, or $CCFS_PROGRESS) picks by whether stderr is "
+                        "a terminal. Only the main process reports")
+
+
 def add_timeout_arg(p):
     p.add_argument("--timeout", type=int, default=1800,
                    help="seconds a collective waits for other ranks before failing (default 1800)")
@@ -29,6 +36,7 @@ def add_run_args(p):
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps")
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
     add_timeout_arg(p)
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. ccfs.ipc=20 train.epochs=5 (values parsed as YAML)")
 
 
@@ -45,6 +53,8 @@ def cmd_run(args):
         run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         release_locks()                    # also on failure: the lock file and an uncommitted staged run go
+    from .dist import log
+    log(accelerator, f"outputs: {os.path.abspath(out)} (summary.json, report.md, eval_*.json; docs/outputs.md)")
     accelerator.end_training()
     return 0
 
@@ -60,8 +70,8 @@ def cmd_scores(args):
                         f"got {args.method!r}")
     methods = list(dict.fromkeys(methods))
     from .io import check_outputs
-    from .sources import inputs, load_real
-    given = inputs(cfg)                    # before anything is read in full or written
+    from .sources import input_paths, load_real
+    given = input_paths(cfg)                   # before anything is read in full or written
     data = load_real(cfg["data"])
     out = args.out or os.path.join("scores", f"{data.name}_{{method}}.npy")
     if len(methods) > 1 and "{method}" not in out:
@@ -102,8 +112,8 @@ def cmd_shards(args):
     if args.verify:
         return verify_shards(args, cfg)
     from .io import check_outputs, check_writable_folder
-    from .sources import inputs
-    check_outputs([("--out", args.out)], inputs(cfg, checkpoints=False))
+    from .sources import input_paths
+    check_outputs([("--out", args.out)], input_paths(cfg, checkpoints=False))
     check_writable_folder(args.out, "--out")
     from .shards import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
@@ -176,6 +186,7 @@ def build_parser():
                    help="output .npy; {method} is replaced by the method name (default: scores/<data>_{method}.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_timeout_arg(p)
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. scores.runs=5 scores.epochs=200 (values parsed as YAML)")
     p.set_defaults(func=cmd_scores)
 
@@ -232,6 +243,9 @@ def main(argv=None):
     other ranks are not left waiting in a collective: their launcher stops them, or their next
     collective fails within --timeout."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "progress", None):
+        from .progress import set_mode
+        set_mode(args.progress)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):     # set but empty: as if unset (accelerate reads them too)
         if os.environ.get(name) == "":
             del os.environ[name]

@@ -21,6 +21,7 @@ DEFAULTS = {
     "data": {
         "source": "digits",        # digits | cifar10 | cifar100 | tiny-imagenet | imagefolder | webdataset
         "root": None,              # folder holding the data set (not used by digits); webdataset: train index JSON
+        "download": False,         # cifar10 / cifar100: fetch the archive into data.root if missing (MD5-checked)
         "test_root": None,         # webdataset: the test index JSON (written by `ccfs shards`)
         "image_size": None,        # imagefolder, tiny-imagenet, webdataset: resize + center-crop to this size
         "distilled": None,         # folder of distilled images (one sub-folder per class); None: run the base distiller

@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-from . import io, seeds
+from . import inputs, io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
-from .sources import inputs, load_real
+from .sources import input_paths, load_real
 from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows
 from .distill import recover
@@ -236,8 +236,9 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     The trainings are the jobs of the plan (plan.py, jobs.py); between its stages every rank runs the
     same collective steps (distillation, scoring, selection) on the artifacts the jobs wrote.
     """
+    inputs.check_present(cfg)                  # every missing input in one error, before any is read
     run = Run(accelerator, out_dir, resume)
-    run.check(cfg, overwrite, inputs(cfg))           # no --out overlaps an input: before any byte is written
+    run.check(cfg, overwrite, input_paths(cfg))      # no --out overlaps an input: before any byte is written
     c = cfg["ccfs"]
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
@@ -249,6 +250,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.open(cfg, overwrite)
     run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
+    for line in inputs.made_here(cfg, len(data.train), n_distilled):
+        run.log(line)
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
                                             streamed=not data.train.in_memory)

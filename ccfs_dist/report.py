@@ -126,15 +126,18 @@ def _labelled(blocks, row_names, col_names, path):
     gap, left, top = 12, 8 + 7 * max(len(n) for n in row_names), 18
     pictures = [Image.fromarray((b.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
                 for b in blocks]
-    width = left + sum(p.width for p in pictures) + gap * (len(pictures) - 1) + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # a column is as wide as its picture or its name, whichever is wider, so no name is cut off
+    slots = [max(p.width, math.ceil(measure.textlength(name)) + 4) for p, name in zip(pictures, col_names)]
+    width = left + sum(slots) + gap * (len(pictures) - 1) + 4
     height = top + max(p.height for p in pictures) + 4
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     x = left
-    for p, name in zip(pictures, col_names):
+    for p, name, slot in zip(pictures, col_names, slots):
         canvas.paste(p, (x, top))
         draw.text((x + 2, 3), name, fill="black")
-        x += p.width + gap
+        x += slot + gap
     row_h = (pictures[0].height - 2) / len(row_names)
     for i, name in enumerate(row_names):
         draw.text((4, top + 2 + i * row_h + row_h / 2 - 5), name, fill="black")

@@ -1,6 +1,6 @@
 """The real data a run uses, by `data.source`: an in-memory source (data.py) or WebDataset shards
 (shards.py). The one place that chooses between them, above both, so that neither imports the other's
-reader; and the one list of what a command reads (`inputs`), which no output may overlap."""
+reader; and the one list of what a command reads (`input_paths`), which no output may overlap."""
 import os
 
 from .data import image_places, load_source, set_normalisation
@@ -28,7 +28,7 @@ def _top(folder, what):
     return found
 
 
-def inputs(cfg, data=True, checkpoints=True):
+def input_paths(cfg, data=True, checkpoints=True):
     """[(what, path)] of everything a command with config `cfg` reads: the data (data.root with its splits,
     class folders and the targets of symlinks in them; a shard index and the shards it names), the distilled
     folder, the checkpoints and the score file with its sidecar. Cheap (no image is decoded); a malformed

@@ -29,13 +29,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import seeds
 from .augment import Augment
 from .dist import broadcast_state, rank_slice, rank_world
 from .errors import DataError
 from .io import save_torch
+from .progress import track
 
 AUG_CHUNK_BYTES = 32 * 2**20   # float32 augmented images held at once per rank (several batches when small)
 
@@ -366,8 +366,8 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     seen = 0
     lrs = []                                              # lr at the first step of each epoch trained here
     session.ddp_model.train()
-    for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
-                      leave=False, initial=first_epoch, total=epochs):
+    for epoch in track(range(first_epoch, epochs), desc=desc, main=accelerator.is_main_process,
+                       initial=first_epoch, total=epochs, unit="epochs"):
         lrs.append(session.optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
         perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n))   # the last batch wraps around
