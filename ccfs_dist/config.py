@@ -174,19 +174,28 @@ class Range(NamedTuple):
         if self.hi == math.inf:
             return "be positive" if (self.lo, self.lo_open) == (0, True) else \
                 f"be {'above' if self.lo_open else 'at least'} {self.lo:g}"
-        return f"lie in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"lie in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _num(v):
+    """A bound as docs say it: 1048576, not 1.04858e+06; 0.5 as 0.5."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
+# stated limits of what sizes an allocation (docs/safety.md): beyond them a value is a mistake, refused before
+# anything is allocated, not a multi-terabyte request that ends in a traceback
+MAX_WIDTH, MAX_DEPTH_LAYERS, MAX_BUFFER = 16384, 64, 1 << 20
+BATCH = Range(1, 65536)
 
 # the range of every numeric key (a test checks that none is missing); documented in docs/configuration.md
 RANGES = {
     "seed": AT_LEAST_0,
     "data.image_size": Range(1, MAX_SIDE),
-    "model.width": AT_LEAST_1,
-    "model.depth": AT_LEAST_1,
+    "model.width": Range(1, MAX_WIDTH),
+    "model.depth": Range(1, MAX_DEPTH_LAYERS),
     "teacher.epochs": AT_LEAST_1,            # 0 epochs would give an untrained teacher
-    "teacher.batch_size": AT_LEAST_1,
+    "teacher.batch_size": BATCH,
     "teacher.lr": POSITIVE,
     "teacher.weight_decay": AT_LEAST_0,
     "teacher.warmup_epochs": AT_LEAST_0,
@@ -195,12 +204,12 @@ RANGES = {
     "distill.lr": POSITIVE,
     "distill.r_bn": AT_LEAST_0,
     "distill.jitter": AT_LEAST_0,
-    "distill.batch_classes": AT_LEAST_1,
+    "distill.batch_classes": BATCH,
     "ccfs.ipc": AT_LEAST_1,
     "ccfs.alpha": Range(0, 1),
     "ccfs.phases": AT_LEAST_1,               # or "log"
     "train.epochs": AT_LEAST_1,
-    "train.batch_size": AT_LEAST_1,
+    "train.batch_size": BATCH,
     "train.lr": POSITIVE,
     "train.momentum": Range(0, 1, hi_open=True),
     "train.weight_decay": AT_LEAST_0,
@@ -210,17 +219,17 @@ RANGES = {
     "train.min_batch_per_rank": AT_LEAST_1,
     "train.warmup_start": Range(0, 1, lo_open=True),
     "aug.scale_min": Range(0, 1, lo_open=True),
-    "predict.batch_size": AT_LEAST_1,
-    "data.num_workers": AT_LEAST_0,
+    "predict.batch_size": BATCH,
+    "data.num_workers": Range(0, 1024),
     "scores.runs": AT_LEAST_1,
     "scores.epochs": AT_LEAST_1,
-    "scores.batch_size": AT_LEAST_1,
+    "scores.batch_size": BATCH,
     "scores.lr": POSITIVE,
     "scores.weight_decay": AT_LEAST_0,
     "scores.el2n_epoch": AT_LEAST_1,         # and at most scores.epochs (checked in validate)
     "scores.loss_sigma": POSITIVE,
-    "stream.shuffle_buffer": AT_LEAST_0,
-    "stream.interleave": AT_LEAST_1,
+    "stream.shuffle_buffer": Range(0, MAX_BUFFER),
+    "stream.interleave": Range(1, 4096),
     "eval.runs": AT_LEAST_1,
     "eval.best_after": Range(0, 1, hi_open=True),
 }
@@ -347,9 +356,6 @@ def validate(cfg):
     """Cross-key checks that a single key's type and range cannot express."""
     if cfg["data"]["source"] != "digits" and cfg["data"]["root"] is None:
         raise ConfigError(f"data source '{cfg['data']['source']}' needs 'data.root' (the folder holding it)")
-    if cfg["data"]["test_root"] is not None and cfg["data"]["source"] != "webdataset":
-        raise ConfigError(f"config key 'data.test_root' applies to data.source webdataset only (the test index "
-                          f"JSON); source {cfg['data']['source']!r} takes its test split from data.root: remove it")
     for key in ("data.mean", "data.std"):
         values = cfg["data"][key.split(".")[1]]
         if values is not None and (not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)

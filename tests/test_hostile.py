@@ -221,8 +221,6 @@ def test_shards_shared_with_the_test_split_or_linked_from_outside(tmp_path, digi
     os.rename(shards / "test-000000.tar", outside)
     (shards / "test-000000.tar").symlink_to(outside)          # inside by its name, outside by its target
     refused(out(tmp_path) + stream + [f"data.test_root={shards}/test.json"], capsys, "through a symlink", shards)
-    refused(out(tmp_path) + IMAGES + ["data.root=x", "data.test_root=x"], capsys,
-            "'data.test_root' applies to data.source webdataset only")
 
 
 def test_duplicate_distilled_images(tmp_path, capsys):
