@@ -34,7 +34,9 @@ def add_run_args(p):
     add_config_arg(p, "YAML run config (default: configs/default.yaml, the digits demo)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps")
-    p.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier ccfs run (its .ccfs-run marker), once the new run has "
+                        "finished; never any other folder, nor one that holds an input of the run")
     add_timeout_arg(p)
     add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. ccfs.ipc=20 train.epochs=5 (values parsed as YAML)")
@@ -184,7 +186,8 @@ def build_parser():
                         "(default: scores.method)")
     p.add_argument("--out", default=None,
                    help="output .npy; {method} is replaced by the method name (default: scores/<data>_{method}.npy)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files that `ccfs scores` wrote (its JSON sidecar says so)")
     add_timeout_arg(p)
     add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. scores.runs=5 scores.epochs=200 (values parsed as YAML)")
@@ -202,7 +205,8 @@ def build_parser():
     p.add_argument("--per-shard", type=int, default=2000,
                    help="samples per shard (default 2000); keep shards >= ranks x data.num_workers")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards of the split in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the split's shards and index in --out that `ccfs shards` wrote")
     p.add_argument("--resize", type=int, default=None, metavar="N",
                    help="image-file sources: store every image with its shorter side N (at least data.image_size; "
                         "N = data.image_size: reading only crops), JPEGs re-encoded as JPEG, others as lossless "

@@ -147,6 +147,22 @@ def json_depth(data, chunk=1 << 24):
     return deepest
 
 
+class Record(dict):
+    """A JSON object or an .npz archive read from a file: a key it lacks is a DataError naming the file (a run
+    artifact or an index written by another version, or edited), not a KeyError traceback."""
+    where = "a file"
+
+    def __missing__(self, key):
+        raise DataError(f"{self.where} has no {key!r} entry: it was written by another version of ccfs or "
+                        f"edited; rewrite it (a run: --overwrite)")
+
+
+def record(mapping, where):
+    out = Record(mapping)
+    out.where = where
+    return out
+
+
 def loads_json(data, where, limit=MAX_JSON_BYTES):
     """JSON text `data` (bytes or str) parsed after its size and depth passed the stated limits; a DataError
     naming `where` on a limit or a syntax error (also a truncated file)."""
@@ -158,7 +174,7 @@ def loads_json(data, where, limit=MAX_JSON_BYTES):
     if depth > MAX_DEPTH:
         raise DataError(f"{where} nests {depth} levels deep, over the limit of {MAX_DEPTH}; refused")
     try:
-        return json.loads(data)
+        return json.loads(data, object_hook=lambda obj: record(obj, where))
     except (ValueError, RecursionError) as exc:
         raise DataError(f"{where} is not valid JSON: {exc}") from None
 
@@ -238,9 +254,9 @@ def read_arrays(path, what="array archive", max_elements=None, check_shape=None)
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
                 member = f"{where}, member {info.filename}"
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    raise DataError(f"{member} is not a .npy array (numpy would hand its raw bytes on); refused")
                 ratio = info.file_size / max(info.compress_size, 1)
                 if (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size) or \
                         (ratio > MAX_ZIP_RATIO and info.file_size > (1 << 20)):
@@ -257,6 +273,7 @@ def read_arrays(path, what="array archive", max_elements=None, check_shape=None)
             with np.load(path, allow_pickle=False) as f:
                 for key in f.files:
                     out[key] = f[key]
+            out = record(out, where)
     except CCFSError:
         raise
     except Exception as exc:  # noqa: BLE001 - BadZipFile, ValueError, OSError, ...

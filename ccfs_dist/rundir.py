@@ -28,6 +28,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 
 import torch
 
@@ -276,7 +277,11 @@ class Run(Layout):
                     folder = os.path.dirname(folder)
                 os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
                 _MADE[self.lock_path] = made
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                # O_NOFOLLOW: a lock "file" that is a symlink to the user's file is refused, never truncated
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise OSError(errno.EINVAL, "not a regular file")
             except OSError as exc:
                 raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "
                                 f"{exc.strerror}") from None

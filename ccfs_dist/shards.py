@@ -421,10 +421,13 @@ def read_index(path, allow_urls=False, allow_outside=False):
         raise bad(f"shape {shape!r} (expected [C, S, S] with C 1 or 3 and S at most {MAX_SIDE})")
     for key in ("mean", "std"):
         values = meta.get(key)
+        # statistics of pixels in [0, 1]: a mean in [0, 1], a std in [1e-8, 1]; anything else normalises to
+        # inf or NaN and would surface only after a filter has trained, naming a staged file
         if values is not None and not (isinstance(values, list) and len(values) == shape[0] and all(
-                type(v) in (int, float) and math.isfinite(v) and (key == "mean" or v > 0) for v in values)):
-            raise bad(f"{key} {values!r:.80} (expected {shape[0]} finite number(s)"
-                      f"{', positive' if key == 'std' else ''}, one per channel)")
+                type(v) in (int, float) and math.isfinite(v) and (0 <= v <= 1 if key == "mean" else 1e-8 <= v <= 1)
+                for v in values)):
+            raise bad(f"{key} {values!r:.80} (expected {shape[0]} number(s) in "
+                      f"{'[0, 1]' if key == 'mean' else '[1e-8, 1]'}, one per channel, of pixels in [0, 1])")
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes:
         raise bad("classes must be a non-empty list")

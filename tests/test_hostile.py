@@ -83,6 +83,10 @@ def test_array_headers_checked_against_the_file(tmp_path, capsys):
             z.writestr("labels.npy", lying_npy(declared))
         refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npz}"], capsys, words, npz)
     from ccfs_dist import io as ccfs_io                      # the reader alone, without an expected length
+    with zipfile.ZipFile(npz, "w") as z:                     # a member numpy would hand on as raw bytes
+        z.writestr("scores", b"\0" * 64)
+    refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npz}"], capsys,
+            "member scores is not a .npy array", npz)
     big = tmp_path / "big.npy"
     big.write_bytes(lying_npy())
     with pytest.raises(DataError, match="declares shape .2199023255552,. of float32"):
@@ -159,7 +163,10 @@ def test_index_shape_size_and_statistics_within_limits(tmp_path, digit_shards, c
     for change, words in ((dict(shape=[3, 10 ** 9, 10 ** 9]), "at most 8192"),
                           (dict(shape=[10, 250_000_000_000_000_000]), "expected [C, S, S]"),
                           (dict(mean=[float("nan")]), "mean [nan]"),
-                          (dict(std=[0.0]), "std [0.0]")):
+                          (dict(mean=[1e30]), "mean [1e+30]"),
+                          (dict(std=[1e-320]), "std [1e-320]"),
+                          (dict(std=[0.0]), "std [0.0]"),
+                          (dict(num_samples="1437"), "num_samples '1437'")):
         shards = tmp_path / "shards"
         shutil.rmtree(shards, ignore_errors=True)
         shutil.copytree(digit_shards, shards)
@@ -206,6 +213,18 @@ def test_test_split_is_the_training_split(data, tmp_path, capsys):
         for name in os.listdir(data / "train" / c):
             (data / "val" / c / name).symlink_to(data / "train" / c / name)
     refused(out(tmp_path) + IMAGES + [f"data.root={data}"], capsys, "holds 4 of the training files", data)
+
+
+def test_a_run_artifact_without_a_key_names_the_file(tmp_path):
+    from ccfs_dist.rundir import Layout
+    (tmp_path / "phase_1").mkdir()
+    (tmp_path / "phase_1" / "metrics.json").write_text('{"phase": 1}')
+    metrics = Layout.read_json(str(tmp_path / "phase_1" / "metrics.json"))
+    with pytest.raises(DataError, match=r"metrics.json has no 'filter_test_acc' entry"):
+        metrics["filter_test_acc"]
+    np.savez(tmp_path / "p.npz", pred=np.zeros(3))
+    with pytest.raises(DataError, match=r"p.npz has no 'index' entry"):
+        Layout.read_npz(str(tmp_path / "p.npz"))["index"]
 
 
 def test_shards_shared_with_the_test_split_or_linked_from_outside(tmp_path, digit_shards, capsys):  # noqa: F811

@@ -117,6 +117,13 @@ def test_a_folder_that_holds_no_run_is_never_replaced_resumed_or_cleaned(tmp_pat
     assert not [n for n in os.listdir(tmp_path) if ".ccfs-" in n]        # no lock file left beside it
 
 
+def test_a_lock_file_that_is_a_symlink_is_never_followed(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's file, where a run's lock file would be")
+    (tmp_path / ".run.ccfs-lock").symlink_to(precious)
+    refused(["run", "--out", str(tmp_path / "run")] + TINY, capsys, "cannot create the lock file", tmp_path)
+
+
 def fake_run(folder, overrides):
     """A run directory as `ccfs run` leaves it (marker, config) with a partial phase: enough for --resume."""
     folder.mkdir()
