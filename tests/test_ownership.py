@@ -231,7 +231,7 @@ def test_report_opens_no_data_and_writes_only_into_a_run(finished, tmp_path, cap
     (run / "summary.json").write_text('{"phases": [')                                # truncated
     refused(["report", str(run)], capsys, "summary.json is not valid JSON", run)
     (run / "summary.json").write_text('{"phases": [{}]}')                            # keys missing
-    refused(["report", str(run)], capsys, "is malformed", run)
+    refused(["report", str(run)], capsys, "summary.json has no 'distilled_per_class' entry", run)
 
 
 # ------------------------------------------------------------------ streamed resume, other process count
