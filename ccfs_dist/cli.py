@@ -33,7 +33,8 @@ def add_timeout_arg(p):
 def add_run_args(p):
     add_config_arg(p, "YAML run config (default: configs/default.yaml, the digits demo)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps "
+                   "(the config must be the run's; eval.labels=both may add an evaluation regime to a finished run)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it holds an earlier ccfs run (its .ccfs-run marker), once the new run has "
                         "finished; never any other folder, nor one that holds an input of the run")
@@ -48,7 +49,8 @@ def cmd_run(args):
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
     from .dist import make_accelerator
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                                   deterministic=cfg["train"]["deterministic"])
     from .curriculum import run_ccfs
     from .rundir import release_locks
     try:
@@ -98,7 +100,8 @@ def cmd_scores(args):
     for m in methods:                      # --overwrite replaces only score files `ccfs scores` wrote
         written_by_scores(paths[m])
     from .dist import log, make_accelerator
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                                   deterministic=cfg["train"]["deterministic"])
     from .scores import compute_score_files
     scores = compute_score_files(accelerator, cfg, data, paths, reuse=False)
     for m, values in scores.items():

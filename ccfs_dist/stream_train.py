@@ -168,7 +168,7 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     session.ddp_model.train()
     for epoch in track(range(first_epoch, r.epochs), desc=desc, main=accelerator.is_main_process,
                        initial=first_epoch, total=r.epochs, unit="epochs"):
-        aug_gen = torch.Generator(device=device).manual_seed(
+        aug_gen = torch.Generator().manual_seed(     # on the CPU: the same views on every device
             int(np.random.default_rng(seeds.stream_augmentation(seed, epoch, rank)).integers(1 << 62)))
         for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device):
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)
