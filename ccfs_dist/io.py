@@ -220,7 +220,7 @@ def _declared_bytes(shape, dtype, where, max_elements):
     return count * dtype.itemsize
 
 
-def read_array(path, what="array file", max_elements=None, mmap=False, check_shape=None):
+def read_array(path, what="array file", max_elements=None, check_shape=None):
     """The .npy array at `path` after its header was checked against the file's real size (and the element
     count against `max_elements`, the shape by `check_shape(shape)`): a short or lying file is a DataError
     naming it, never an allocation."""
@@ -237,7 +237,7 @@ def read_array(path, what="array file", max_elements=None, mmap=False, check_sha
         raise DataError(f"{where}: its header declares shape {tuple(shape)} of {dtype} ({need} bytes) but the "
                         f"file holds {size - offset} bytes of data; truncated or corrupt")
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        return np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"cannot read {where}: {exc}") from None
 

@@ -52,9 +52,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import io as ccfs_io
+from .config import MAX_SIDE      # stated limit of an image side (index shape, data.image_size)
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
 from .dist import deal, rank_world
-from . import io as ccfs_io
 from .errors import CCFSError, ConfigError, DataError
 from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decoder, is_jpeg, resize_shorter,
                      square_side)
@@ -68,7 +69,6 @@ SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
 DECODE = ("cpu", "device")    # data.decode: loader workers decode (PIL), or hand JPEG bytes to the rank's device
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")     # pipe:, http:, s3:, file:, ... (not a one-letter drive)
 KEY_RE = re.compile(rb"[0-9]{1,18}")                     # a sample key / .cls label: ASCII digits only, never isdigit
-from .config import MAX_SIDE     # stated limit of an image side (index shape, data.image_size)
 MAX_MEMBER = 1 << 30          # stated limit of one tar member (an image, a label, a pax header): 1 GiB
 
 
