@@ -24,7 +24,7 @@ import torch
 from . import inputs, io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
-from .sources import load_real
+from .sources import input_paths, load_real
 from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows
 from .distill import recover
@@ -133,7 +133,8 @@ def get_hardness_source(cfg, data):
     if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
     scores, method = load_score_file(cfg["ccfs"]["difficulty_file"], len(data.train),     # spec "file"
-                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"])
+                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"],
+                                     data_name=data.name)
     return to_hardness(scores, method), method
 
 
@@ -236,10 +237,10 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     The trainings are the jobs of the plan (plan.py, jobs.py); between its stages every rank runs the
     same collective steps (distillation, scoring, selection) on the artifacts the jobs wrote.
     """
-    run = Run(accelerator, out_dir, resume)
-    run.check(cfg, overwrite)
-    c = cfg["ccfs"]
     inputs.check_present(cfg)                  # every missing input in one error, before any is read
+    run = Run(accelerator, out_dir, resume)
+    run.check(cfg, overwrite, input_paths(cfg))      # no --out overlaps an input: before any byte is written
+    c = cfg["ccfs"]
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
