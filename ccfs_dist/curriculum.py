@@ -249,7 +249,9 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     given_teacher = load_given_teacher(cfg, data)
     given_distilled = load_given_distilled(cfg, data, n_distilled)
     run.open(cfg, overwrite)
-    run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
+    held_out = "validation (data.validation: carved from train; every 'test' figure below is on it)" \
+        if cfg["data"]["validation"] else "test"
+    run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} {held_out}, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
     for line in inputs.made_here(cfg, len(data.train), n_distilled):
         run.log(line)
