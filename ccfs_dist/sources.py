@@ -8,7 +8,7 @@ from .shards import load_shards
 def load_real(data_cfg):
     """Load the real train/test data named by the `data` config section.
 
-    data.num_workers: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
+    data.num_workers: loader worker processes per rank that decode a streamed (webdataset) pool; unused otherwise.
     data.mean / data.std, when set, replace the source's default normalisation.
     """
     if data_cfg["source"] == "webdataset":
