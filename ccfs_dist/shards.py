@@ -1043,11 +1043,12 @@ class _Workers:
                 got, kind, item = self.results[w].get(timeout=max(0.01, min(LIVENESS_S, self.timeout - waited)))
             except queue.Empty:
                 proc = self.procs[w]
-                if proc.is_alive() and time.monotonic() - start < self.timeout:
+                ended = not proc.is_alive()
+                if not ended and time.monotonic() - start < self.timeout:
                     continue
                 reading = self._reading(w)
                 self.close()
-                if proc.exitcode is not None:
+                if ended:
                     raise CCFSError(f"loader worker {w} (pid {proc.pid}) of {self.index_path} ended with exit code "
                                     f"{proc.exitcode} in {_stage()} while {reading} (killed, or out of memory?)")
                 raise CCFSError(f"the loader of {self.index_path} delivered nothing for {self.timeout:g} s "
