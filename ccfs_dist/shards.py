@@ -91,6 +91,14 @@ def start_context():
     return ctx
 
 
+def start_fork_server():
+    """Start the fork server now (if start_context uses one): it imports while this process does other work,
+    instead of when the first worker is wanted."""
+    if start_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
+
+
 # ============================================================================================ writing
 
 def shard_name(split, i):
@@ -236,8 +244,20 @@ def _open_source(data_cfg, split, resize=None, jpeg_quality=RESIZE_JPEG_QUALITY)
 _WRITE_SOURCE = None   # the _Source the writer's processes read (set by _writer_init in each)
 
 
+def _writer_context():
+    """How the writer's processes start: `fork` while this process runs a single thread (no lock can be held
+    by another thread; the source is inherited, and no fork server has to start first), else start_context()
+    (the source is then pickled to each process once, an in-memory source's images through shared memory).
+    `ccfs shards` is single-threaded; a caller with threads (a test, a rank) gets the fork server."""
+    try:
+        single = len(os.listdir("/proc/self/task")) == 1
+    except OSError:                              # no /proc: cannot tell
+        single = False
+    return multiprocessing.get_context("fork") if single else start_context()
+
+
 def _writer_init(src):
-    """In a writer process (start_context): the source to read; the process ends with the writer."""
+    """In a writer process: the source to read; the process ends with the writer."""
     global _WRITE_SOURCE
     die_with_parent(signal.SIGKILL)
     _WRITE_SOURCE = src
@@ -313,10 +333,11 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
         if workers == 1:
             results = [_write_one(job) for job in jobs]
         else:
-            # the source goes to each process once, pickled (an in-memory source's image tensor through shared
-            # memory, not copied), not inherited through fork: the writer may run in a process with threads
-            with start_context().Pool(workers, initializer=_writer_init, initargs=(src,)) as pool:
-                results = pool.map(_write_one, jobs, chunksize=1)
+            # a process pool that fails (BrokenProcessPool) instead of waiting forever when a process dies
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(workers, mp_context=_writer_context(), initializer=_writer_init,
+                                     initargs=(src,)) as pool:
+                results = list(pool.map(_write_one, jobs))
     finally:
         _WRITE_SOURCE = None
     stored = f"resize={resize},q={jpeg_quality}:" if resize else ""        # what the members are of the source
@@ -497,6 +518,8 @@ class ShardSplit:
         self._firsts = np.array([s["first"] for s in self.shards], dtype=np.int64)
         if check_files:
             self._check_files()
+        if self.num_workers:
+            start_fork_server()
 
     def _check_files(self):
         missing, wrong = [], []

@@ -203,6 +203,25 @@ def test_a_worker_that_dies_fails_the_pass(pool, tmp_path, monkeypatch):
         split.close()
 
 
+def test_the_writer_in_a_process_with_threads_starts_no_fork(tmp_path):
+    """With another thread running, `ccfs shards`' writer processes start from the fork server (the source
+    pickled to them), and the shards are byte for byte those written in this process alone."""
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert shards._writer_context().get_start_method() != "fork"
+        write_shards(DIGITS, tmp_path / "a", "train", per_shard=300, workers=2, log=lambda m: None)
+    finally:
+        stop.set()
+        thread.join()
+    write_shards(DIGITS, tmp_path / "b", "train", per_shard=300, workers=1, log=lambda m: None)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 6
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
 # ------------------------------------------------------------------------------- several processes
 
 def marked(marker):
@@ -240,12 +259,13 @@ def start_run(args, marker, processes=2):
                             start_new_session=True)
 
 
-def stop_and_count(proc, marker, signum, within, ready=6, start_limit=240):
-    """Once the run has its loader workers (2 fork servers + workers: `ready` processes), send `signum` to
-    the launcher alone; return (seconds until no process of the run was left, or None after `within`)."""
+def stop_and_count(proc, marker, signum, within, ready=6, start_limit=240, also=lambda: True):
+    """Once the run has its loader workers (2 fork servers + workers: `ready` processes) and `also()` holds,
+    send `signum` to the launcher alone; return (seconds until no process of the run was left, or None after
+    `within`)."""
     try:
         deadline = time.monotonic() + start_limit
-        while loader_workers(marked(marker)) < ready:
+        while loader_workers(marked(marker)) < ready or not also():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the run's loader workers did not start"
             time.sleep(0.1)
@@ -290,15 +310,17 @@ def test_killing_the_launcher_leaves_no_process_of_the_run(pool):
 
 
 def test_term_to_the_launcher_ends_the_run_within_30_s_and_it_resumes(tmp_path):
-    """SIGTERM to `accelerate launch` while a 2-process run trains its teacher on the stream with 2 loader
-    workers per rank: no process of the run is left after 30 s, and `--resume` completes the run."""
+    """SIGTERM to `accelerate launch` while a 2-process run on a shard pool with 2 loader workers per rank (per
+    split) is in its second phase: no process of the run is left after 30 s, and `--resume` completes it."""
     folder = str(tmp_path / "shards")
     assert cli.main(["shards", "--out", folder, "--per-shard", "300", "--workers", "1", "data.source=digits"]) == 0
     out = str(tmp_path / "run")
     args = [SCRIPT, "--out", out] + TINY + ["data.source=webdataset", f"data.root={folder}/train.json",
                                             f"data.test_root={folder}/test.json", "data.num_workers=2"]
     marker = uuid.uuid4().hex
-    took = stop_and_count(start_run(args, marker), marker, signal.SIGTERM, within=30, ready=4)
+    late = os.path.join(out, "phase_1", "selected.npy")              # TERMed late: the resume has less to do
+    took = stop_and_count(start_run(args, marker), marker, signal.SIGTERM, within=30, ready=4,
+                          also=lambda: os.path.exists(late))
     assert took is not None, "processes of the run outlived a SIGTERM to its launcher by 30 s"
     print(f"no process of the run left {took:.1f} s after SIGTERM to the launcher")
     marker = uuid.uuid4().hex
