@@ -48,7 +48,7 @@ def watch_launcher():
     parent) or of torchrun (TORCHELASTIC_RUN_ID) gets SIGTERM when that parent ends, however it ends; its
     default action ends the rank at once, wherever it waits (a collective, a loader)."""
     env = os.environ
-    supervisor = env.get(SUPERVISOR_ENV, "")
+    supervisor = env.pop(SUPERVISOR_ENV, "")     # popped: a program this rank runs is not the supervisor's rank
     if supervisor.isdigit():
         die_with_parent(signal.SIGTERM, parent=int(supervisor))
     elif "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
