@@ -23,7 +23,7 @@ Reading (`data.source: webdataset`):
     load_shards(data_cfg, num_workers=0)                -> RealData with ShardSplit train / test
 
 `batches` streams the shards that hold wanted samples: split over ranks (shard i goes to rank i % world),
-then over DataLoader workers (every num_workers-th of the rank's shards), no resampling or shuffling;
+then over the rank's loader workers (every num_workers-th of the rank's shards; _Workers), no resampling or shuffling;
 samples not in the wanted index are skipped before decoding. A rank or worker without shards yields
 nothing. Every shard is checked while it streams: its keys must be the index's contiguous run, its labels
 the index's labels, its sample count the index's count; a violation, an unreadable tar or an undecodable
@@ -79,8 +79,8 @@ SLOTS = 64                    # shards per worker recorded as open, for the erro
 
 
 def start_context():
-    """The multiprocessing context that loader workers and writer processes start in: `forkserver` where the
-    platform has it, else `spawn`; never `fork`. A rank runs threads (gloo's, the TCP store's, tqdm's monitor),
+    """The multiprocessing context that loader workers (and writer processes beside other threads) start in:
+    `forkserver` where the platform has it, else `spawn`; not `fork`. A rank runs threads (gloo's, the TCP store's, tqdm's monitor),
     and a process forked while another thread holds a lock (the interpreter's, malloc's) waits for it forever.
     The fork server is a fresh single-threaded process that imports this module (torch, numpy, PIL,
     torchvision's PNG decoder) once and forks every worker from there, so a worker starts in milliseconds."""
@@ -248,7 +248,7 @@ def _writer_context():
     """How the writer's processes start: `fork` while this process runs a single thread (no lock can be held
     by another thread; the source is inherited, and no fork server has to start first), else start_context()
     (the source is then pickled to each process once, an in-memory source's images through shared memory).
-    `ccfs shards` is single-threaded; a caller with threads (a test, a rank) gets the fork server."""
+    `ccfs shards` forks under OMP_NUM_THREADS=1 (else numpy's OpenBLAS pool is a second thread)."""
     try:
         single = len(os.listdir("/proc/self/task")) == 1
     except OSError:                              # no /proc: cannot tell
@@ -626,7 +626,7 @@ class ShardSplit:
                 self._workers = _Workers(self, self.worker_timeout)
             items = self._workers.run(stream, workers)
         for item in items:
-            if pin_memory:
+            if pin_memory and workers:           # as the DataLoader did: a worker's batch, pinned for the copy
                 item = (item[0].pin_memory(), item[1])
             if stream.encoded:
                 yield self._decoded(*_unpack_encoded(*item, batch_size), device)

@@ -48,7 +48,8 @@ def main():
     p.add_argument("--write-workers", type=int, default=2, help="writer processes (ccfs shards --workers)")
     p.add_argument("--passes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--step", choices=("write", "read"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--step", choices=("write", "read"), default=None,
+                   help="run one step in this process (default: generate the data, then each step in a fresh one)")
     args = p.parse_args()
     sys.path.insert(0, os.path.abspath(args.repo))
     import numpy as np
