@@ -50,6 +50,7 @@ import queue
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -995,7 +996,7 @@ class _InterleavedStream(_ShardStream):
 
 class _Workers:
     """One rank's loader worker processes for one split: started (start_context) as passes need them, then
-    reused by every later pass, each told its pass through a queue of its own.
+    reused by every later pass, each told its pass through a pipe of its own.
 
     A pass over n workers is exactly what a DataLoader with n fresh workers gave it: worker w reads every
     n-th shard from the w-th (_ShardStream.worker) and the rank takes the workers' batches round-robin, one
@@ -1016,14 +1017,18 @@ class _Workers:
     def _start(self, n):
         while len(self.procs) < n:
             w = len(self.procs)
-            tasks, results, slots = self.ctx.Queue(), self.ctx.Queue(), self.ctx.RawArray(ctypes.c_int64, SLOTS)
-            tasks.cancel_join_thread()           # exiting never waits for a worker to read what it was sent
+            # pipes, not multiprocessing queues: their semaphores would be reported as leaked when a rank leaves
+            # through os._exit (dist.exit_process)
+            (tasks, to_worker), (results, from_worker) = self.ctx.Pipe(duplex=False), self.ctx.Pipe(duplex=False)
+            slots = self.ctx.RawArray(ctypes.c_int64, SLOTS)
             slots[:] = [-1] * SLOTS
             proc = self.ctx.Process(target=_worker_main, name=f"ccfs-loader-{w}", daemon=True,
-                                    args=(self.split, w, tasks, results, slots, os.getpid(), self.tuned))
+                                    args=(self.split, w, tasks, from_worker, slots, os.getpid(), self.tuned))
             proc.start()
+            tasks.close()                        # the worker's ends: its death is then an EOF here
+            from_worker.close()
             self.procs.append(proc)
-            self.tasks.append(tasks)
+            self.tasks.append(_Outbox(to_worker))
             self.results.append(results)
             self.slots.append(slots)
             self.dealt.append([])
@@ -1063,10 +1068,15 @@ class _Workers:
                                    f"passes over one split must not nest")
             waited = time.monotonic() - start
             try:
-                got, kind, item = self.results[w].get(timeout=max(0.01, min(LIVENESS_S, self.timeout - waited)))
-            except queue.Empty:
+                if not self.results[w].poll(max(0.01, min(LIVENESS_S, self.timeout - waited))):
+                    raise queue.Empty
+                got, kind, item = self.results[w].recv()
+            except (queue.Empty, EOFError, OSError) as e:
                 proc = self.procs[w]
-                ended = not proc.is_alive()
+                closed = not isinstance(e, queue.Empty)          # the worker's pipe ended: so did the worker
+                if closed:
+                    proc.join(timeout=LIVENESS_S)                # for its exit code
+                ended = closed or not proc.is_alive()
                 if not ended and time.monotonic() - start < self.timeout:
                     continue
                 reading = self._reading(w)
@@ -1104,9 +1114,36 @@ class _Workers:
                 proc.kill()
         for proc in self.procs:
             proc.join(timeout=LIVENESS_S)
-        for q in self.tasks + self.results:
-            q.close()
+        for channel in self.tasks + self.results:
+            channel.close()
         self.procs, self.tasks, self.results, self.slots, self.dealt = [], [], [], [], []
+
+
+class _Outbox:
+    """Messages to one loader worker, written to its pipe by a thread of their own: the rank never waits for a
+    worker to read (a pass's message holds its mask, larger than a pipe's buffer)."""
+
+    def __init__(self, conn):
+        self.conn, self.queue = conn, queue.SimpleQueue()
+        threading.Thread(target=self._send, daemon=True, name="ccfs-loader-outbox").start()
+
+    def put(self, message):
+        self.queue.put(message)
+
+    def _send(self):
+        try:
+            while True:
+                message = self.queue.get()
+                if message is _Outbox:           # closed
+                    return
+                self.conn.send(message)
+        except OSError:                          # the worker is gone; the rank finds out when it waits for it
+            pass
+        finally:
+            self.conn.close()                    # here, not by another thread while this one may write to it
+
+    def close(self):
+        self.queue.put(_Outbox)
 
 
 def _stage():
@@ -1138,7 +1175,7 @@ def _worker_main(split, w, tasks, results, slots, rank, tuned):
     DataError, (id, "failed", traceback) for any other exception. It ends with its rank: SIGKILL when the
     fork server ends (which ends with the rank), and an idle worker checks for its rank every LIVENESS_S."""
     die_with_parent(signal.SIGKILL)
-    results.cancel_join_thread()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the rank decides
     torch.set_num_threads(1)
     if tuned:
         tune_malloc()
@@ -1147,13 +1184,13 @@ def _worker_main(split, w, tasks, results, slots, rank, tuned):
     while True:
         busy = batches is not None and credit > 0
         try:
-            message = tasks.get_nowait() if busy else tasks.get(timeout=LIVENESS_S)
-        except queue.Empty:
-            if not busy:
-                if not _alive(rank):
-                    return
-                continue
-            message = ()
+            message = tasks.recv() if tasks.poll(0 if busy else LIVENESS_S) else ()
+        except (EOFError, OSError):              # the rank is gone
+            return
+        if message == () and not busy:
+            if not _alive(rank):
+                return
+            continue
         if message is None:
             return
         if message:                              # every message waiting is read before the next batch
@@ -1178,7 +1215,10 @@ def _worker_main(split, w, tasks, results, slots, rank, tuned):
             reply, batches = (current, "error", str(e)), None
         except Exception:                        # noqa: BLE001 - a bug: the rank raises it with this traceback
             reply, batches = (current, "failed", traceback.format_exc()), None
-        results.put(reply)
+        try:
+            results.send(reply)
+        except OSError:                          # the rank is gone
+            return
 
 
 # --------------------------------------------------------------------------------- tar parsing
