@@ -8,8 +8,9 @@
 
 Every sample gets its own crop box and flip; the whole batch is resampled by a single
 `affine_grid` + `grid_sample` (bilinear, align_corners=False, border padding) on the input's device,
-with no Python loop over samples. Randomness comes from an optional torch.Generator (on any device:
-the numbers are drawn on the generator's device and moved), so runs are reproducible.
+with no Python loop over samples. Randomness comes from an optional torch.Generator on the CPU (the
+numbers are drawn there and moved to the images' device), so runs are reproducible, and equal on every
+device.
 
 Crop sampling follows torchvision's RandomResizedCrop: area = scale * H * W with scale uniform in
 [scale_min, scale_max], aspect ratio w/h log-uniform in `ratio`. Instead of torchvision's rejection
@@ -70,18 +71,36 @@ def denormalize_to_uint8(x, mean, std):
 
 
 def _rand(shape, generator, device):
-    """Uniform [0, 1) numbers drawn from `generator` (on its own device), returned on `device`."""
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+    """Uniform [0, 1) numbers drawn on the CPU from `generator` (a CPU torch.Generator; None: torch's
+    global CPU generator), returned on `device`.
+
+    Every random number of a recipe passes through here (or randn_cpu), so it is the same whatever device
+    the training runs on: a CUDA generator's values depend on the kernel's launch grid, which torch sizes
+    by the GPU's SM count (one seed gives other crops on another GPU model)."""
+    return torch.rand(shape, generator=_cpu(generator)).to(device)
+
+
+def randn_cpu(shape, generator, device):
+    """Standard normal numbers drawn on the CPU from `generator` (as _rand), returned on `device`."""
+    return torch.randn(shape, generator=_cpu(generator)).to(device)
+
+
+def _cpu(generator):
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"random draws come from a CPU generator (the same numbers on every device), "
+                         f"got one on {generator.device}")
+    return generator
 
 
 def crop_boxes(batch, height, width, scale_min=0.08, ratio=(3 / 4, 4 / 3), scale_max=1.0,
                generator=None, device="cpu", flip=False):
     """Random crop boxes: (boxes B x 4 float [x0, y0, w, h] in pixels, flips B bool).
 
-    `flips` is all False when flip=False. See the module docstring for the sampling rule.
+    `flips` is all False when flip=False. See the module docstring for the sampling rule. The boxes are
+    computed on the CPU and moved to `device`: their arithmetic (exp, sqrt) too is then the same on every
+    device, not only the random numbers.
     """
-    u = _rand((batch, 5), generator, device)
+    u = _rand((batch, 5), generator, "cpu")
     area_full = float(height * width)
     scale = scale_min + (scale_max - scale_min) * u[:, 0]
     area = scale * area_full
@@ -93,8 +112,8 @@ def crop_boxes(batch, height, width, scale_min=0.08, ratio=(3 / 4, 4 / 3), scale
     h = torch.sqrt(area / r).clamp(max=float(height))
     x0 = (width - w) * u[:, 2]
     y0 = (height - h) * u[:, 3]
-    flips = (u[:, 4] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool, device=device)
-    return torch.stack([x0, y0, w, h], dim=1), flips
+    flips = (u[:, 4] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool)
+    return torch.stack([x0, y0, w, h], dim=1).to(device), flips.to(device)
 
 
 def _interp_matrix(start, length, n_in, size, flips):
@@ -151,12 +170,13 @@ def resized_crop_flip(x, size, scale_min=0.08, ratio=(3 / 4, 4 / 3), flip=True, 
 
 def pad_boxes(batch, height, width, padding, generator=None, device="cpu", flip=False):
     """Random offsets of torchvision's RandomCrop((height, width), padding): boxes B x 4 [x0, y0, w, h]
-    in pixels of the unpadded image (x0, y0 integers in [-padding, padding]) and flips B bool."""
-    u = _rand((batch, 3), generator, device)
+    in pixels of the unpadded image (x0, y0 integers in [-padding, padding]) and flips B bool; computed on
+    the CPU and moved to `device`, as crop_boxes."""
+    u = _rand((batch, 3), generator, "cpu")
     offsets = (u[:, :2] * (2 * padding + 1)).floor().clamp(max=2 * padding) - padding
-    size = torch.tensor([width, height], dtype=torch.float32, device=device).expand(batch, 2)
-    flips = (u[:, 2] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool, device=device)
-    return torch.cat([offsets, size], dim=1), flips
+    size = torch.tensor([width, height], dtype=torch.float32).expand(batch, 2)
+    flips = (u[:, 2] < 0.5) if flip else torch.zeros(batch, dtype=torch.bool)
+    return torch.cat([offsets, size], dim=1).to(device), flips.to(device)
 
 
 def pad_crop(x, boxes, padding, flips=None):

@@ -18,6 +18,13 @@ def add_overrides_arg(p, help):
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help=help)
 
 
+def add_progress_arg(p):
+    p.add_argument("--progress", choices=("auto", "bars", "lines", "off"), default=None,
+                   help="progress of long loops: bars on a terminal, lines (one per loop, and one a minute while "
+                        "it runs) in a log file; auto (default, or $CCFS_PROGRESS) picks by whether stderr is "
+                        "a terminal. Only the main process reports")
+
+
 def add_timeout_arg(p):
     p.add_argument("--timeout", type=int, default=1800,
                    help="seconds a collective waits for other ranks before failing (default 1800)")
@@ -26,9 +33,11 @@ def add_timeout_arg(p):
 def add_run_args(p):
     add_config_arg(p, "YAML run config (default: configs/default.yaml, the digits demo)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps "
+                   "(the config must be the run's; eval.labels=both may add an evaluation regime to a finished run)")
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
     add_timeout_arg(p)
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. ccfs.ipc=20 train.epochs=5 (values parsed as YAML)")
 
 
@@ -38,13 +47,16 @@ def cmd_run(args):
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
     from .dist import make_accelerator
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                                   deterministic=cfg["train"]["deterministic"])
     from .curriculum import run_ccfs
     from .rundir import release_locks
     try:
         run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         release_locks()                    # also on failure: the lock file and an uncommitted staged run go
+    from .dist import log
+    log(accelerator, f"outputs: {os.path.abspath(out)} (summary.json, report.md, eval_*.json; docs/outputs.md)")
     accelerator.end_training()
     return 0
 
@@ -78,7 +90,8 @@ def cmd_scores(args):
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
                         f"or choose another --out")
     from .dist import log, make_accelerator
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                                   deterministic=cfg["train"]["deterministic"])
     from .scores import compute_score_files
     scores = compute_score_files(accelerator, cfg, data, paths, reuse=False)
     for m, values in scores.items():
@@ -166,6 +179,7 @@ def build_parser():
                    help="output .npy; {method} is replaced by the method name (default: scores/<data>_{method}.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_timeout_arg(p)
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. scores.runs=5 scores.epochs=200 (values parsed as YAML)")
     p.set_defaults(func=cmd_scores)
 
@@ -222,6 +236,9 @@ def main(argv=None):
     other ranks are not left waiting in a collective: their launcher stops them, or their next
     collective fails within --timeout."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "progress", None):
+        from .progress import set_mode
+        set_mode(args.progress)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
     try:

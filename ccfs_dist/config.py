@@ -17,6 +17,7 @@ DEFAULTS = {
     "data": {
         "source": "digits",        # digits | cifar10 | cifar100 | tiny-imagenet | imagefolder | webdataset
         "root": None,              # folder holding the data set (not used by digits); webdataset: train index JSON
+        "download": False,         # cifar10 / cifar100: fetch the archive into data.root if missing (MD5-checked)
         "test_root": None,         # webdataset: the test index JSON (written by `ccfs shards`)
         "image_size": None,        # imagefolder, tiny-imagenet, webdataset: resize + center-crop to this size
         "distilled": None,         # folder of distilled images (one sub-folder per class); None: run the base distiller
@@ -86,11 +87,14 @@ DEFAULTS = {
                                    # official: 0.01 (LinearLR start_factor), reaching 1 after warmup_epochs
         "schedule_step": "batch",  # batch | epoch: advance warm-up + cosine per optimizer step, or once per epoch
                                    # (official: per epoch, cosine over epochs - warmup_epochs)
-        "kd": True,                # knowledge distillation from the teacher (else cross-entropy on labels)
+        "kd": True,                # filters: knowledge distillation from the teacher (else cross-entropy on labels);
+                                   # the evaluation models follow eval.labels
         "temperature": 20.0,
         "mixed_precision": "no",   # no | fp16 | bf16
         "channels_last": False,
         "compile": False,          # torch.compile the student and the teacher's forward in filter / evaluation training
+        "deterministic": True,     # deterministic algorithms (cuDNN, cuBLAS) on CUDA: the same result in every run;
+                                   # false: cudnn.benchmark and torch's fastest kernels (docs/distributed.md)
         "checkpoint_every": 10,    # save the training state every this many epochs (0: never); resumable mid-training
         "min_batch_per_rank": 256, # split one training over the ranks (DDP) only if each gets >= this many samples a step
         "synthetic": "resident",   # resident | shared: how S_j and the evaluation sets are held in filter / evaluation
@@ -126,6 +130,9 @@ DEFAULTS = {
         "baselines": True,         # also evaluate distilled+random and random-only sets
         "best_after": 0.8,         # official protocol: best test accuracy over every epoch e (0-based) with
                                    # e > best_after * epochs, reported beside the final-epoch headline
+        "labels": "kd",            # kd | hard | both: evaluation models trained by KD from the teacher (the paper's
+                                   # protocol), by cross-entropy on the true labels, or each set in both regimes
+                                   # (the filters follow train.kd); docs/pipeline.md
     },
 }
 
@@ -235,6 +242,7 @@ CHOICES = {
     "ccfs.difficulty_file_method": ("forgetting", "cscore", "loss", "el2n", "margin", "logits"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "scores.method": ("forgetting", "loss", "el2n", "margin", "logits"),
+    "eval.labels": ("kd", "hard", "both"),
 }
 
 # old keys (issue 12): one that appears names its new key instead of being just unknown

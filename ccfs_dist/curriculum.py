@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from . import io, seeds
+from . import inputs, io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
 from .sources import load_real
@@ -29,10 +29,10 @@ from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows
 from .distill import recover
 from .errors import DataError
-from .evaluate import summarize
+from .evaluate import REGIME_LABELS, REGIMES, eval_key, lead_key, leads, regimes, summarize, summary_key
 from .jobs import Trainings, fresh, run_stage
 from .plan import describe, eval_sets, make_plan
-from .report import fallback_line, write_report
+from .report import SET_LABELS, fallback_line, write_report
 from .rundir import Run
 from .predict import accuracy, predict
 from .scores import DYNAMICS, compute_score_files
@@ -66,7 +66,7 @@ def make_distilled(run, cfg, data, teacher, per_class):
     images, labels, order = [], [], []
     for gid in dealt(run.acc, len(items)):                     # item gid is seeded by gid: any world size
         b, c = items[gid]
-        gen = torch.Generator(device=run.acc.device).manual_seed(seeds.distill_batch(cfg["seed"], gid))
+        gen = torch.Generator().manual_seed(seeds.distill_batch(cfg["seed"], gid))   # CPU: any device
         init = None
         if d["init"] == "real":
             one = random_per_class(labels_np, 1, seeds.distill_batch(cfg["seed"], gid))
@@ -238,6 +238,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run = Run(accelerator, out_dir, resume)
     run.check(cfg, overwrite)
     c = cfg["ccfs"]
+    inputs.check_present(cfg)                  # every missing input in one error, before any is read
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
@@ -248,6 +249,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.open(cfg, overwrite)
     run.log(f"data {data.name}: {len(data.train)} train / {len(data.test)} test, {data.num_classes} classes; "
             f"ipc {c['ipc']} = {n_distilled} distilled + phases {budgets}; difficulty {method}")
+    for line in inputs.made_here(cfg, len(data.train), n_distilled):
+        run.log(line)
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
                                             streamed=not data.train.in_memory)
@@ -302,7 +305,9 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
         "processes": accelerator.num_processes, "teacher_test_acc": teacher_acc, "teacher": teacher_stats,
         "distilled_per_class": n_distilled, "teacher_acc_on_distilled": distilled_acc,
-        "phases": phases, "evaluation": evaluation, "best_after": cfg["eval"]["best_after"],
+        "phases": phases, **evaluation,
+        **{lead_key(regime): leads(evaluation[summary_key(regime)]) for regime in regimes(cfg)},
+        "best_after": cfg["eval"]["best_after"],
         "wall_seconds": wall,
     }
     run.write(io.write_json, run.summary(), summary)
@@ -351,28 +356,40 @@ def baseline_sets(run, cfg, data, distilled, n_distilled):
 
 
 def gather_evaluation(run, cfg, trainings):
-    """Every set's evaluation runs, read back from the jobs' artifacts: {set: mean ± std over runs}."""
+    """Every set's evaluation runs in each regime, read back from the jobs' artifacts: {summary key:
+    {set: mean ± std over runs}} ("evaluation": KD, "evaluation_hard": hard labels). A resumed run keeps
+    the eval_<set>*.json it has (a regime added by --resume leaves the other's as they were)."""
     results = {}
-    for name in eval_sets(cfg):
-        runs = [io.read_json(io.wait_for(trainings.artifact("eval", name, r))) for r in range(cfg["eval"]["runs"])]
-        results[name] = summarize(runs)
-        run.write(io.write_json, run.eval_summary(name), results[name])
+    for regime in regimes(cfg):
+        mine = results[summary_key(regime)] = {}
+        for name in eval_sets(cfg):
+            runs = [io.read_json(io.wait_for(trainings.artifact("eval", *eval_key(name, r, regime))))
+                    for r in range(cfg["eval"]["runs"])]
+            mine[name] = {**summarize(runs), "regime": regime}
+            if not run.done(run.eval_summary(name, regime)):
+                run.write(io.write_json, run.eval_summary(name, regime), mine[name])
     return results
 
 
 def format_table(summary):
-    """The CCFS-vs-baselines table printed at the end of a run."""
-    ev = summary["evaluation"]
-    labels = {"ccfs": "CCFS (distilled + selected real)", "distilled+random": "distilled + random real",
-              "random": "random real only"}
+    """The CCFS-vs-baselines table printed at the end of a run: one block per evaluation regime, with
+    CCFS's lead over each baseline."""
     lines = [f"{summary['data']}  IPC {summary['ipc']}  alpha {summary['alpha']}  phases {summary['budgets']}  "
              f"difficulty {summary['difficulty']}",
              f"{'set':<34}{'test acc, final epoch':>24}{'official protocol*':>22}"]
-    for name, r in ev.items():
-        acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
-        official = ("–" if r.get("official_mean") is None else
-                    f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
-        lines.append(f"{labels[name]:<34}{acc:>24}{official:>22}")
+    for regime in REGIMES:
+        key = summary_key(regime)
+        if key not in summary:
+            continue
+        lines.append(f"-- evaluation models trained with {REGIME_LABELS[regime]} (summary.json: {key})")
+        for name, r in summary[key].items():
+            acc = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+            official = ("–" if r.get("official_mean") is None else
+                        f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
+            lines.append(f"{SET_LABELS[name]:<34}{acc:>24}{official:>22}")
+        for name, d in summary.get(lead_key(regime), {}).items():
+            lines.append(f"  CCFS lead over {SET_LABELS[name]}: {d['mean']:+.2f} ± {d['std']:.2f} points "
+                         f"(ahead in {d['ahead']}, behind in {d['behind']} of the paired runs)")
     lines.append(f"{'full data (teacher)':<34}{100 * summary['teacher_test_acc']:>23.2f}%")
     lines.append(fallback_line(summary["phases"]))
     lines.append(f"* best test accuracy over every epoch after {summary.get('best_after', 0.8):.0%} of training "

@@ -42,6 +42,9 @@ def load_source(data_cfg):
                               f"tiny-imagenet only: leave it unset")
     if source == "digits":
         return _load_digits()
+    if data_cfg.get("download") and root is not None:
+        from .download import ensure
+        ensure(source, os.path.expanduser(os.fspath(root)))
     root = source_root(source, root)
     if source == "cifar10":
         return _load_cifar(root, 10)
@@ -55,13 +58,21 @@ def load_source(data_cfg):
                       f"(choose digits, cifar10, cifar100, tiny-imagenet, imagefolder or webdataset)")
 
 
+WHERE_TO_GET = {
+    "cifar10": "data.download=true fetches CIFAR-10 into it; docs/data.md",
+    "cifar100": "data.download=true fetches CIFAR-100 into it; docs/data.md",
+    "tiny-imagenet": "extract tiny-imagenet-200.zip there; docs/data.md says where to get it",
+    "imagefolder": "a folder with train/ and val/ class sub-folders; docs/data.md",
+}
+
+
 def source_root(source, root):
     """The folder `root` (data.root) of `source`, user-expanded; a ConfigError if unset, a DataError if absent."""
     if root is None:
         raise ConfigError(f"data source '{source}' needs 'data.root' (the folder holding it)")
     root = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(root):
-        raise DataError(f"data.root folder not found: {root}")
+        raise DataError(f"data.root folder not found: {root} ({WHERE_TO_GET.get(source, 'see docs/data.md')})")
     return root
 
 
@@ -130,7 +141,7 @@ def _load_cifar(root, num_classes):
     if missing:
         raise DataError(f"{title} files missing in {folder}: {', '.join(missing)} "
                         f"(expected {', '.join(expected)}, as extracted from {archive}; "
-                        f"set data.root to that folder or its parent)")
+                        f"set data.root to that folder or its parent, or set data.download=true)")
 
     meta = _read_pickle(os.path.join(folder, meta_file))
     if not isinstance(meta, dict):
@@ -275,9 +286,58 @@ def _imagefolder_files(root):
         raise DataError(f"no test split in {root}: expected a 'val' (or 'test') folder with one "
                         f"sub-folder per class next to 'train'")
     classes, train_files, train_labels = _scan_image_folder(os.path.join(root, "train"))
-    test_classes, test_files, test_labels = _scan_image_folder(test_dir)
-    _check_same_classes(test_classes, classes, test_dir, os.path.join(root, "train"))
+    if _is_flat(test_dir):
+        test_files, test_labels = _flat_val(root, test_dir, classes)
+    else:
+        test_classes, test_files, test_labels = _scan_image_folder(test_dir)
+        _check_same_classes(test_classes, classes, test_dir, os.path.join(root, "train"))
     return classes, (train_files, train_labels), (test_files, test_labels)
+
+
+# ImageNet's validation set as released is one flat folder; its labels come from one of these files
+FLAT_VAL_LABELS = ("LOC_val_solution.csv", "val_labels.txt")
+MAX_LABEL_FILE_BYTES = 64 << 20
+
+
+def _is_flat(folder):
+    """True when `folder` holds images but no sub-folders (ImageNet's validation set as released)."""
+    entries = list(os.scandir(folder))
+    return not any(e.is_dir() for e in entries) and any(e.name.lower().endswith(IMG_EXTENSIONS) for e in entries)
+
+
+def _flat_val(root, folder, classes):
+    """(files, labels) of a flat validation folder, sorted by file name, labelled by a ground-truth file:
+    Kaggle's LOC_val_solution.csv (`ImageId,PredictionString`, the wnid first in the string) or val_labels.txt
+    (`<file name or stem> <wnid>` per line), in `folder` or `root`."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith("."))
+    found = [os.path.join(where, n) for n in FLAT_VAL_LABELS for where in (folder, root)
+             if os.path.isfile(os.path.join(where, n))]
+    if not found:
+        raise DataError(f"{folder} holds {len(names)} images and no class sub-folders (ImageNet's flat validation "
+                        f"set?): put its ground truth beside it as {' or '.join(FLAT_VAL_LABELS)} ('<file> <wnid>' "
+                        f"per line), or sort the images into one sub-folder per class (docs/data.md)")
+    path = found[0]
+    if os.path.getsize(path) > MAX_LABEL_FILE_BYTES:
+        raise DataError(f"{path}: {os.path.getsize(path):,} bytes, more than a ground-truth file holds")
+    wnid_of = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.replace(",", " ").split()
+            if not fields or (n == 1 and fields[0] == "ImageId"):
+                continue
+            if len(fields) < 2:
+                raise DataError(f"{path} line {n}: expected '<file> <wnid>', found {line.strip()[:80]!r}")
+            wnid_of[os.path.splitext(fields[0])[0]] = fields[1]
+    label_of = {c: i for i, c in enumerate(classes)}
+    labels = []
+    for name in names:
+        wnid = wnid_of.get(os.path.splitext(name)[0])
+        if wnid is None:
+            raise DataError(f"{os.path.join(folder, name)} has no line in {path}")
+        if wnid not in label_of:
+            raise DataError(f"{path}: {name} is labelled {wnid!r}, which is not a class of the train split")
+        labels.append(label_of[wnid])
+    return [os.path.join(folder, n) for n in names], labels
 
 
 def _scan_image_folder(folder):

@@ -14,20 +14,88 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from .errors import CCFSError
 from .relaunch import cpu_launch_requested, die_with_parent, relaunch_cpu_processes  # noqa: F401  (this module's API)
 
 
-def make_accelerator(mixed_precision="no", timeout_s=1800):
+def make_accelerator(mixed_precision="no", timeout_s=1800, deterministic=True):
     """One Accelerator per run. `timeout_s` bounds how long a collective waits for a dead rank.
 
     Without CUDA the processes run on the CPU with gloo (also when started by torchrun / --multi_gpu),
-    and the C allocator is tuned for CPU compute (tune_malloc).
+    and the C allocator is tuned for CPU compute (tune_malloc). `deterministic` (train.deterministic) sets
+    the deterministic algorithms (set_determinism) before the first CUDA work. With CUDA, each rank must
+    have a GPU of its own (one_gpu_per_rank): a rank without one is a CCFSError before any collective.
     """
+    set_determinism(deterministic)
     cpu = not torch.cuda.is_available()
     if cpu:
         tune_malloc()
+    else:
+        problem = one_gpu_per_rank(os.environ, torch.cuda.device_count())
+        if problem:
+            raise CCFSError(problem)
     kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[kwargs])
+
+
+CUBLAS_WORKSPACE = ":4096:8"     # what cuBLAS needs to be deterministic (CUDA >= 10.2; ":16:8" also works)
+
+
+def set_determinism(deterministic):
+    """Deterministic algorithms on (True: train.deterministic, the default) or off (False, for speed).
+
+    True: torch.use_deterministic_algorithms(True) (an operation with no deterministic implementation
+    raises instead of running), cuDNN's deterministic kernels without autotuning (cudnn.benchmark off: its
+    pick can differ between runs), and CUBLAS_WORKSPACE_CONFIG, which cuBLAS reads when a handle is made,
+    so it is set here, before the run's first CUDA work (a value the user set is kept). torch's filling of
+    new tensors with NaN (fill_uninitialized_memory) stays off: it guards reads of uninitialised memory,
+    which the engine never does, at the cost of a write of every new tensor.
+    False: the defaults, and cudnn.benchmark on (the fastest kernels for each shape, picked by timing).
+    On the CPU the settings change nothing the engine computes (its kernels are deterministic there).
+    """
+    deterministic = bool(deterministic)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def one_gpu_per_rank(env, device_count):
+    """Why this process cannot have a GPU of its own (a message), or None.
+
+    Accelerate gives local rank L the device cuda:L. Two ranks on one GPU fail at NCCL's first collective
+    ("Duplicate GPU detected") after their setup; this tells it from the launcher's variables before any
+    work: more processes on this node (LOCAL_WORLD_SIZE) than GPUs it shows (CUDA_VISIBLE_DEVICES), or a
+    LOCAL_RANK beyond them."""
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    local_rank = int(env.get("LOCAL_RANK", "0") or 0)
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if local_rank < device_count and local_world <= device_count:
+        return None
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    shown = f"{device_count} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+    per_node = f"{local_world} processes on this node" if local_world else f"local rank {local_rank}"
+    return (f"{per_node} but this node shows {shown}: every rank needs a GPU of its own (two ranks on one "
+            f"GPU fail in NCCL); start at most {device_count} process(es) per node (--num_processes), "
+            f"or none with CUDA hidden (CUDA_VISIBLE_DEVICES=) to run on the CPU")
+
+
+def fresh_scaler(accelerator):
+    """A new fp16 loss scaler for one training, with the settings of `accelerator`'s, put in its place (the
+    training's optimizer and backward use it); None without fp16. Each training starts from the initial
+    scale, as one run alone would: it never inherits the scale that earlier trainings left, and its state
+    is saved in the training's checkpoints (train.Session), so a resumed training scales exactly alike."""
+    old = accelerator.scaler
+    if old is None:
+        return None
+    accelerator.scaler = torch.amp.GradScaler(
+        old._device, init_scale=old._init_scale, growth_factor=old._growth_factor,
+        backoff_factor=old._backoff_factor, growth_interval=old._growth_interval, enabled=old._enabled)
+    return accelerator.scaler
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # mallopt parameters, glibc's malloc.h
@@ -195,7 +263,8 @@ class Local:
         self.mixed_precision = accelerator.mixed_precision
         # fp16: a loss scaler of its own, starting fresh, so that the training does not inherit the scale
         # that earlier trainings on this rank left in the accelerator's (its result would depend on them)
-        self.scaler = torch.amp.GradScaler(self.device.type) if accelerator.scaler is not None else None
+        self.scaler = accelerator.scaler
+        fresh_scaler(self)
 
     def prepare(self, model, optimizer):
         from accelerate.optimizer import AcceleratedOptimizer
@@ -256,8 +325,9 @@ def wait_for_all(accelerator):
 
 
 def main_says(accelerator, value):
-    """Rank 0's `value` (a str or None) on every rank: for a verdict only rank 0 can reach (it alone holds
-    the run directory's lock), so that every rank fails alike instead of waiting in a collective."""
+    """Rank 0's `value` (a str, a bool or None) on every rank: for a verdict only rank 0 can reach (it alone
+    holds the run directory's lock; whether a split job has finished, jobs.finished), so that every rank
+    acts alike instead of one waiting in a collective the others never enter."""
     if accelerator.num_processes == 1:
         return value
     from accelerate.utils import broadcast_object_list

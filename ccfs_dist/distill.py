@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import _rand, _stats, denormalize_to_uint8, normalize, resized_crop_flip
+from .augment import _rand, _stats, denormalize_to_uint8, normalize, randn_cpu, resized_crop_flip
 from .errors import ConfigError
 
 CDA_SCALE_END = 0.08
@@ -58,7 +58,7 @@ def cda_min_scale(step, iterations, start=1.0, end=CDA_SCALE_END):
 
 
 def _randint(low, high, generator, device):
-    """Integer uniform in [low, high] from `generator` (on any device)."""
+    """Integer uniform in [low, high] from `generator` (a CPU generator, as every draw: augment._rand)."""
     u = _rand((1,), generator, "cpu").item()
     return low + min(int(u * (high - low + 1)), high - low)
 
@@ -68,7 +68,9 @@ def recover(teacher, classes_in_batch, *, mean, std, image_size, channels, itera
     """Synthesise one image per class in `classes_in_batch` from the frozen `teacher` (see module doc).
 
     `teacher` must contain BatchNorm2d layers; its device is used. `init_images` (uint8, B x C x H x W)
-    replaces the Gaussian-noise start. Returns uint8 images B x channels x image_size x image_size.
+    replaces the Gaussian-noise start. `generator` (a CPU torch.Generator) gives every random number: the
+    noise, the jitter, the crops and flips (drawn on the CPU, so the same on every device). Returns uint8
+    images B x channels x image_size x image_size.
     """
     bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns:
@@ -92,8 +94,7 @@ def recover(teacher, classes_in_batch, *, mean, std, image_size, channels, itera
                              f"{(b, channels, image_size, image_size)}")
         x = normalize(init_images.to(device), mean, std)
     else:
-        gen_device = generator.device if generator is not None else device
-        x = torch.randn((b, channels, image_size, image_size), generator=generator, device=gen_device).to(device)
+        x = randn_cpu((b, channels, image_size, image_size), generator, device)
     x = x.clone().requires_grad_(True)
 
     opt = torch.optim.Adam([x], lr=lr, betas=(0.5, 0.9), eps=1e-8)

@@ -1,10 +1,19 @@
 """Evaluation: train fresh models on a final set and report test accuracy (the random baselines' indices
-are drawn by selection.random_per_class)."""
+are drawn by selection.random_per_class).
+
+Two regimes (`eval.labels`: kd | hard | both) train the evaluation models of every set: "kd", knowledge
+distillation from the teacher (the paper's protocol; the labels are unused), and "hard", cross-entropy on
+the true labels with the same recipe and seeds, without the teacher. Under KD the teacher's soft labels
+carry much of the signal, so subsets of different quality score alike; under hard labels the subset
+itself is judged. The KD regime keeps the artifact names and summary keys it always had; the hard
+regime's carry "hard" (`regime_suffix`), so the two can never be mixed up.
+"""
 import numpy as np
 import torch
 
 from .models import build_model
 from .predict import accuracy
+from .rundir import regime_suffix
 from .train import train_model
 
 
@@ -31,6 +40,59 @@ def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teache
     final = accuracy(accelerator, model, data.test, mean=data.mean, std=data.std)
     return {"final": final, "official": max(seen + [final]), "official_epochs": len(seen),
             "recipe": recipe.recorded()}
+
+
+REGIMES = ("kd", "hard")
+REGIME_LABELS = {"kd": "KD from the teacher", "hard": "hard labels (cross-entropy)"}
+
+
+def regimes(cfg):
+    """The evaluation regimes a run trains (eval.labels), KD first."""
+    labels = cfg["eval"]["labels"]
+    return REGIMES if labels == "both" else (labels,)
+
+
+def summary_key(regime):
+    """summary.json's key of a regime's results: "evaluation" (KD), "evaluation_hard"."""
+    return "evaluation" + regime_suffix(regime)
+
+
+def lead_key(regime):
+    """summary.json's key of CCFS's lead over each baseline in a regime: "ccfs_lead", "ccfs_lead_hard"."""
+    return "ccfs_lead" + regime_suffix(regime)
+
+
+def eval_key(name, r, regime):
+    """The plan's key of evaluation run r of set `name` in `regime`: (name, r) for KD, as before;
+    (name, r, "hard") for hard labels."""
+    return (name, r) if regime == "kd" else (name, r, regime)
+
+
+def regime_of(key):
+    return key[2] if len(key) > 2 else "kd"
+
+
+def evaluate_in_regime(accelerator, images, labels, *, regime, teacher, **kw):
+    """evaluate_run in `regime`: with the teacher (KD), or without it (cross-entropy on `labels`); the
+    result records its regime."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown evaluation regime {regime!r}")
+    result = evaluate_run(accelerator, images, labels, teacher=teacher if regime == "kd" else None, **kw)
+    return {**result, "regime": regime}
+
+
+def lead(ccfs_runs, baseline_runs):
+    """CCFS's lead over a baseline, in points: run r of each set is trained with the same seed (paired):
+    mean ± std (population) of the per-run differences, and how many runs CCFS is ahead / behind."""
+    d = 100 * (np.asarray(ccfs_runs, dtype=float) - np.asarray(baseline_runs, dtype=float))
+    return {"mean": float(d.mean()), "std": float(d.std()), "ahead": int((d > 0).sum()), "behind": int((d < 0).sum())}
+
+
+def leads(evaluation):
+    """{baseline: lead} of one regime's {set: summarize(...)}; empty without baselines."""
+    if "ccfs" not in evaluation:
+        return {}
+    return {name: lead(evaluation["ccfs"]["final"], r["final"]) for name, r in evaluation.items() if name != "ccfs"}
 
 
 def summarize(runs):

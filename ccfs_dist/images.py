@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .errors import DataError
+from .progress import track
 
 # torchvision's IMG_EXTENSIONS, so sorted-path order equals torchvision ImageFolder order.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -51,8 +51,8 @@ def read_images(paths, mode, size=None, resize=None, desc=None, exact_mode=False
 
     pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))  # PIL decodes without holding the GIL
     try:
-        bar = tqdm(pool.map(load, paths), total=len(paths), desc=desc or "decoding images",
-                   unit="img", disable=len(paths) < PROGRESS_MIN_FILES)
+        bar = track(pool.map(load, paths), total=len(paths), desc=desc or "decoding images",
+                    unit="images", main=len(paths) >= PROGRESS_MIN_FILES)
         for i, pixels in enumerate(bar):
             out[i] = pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
     finally:

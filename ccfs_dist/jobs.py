@@ -5,7 +5,7 @@ the run directory, atomically, last of all; a job whose artifact exists is skipp
     teacher        teacher.json (its training stats), teacher.pt             (rundir.Layout names them)
     score_run r    scores_runs/run<r>.npz  (the run's per-sample forgetting, loss, el2n)
     filter j       phase_<j>/filter.pt, phase_<j>/steps.json
-    eval set r     eval/<set>_run<r>.json
+    eval set r     eval/<set>_run<r>.json       (KD; hard labels: eval/<set>_hard_run<r>.json)
 
 Trainings keep their mid-training state in <artifact stem>_state.pt (train.checkpoint_every), which
 loads on any rank, so a resumed run continues a killed training wherever the new plan puts it.
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import io, seeds
-from .dist import Local, wait_for_all
-from .evaluate import evaluate_run
+from .dist import Local, main_says, wait_for_all
+from .evaluate import eval_key, evaluate_in_regime, regime_of
 from .models import build_model, load_checkpoint, state_dict_of
 from .scores import DYNAMICS, dynamics_run
 from .stream_train import stream_options, train_stream
@@ -51,7 +51,7 @@ class Trainings:
             return run.score_run(key[0])
         if kind == "filter":
             return run.phase(key[0], "steps.json")
-        return run.eval_run(*key)
+        return run.eval_run(key[0], key[1], regime=regime_of(key))
 
     def finished(self, job):
         run = self.run
@@ -111,24 +111,37 @@ class Trainings:
             io.write_json(run.phase(j, "steps.json"),
                           {"train": {k: stats[k] for k in ("seconds", "images_per_s", "epochs", "batch_size")}})
 
-    def train_eval(self, acc, name, r):
+    # ---- evaluation runs (eval.labels: each set in the KD regime, the hard-label one, or both) ----
+    def train_eval(self, acc, name, r, regime="kd"):
+        """Evaluation run r of set `name` in `regime`: KD from the teacher, or cross-entropy on the true
+        labels without it; the same recipe, seed and augmentation in both."""
         cfg, data, c = self.cfg, self.data, self.cfg["ccfs"]
         held = self.sets[name]
-        result = evaluate_run(acc, held.images, held.labels, data=data, model_cfg=cfg["model"],
-                              recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
-                              teacher=self.teacher if cfg["train"]["kd"] else None,
-                              seed=seeds.eval_run(cfg["seed"], r), desc=f"eval {name} {r + 1}/{cfg['eval']['runs']}",
-                              best_after=cfg["eval"]["best_after"],
-                              checkpoint=self.run.eval_run(name, r, state=True))
+        key = eval_key(name, r, regime)
+        result = evaluate_in_regime(
+            acc, held.images, held.labels, regime=regime, teacher=self.teacher, data=data, model_cfg=cfg["model"],
+            recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=self.class_size, per_class=c["ipc"]),
+            seed=seeds.eval_run(cfg["seed"], r), best_after=cfg["eval"]["best_after"],
+            desc=f"eval {name}{'' if regime == 'kd' else ' ' + regime} {r + 1}/{cfg['eval']['runs']}",
+            checkpoint=self.run.eval_run(name, r, state=True, regime=regime))
         if acc.is_main_process:
-            io.write_json(self.artifact("eval", name, r), result)
+            io.write_json(self.artifact("eval", *key), result)
+
+
+def finished(acc, trainings, job):
+    """Whether `job` is finished. A split job is decided by rank 0 alone and its answer given to every rank
+    (they run it together: on a lagging shared file system one rank could see the artifact and another not,
+    and one would enter the training alone and wait in its first collective); a whole job by its own rank."""
+    if not job.split:
+        return trainings.finished(job)
+    return main_says(acc, trainings.finished(job) if acc.is_main_process else None)
 
 
 def run_stage(run, stage, trainings):
     """This rank's jobs of `stage`: the split ones (with every rank, in the same order), then its own;
     then every rank waits for all, so each job's artifact can be read by any rank."""
     for job in stage.jobs_of(run.acc.process_index):
-        if trainings.finished(job):
+        if finished(run.acc, trainings, job):
             run.log(f"{job.name}: resumed")
         else:
             trainings.do(job)

@@ -5,6 +5,7 @@ CCFS for filter and evaluation models, and any torchvision classifier; checkpoin
     load_checkpoint(model, path) -> model            (in place)
     state_dict_of(model) -> dict                     (plain state dict, DDP / torch.compile unwrapped)
 """
+import contextlib
 import os
 
 import torch
@@ -135,6 +136,15 @@ def _model_name(model):
     return type(model).__name__
 
 
+def _checkpoint_globals():
+    """The one class besides tensors that a training script's checkpoint holds: torchvision's reference
+    scripts (which SRe2L's squeeze, and so the official CCFS teachers, use) save their argparse.Namespace as
+    `args`. Building a Namespace only sets attributes; no code runs. (torch < 2.5: weights_only as is.)"""
+    import argparse
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow([argparse.Namespace]) if allow else contextlib.nullcontext()
+
+
 def load_checkpoint(model, path):
     """Load weights from `path` into `model` in place and return it.
 
@@ -146,7 +156,8 @@ def load_checkpoint(model, path):
         raise DataError(f"checkpoint file '{path}' does not exist; check teacher.checkpoint "
                         f"(or set it to null to train a teacher)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _checkpoint_globals():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise DataError(f"checkpoint file '{path}' could not be loaded ({type(exc).__name__}: {first}); "

@@ -8,6 +8,8 @@ curriculum does the stage's collective part (distillation, scoring, selection, g
     phase j   filter j; baseline evaluation runs            -> filter accuracy, pool scoring, selection
     final     CCFS evaluation runs; baseline runs left over -> results read back from the eval/ artifacts
 
+(Evaluation runs: every set's, in each regime of eval.labels: KD and / or hard labels.)
+
 A training is split over the ranks only when each would get at least `train.min_batch_per_rank`
 samples per step (split_training); otherwise it runs whole on one rank with the single-process recipe.
 Whole trainings are dealt by their cost (images processed): longest first to the least-loaded rank;
@@ -20,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from .difficulty import DYNAMICS
+from .evaluate import eval_key, regimes
 from .selection import phase_budgets
 from .train import Recipe
 
@@ -29,7 +32,8 @@ KD_COST = 4 / 3          # a KD step adds the teacher's forward pass (about a th
 @dataclass(frozen=True)
 class Job:
     kind: str            # teacher | score_run | filter | eval
-    key: tuple           # score_run: (r,); filter: (phase,); eval: (set name, run)
+    key: tuple           # score_run: (r,); filter: (phase,); eval: (set name, run) under KD,
+                         # (set name, run, "hard") under hard labels (evaluate.eval_key)
     cost: float          # images processed (epochs x steps x batch size), x KD_COST with a teacher
     split: bool = False  # data-parallel over all ranks (else whole on one rank)
 
@@ -94,18 +98,27 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
         _deal(stages[-1], [job])
         per_class += k
 
-    rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
-    cost = training_cost(c["ipc"] * num_classes, rec.epochs, rec.batch_size, t["kd"])
-    split = split_training(rec.batch_size, world, minimum)
-    runs = range(cfg["eval"]["runs"])
     stages.append(Stage("final", local=[[] for _ in range(world)]))
-    _deal(stages[-1], [Job("eval", ("ccfs", r), cost, split) for r in runs])
-    background = [Job("eval", (name, r), cost, split) for name in eval_sets(cfg)[1:] for r in runs]
+    evals = eval_jobs(cfg, world, num_classes=num_classes, class_size=class_size)
+    _deal(stages[-1], [j for j in evals if j.key[0] == "ccfs"])
+    background = [j for j in evals if j.key[0] != "ccfs"]
+    split = any(j.split for j in evals)
     if split:
         stages[-1].split.extend(background)
     else:
         _fill(stages[1:], background)
     return stages
+
+
+def eval_jobs(cfg, world, *, num_classes, class_size):
+    """The evaluation runs of every set in every regime (evaluate.regimes): KD ones first, each regime's
+    in set order. A KD run costs the teacher's forward pass too (KD_COST), a hard-label run does not."""
+    c = cfg["ccfs"]
+    rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+    split = split_training(rec.batch_size, world, cfg["train"]["min_batch_per_rank"])
+    return [Job("eval", eval_key(name, r, regime),
+                training_cost(c["ipc"] * num_classes, rec.epochs, rec.batch_size, regime == "kd"), split)
+            for regime in regimes(cfg) for name in eval_sets(cfg) for r in range(cfg["eval"]["runs"])]
 
 
 def _deal(stage, jobs):

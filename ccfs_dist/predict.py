@@ -11,10 +11,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .augment import normalize
 from .dist import gather_rows, most_per_rank, rank_world
+from .progress import track
 
 FIELDS = ("index", "label", "pred", "true_logit", "margin", "loss")
 PROGRESS_MIN_BATCHES = 10       # passes of fewer batches per rank show no progress bar
@@ -73,8 +73,8 @@ def predict(accelerator, model, split, index, *, mean, std, batch_size=512, chan
     batches = split.batches(index, batch_size, rank, world, device)
     total = most_per_rank(math.ceil(len(index) / batch_size), world)     # batches on the busiest rank
     # no bar for a few batches: setting one up costs as much as a small batch
-    for x, y, ids in tqdm(batches, desc=desc, total=total, leave=False,
-                          disable=not accelerator.is_main_process or total < PROGRESS_MIN_BATCHES):
+    for x, y, ids in track(batches, desc=desc, total=total, unit="batches",
+                           main=accelerator.is_main_process and total >= PROGRESS_MIN_BATCHES):
         x = normalize(x, mean, std).contiguous(memory_format=memory_format)
         with autocast():
             logits = model(x)

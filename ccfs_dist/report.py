@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 
 from . import io
 from .errors import CCFSError
+from .evaluate import REGIME_LABELS, REGIMES, lead_key, summary_key
 from .rundir import Layout
 
 SET_LABELS = {"ccfs": "CCFS (distilled + selected real)", "distilled+random": "distilled + random real",
@@ -109,15 +110,18 @@ def _labelled(blocks, row_names, col_names, path):
     gap, left, top = 12, 8 + 7 * max(len(n) for n in row_names), 18
     pictures = [Image.fromarray((b.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
                 for b in blocks]
-    width = left + sum(p.width for p in pictures) + gap * (len(pictures) - 1) + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # a column is as wide as its picture or its name, whichever is wider, so no name is cut off
+    slots = [max(p.width, math.ceil(measure.textlength(name)) + 4) for p, name in zip(pictures, col_names)]
+    width = left + sum(slots) + gap * (len(pictures) - 1) + 4
     height = top + max(p.height for p in pictures) + 4
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     x = left
-    for p, name in zip(pictures, col_names):
+    for p, name, slot in zip(pictures, col_names, slots):
         canvas.paste(p, (x, top))
         draw.text((x + 2, 3), name, fill="black")
-        x += p.width + gap
+        x += slot + gap
     row_h = (pictures[0].height - 2) / len(row_names)
     for i, name in enumerate(row_names):
         draw.text((4, top + 2 + i * row_h + row_h / 2 - 5), name, fill="black")
@@ -232,15 +236,43 @@ def fallback_line(phases):
 
 
 def results_table(summary):
-    """Markdown table of CCFS vs baselines (mean ± std of final-epoch test accuracy) and the teacher."""
-    lines = ["| set | test acc % (final epoch, mean ± std) | runs | official protocol* % (mean ± std) |",
-             "|---|---|---|---|"]
-    for name, r in summary["evaluation"].items():
-        official = ("–" if r.get("official_mean") is None else
-                    f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
-        lines.append(f"| {SET_LABELS.get(name, name)} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | "
-                     f"{len(r['final'])} | {official} |")
-    lines.append(f"| full data (teacher) | {_pct(summary['teacher_test_acc'])} | | |")
+    """Markdown: per evaluation regime, a table of CCFS vs baselines (mean ± std of final-epoch test
+    accuracy) and the teacher; with both regimes, the two side by side with CCFS's lead in each."""
+    out = []
+    found = [regime for regime in REGIMES if summary_key(regime) in summary]
+    for regime in found:
+        lines = [f"**Evaluation models trained with {REGIME_LABELS[regime]}** (summary.json: "
+                 f"`{summary_key(regime)}`)", "",
+                 "| set | test acc % (final epoch, mean ± std) | runs | official protocol* % (mean ± std) |",
+                 "|---|---|---|---|"]
+        for name, r in summary[summary_key(regime)].items():
+            official = ("–" if r.get("official_mean") is None else
+                        f"{100 * r['official_mean']:.2f} ± {100 * r['official_std']:.2f}")
+            lines.append(f"| {SET_LABELS.get(name, name)} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | "
+                         f"{len(r['final'])} | {official} |")
+        lines.append(f"| full data (teacher) | {_pct(summary['teacher_test_acc'])} | | |")
+        out += lines + [""]
+    if len(found) > 1:
+        out += [regimes_table(summary, found), ""]
+    return "\n".join(out).rstrip("\n")
+
+
+def regimes_table(summary, found):
+    """The regimes side by side: per set, mean ± std per regime, and CCFS's lead over it in each (points,
+    mean ± std of the paired per-run differences; runs ahead / behind)."""
+    head = " | ".join(f"{REGIME_LABELS[g]}: test acc %" for g in found)
+    lead = " | ".join(f"CCFS lead, {REGIME_LABELS[g]} (points)" for g in found)
+    lines = ["**The regimes side by side**", "", f"| set | {head} | {lead} |", "|---|" + "---|" * 2 * len(found)]
+    for name in summary[summary_key(found[0])]:
+        accs = []
+        for g in found:
+            r = summary[summary_key(g)].get(name)
+            accs.append("–" if r is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}")
+        leads = []
+        for g in found:
+            d = summary.get(lead_key(g), {}).get(name)
+            leads.append("" if d is None else f"{d['mean']:+.2f} ± {d['std']:.2f} ({d['ahead']} / {d['behind']})")
+        lines.append(f"| {SET_LABELS.get(name, name)} | " + " | ".join(accs + leads) + " |")
     return "\n".join(lines)
 
 
@@ -253,7 +285,8 @@ def _markdown(name, cfg, summary, phases, figures, notes):
                 f"coarse **{c['coarse']}**, fine **{c['fine']}**, difficulty {c['difficulty']}, "
                 f"teacher-correct {c['teacher_correct']}, balance {c['balance']}, warm start {c['warm_start']}",
                 f"- training: epochs {t['epochs'] or 'paper rule'}, lr {t['lr']}, "
-                f"KD {t['kd']} (T = {t['temperature']})"]
+                f"filters: KD {t['kd']} (T = {t['temperature']}); evaluation: eval.labels "
+                f"{cfg['eval']['labels']}"]
         if summary:
             out.append(f"- {summary['distilled_per_class']} distilled images per class; {summary['processes']} "
                        f"process(es); teacher: {summary['teacher'].get('source', '?')}")
@@ -261,7 +294,10 @@ def _markdown(name, cfg, summary, phases, figures, notes):
     out += ["## Result", ""]
     if summary:
         out += [results_table(summary), "",
-                "Final-epoch test accuracy over the evaluation runs. *The official code's figure: the best test "
+                "Final-epoch test accuracy over the evaluation runs. KD: the paper's protocol (the teacher's soft "
+                "labels carry much of the signal); hard labels: the set alone (docs/pipeline.md). CCFS lead: run r "
+                "of each set trains with the same seed; mean ± std of the paired differences (runs ahead / behind). "
+                "*The official code's figure: the best test "
                 f"accuracy over every epoch after {summary.get('best_after', 0.8):.0%} of training, selected on "
                 "the test set: for comparison with published numbers only.", "",
                 fallback_line(summary["phases"]).capitalize() + ".", ""]

@@ -65,6 +65,17 @@ def set_stem(name):
     return name.replace("+", "_")
 
 
+def regime_suffix(regime):
+    """An evaluation regime in file names and summary keys: KD keeps the names it always had ("");
+    hard labels add "_hard"."""
+    return "" if regime == "kd" else f"_{regime}"
+
+
+# config keys a --resume may change, and the changes allowed: eval.labels may add a regime (its evaluations
+# are trained, the existing regime's artifacts are reused as they are)
+RESUME_MAY_CHANGE = {"eval.labels": {("kd", "both"), ("hard", "both")}}
+
+
 class Layout:
     """The names of a run directory's artifacts, and their loaders. `dir` is the folder they live in.
 
@@ -123,11 +134,14 @@ class Layout:
         """synthetic/<set>.npy: a baseline evaluation set held in a shared file (train.synthetic: shared)."""
         return self.path("synthetic", f"{set_stem(name)}.npy")
 
-    def eval_run(self, name, r, state=False):
-        return self.path("eval", f"{set_stem(name)}_run{r}{'_state.pt' if state else '.json'}")
+    def eval_run(self, name, r, state=False, regime="kd"):
+        """eval/<set>_run<r>.json (KD, the paper's protocol), eval/<set>_hard_run<r>.json (hard labels)."""
+        stem = f"{set_stem(name)}{regime_suffix(regime)}_run{r}"
+        return self.path("eval", stem + ("_state.pt" if state else ".json"))
 
-    def eval_summary(self, name):
-        return self.path(f"eval_{set_stem(name)}.json")
+    def eval_summary(self, name, regime="kd"):
+        """eval_<set>.json (KD), eval_<set>_hard.json (hard labels)."""
+        return self.path(f"eval_{set_stem(name)}{regime_suffix(regime)}.json")
 
     def selected_indices(self):
         return self.path("selected_indices.json")
@@ -296,7 +310,8 @@ class Run(Layout):
                 raise CCFSError(f"--resume: the run's {saved} cannot be read ({exc}); pass --overwrite to "
                                 f"start over") from None
             ours = flatten(cfg)
-            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+                            and (theirs.get(k), ours.get(k)) not in RESUME_MAY_CHANGE.get(k, ()))
             if differ:
                 shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
                 raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "

@@ -3,7 +3,9 @@ process count): a job seeded from this table gives the same result on whichever 
 The one exception is training on a streamed pool (stream_*), whose sample order depends on the process
 count by design (stream_train.py); its streams are seeded per (seed, epoch, rank).
 
-The values are those the pipeline has always used (changing one changes every result).
+The values are those the pipeline has always used (changing one changes every result). Every stream is
+drawn on the CPU (torch CPU generators, numpy) and the numbers are moved to the device, so a seed gives the
+same numbers on every device (augment._rand).
 """
 
 

@@ -33,12 +33,12 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .augment import Augment
 from . import seeds
 from .dist import rank_world, run_of, share_sizes
 from .errors import DataError
+from .progress import track
 from .train import Session
 
 
@@ -166,9 +166,9 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     first_epoch = session.resume(checkpoint, {}, extra_state)     # every epoch's randomness comes from (seed, epoch, rank)
     start, seen = session.clock(), 0
     session.ddp_model.train()
-    for epoch in tqdm(range(first_epoch, r.epochs), desc=desc, disable=not accelerator.is_main_process,
-                      leave=False, initial=first_epoch, total=r.epochs):
-        aug_gen = torch.Generator(device=device).manual_seed(
+    for epoch in track(range(first_epoch, r.epochs), desc=desc, main=accelerator.is_main_process,
+                       initial=first_epoch, total=r.epochs, unit="epochs"):
+        aug_gen = torch.Generator().manual_seed(     # on the CPU: the same views on every device
             int(np.random.default_rng(seeds.stream_augmentation(seed, epoch, rank)).integers(1 << 62)))
         for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device):
             x = augment(x.to(device, non_blocking=True), generator=aug_gen)

@@ -8,8 +8,9 @@ Accelerate's DDP averages the gradients, so the recipe (global batch size, lr) d
 process count; on CUDA BatchNorm becomes SyncBatchNorm (global batch statistics), and at the end every
 rank receives rank 0's parameters and buffers, the state that is saved.
 The augmentation (crop box and flip of every sample) is drawn for all global batches of an epoch at
-once from a generator seeded alike on every rank, and each rank takes its slice of each batch: a sample
-sees the same augmented view whatever the process count (on the CPU the boxes equal those of drawing
+once from a CPU generator seeded alike on every rank (and moved to the device: the same views on every
+device), and each rank takes its slice of each batch: a sample sees the same augmented view whatever the
+process count (on the CPU the boxes equal those of drawing
 batch by batch, as earlier versions did).
 
 The step loop does only device work: the epoch permutation and the epoch's crop boxes are made once
@@ -29,13 +30,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import seeds
 from .augment import Augment
-from .dist import broadcast_state, rank_slice, rank_world
+from .dist import broadcast_state, fresh_scaler, rank_slice, rank_world
 from .errors import DataError
 from .io import save_torch
+from .progress import track
 
 AUG_CHUNK_BYTES = 32 * 2**20   # float32 augmented images held at once per rank (several batches when small)
 
@@ -225,6 +226,7 @@ class Session:
 
     def __init__(self, accelerator, model, recipe, steps_per_epoch, *, teacher, memory_format):
         self.accelerator, self.recipe, self.steps_per_epoch = accelerator, recipe, steps_per_epoch
+        self.scaler = fresh_scaler(accelerator)        # fp16: this training's own, saved with its state
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=recipe.weight_decay)
         self.ddp_model, optimizer = accelerator.prepare(model, optimizer)
@@ -251,7 +253,7 @@ class Session:
 
     def resume(self, checkpoint, generators, extra_state=None):
         """The first epoch to train: 0, or the one after the state saved at `checkpoint` (weights, optimizer,
-        schedule, the named random `generators` and `extra_state`, restored in place)."""
+        schedule, the fp16 loss scaler, the named random `generators` and `extra_state`, restored in place)."""
         if not (checkpoint and os.path.exists(checkpoint)):
             return 0
         try:
@@ -260,6 +262,8 @@ class Session:
             self.unwrapped.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
             for name, generator in generators.items():
                 generator.set_state(state[name].cpu())
             if extra_state is not None:
@@ -284,6 +288,7 @@ class Session:
                 save_torch(checkpoint, {
                     "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                    **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                     **{name: generator.get_state() for name, generator in generators.items()},
                     **({"extra": extra_state.state_dict()} if extra_state is not None else {})})
             self.accelerator.wait_for_everyone()
@@ -328,7 +333,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     step, with this rank's rows of `images` (int64, on the device; a row may repeat where the last batch
     of an epoch wraps around) and the detached logits of their augmented views (training dynamics).
     With `checkpoint` (a path) and the recipe's `checkpoint_every` > 0, the full training state (weights,
-    optimizer, schedule, random generators) is saved every that many epochs, training continues from it
+    optimizer, schedule, random generators, the fp16 loss scaler) is saved every that many epochs, training continues from it
     when it exists, and it is deleted at the end: a killed run resumes mid-training and ends exactly as an
     uninterrupted one. `extra_state` (an object with state_dict() -> dict of tensors and load_state_dict())
     is saved and restored with it: what `on_epoch_end` accumulates (a score run's training dynamics).
@@ -358,16 +363,17 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     # batches augmented together (per-sample results are the same): fewer, larger kernels per step
     chunk_steps = max(1, min(steps_per_epoch, AUG_CHUNK_BYTES // max(1, share * math.prod(images.shape[1:]) * 4)))
 
-    generators = {"order_gen": torch.Generator().manual_seed(seed),                         # same on every rank
-                  "aug_gen": torch.Generator(device=device).manual_seed(seeds.augmentation(seed))}
+    # on the CPU, same on every rank and every device (augment._rand); the boxes are moved to the device
+    generators = {"order_gen": torch.Generator().manual_seed(seed),
+                  "aug_gen": torch.Generator().manual_seed(seeds.augmentation(seed))}
     order_gen, aug_gen = generators["order_gen"], generators["aug_gen"]
     first_epoch = session.resume(checkpoint, generators, extra_state)
     start = session.clock()
     seen = 0
     lrs = []                                              # lr at the first step of each epoch trained here
     session.ddp_model.train()
-    for epoch in tqdm(range(first_epoch, epochs), desc=desc, disable=not accelerator.is_main_process,
-                      leave=False, initial=first_epoch, total=epochs):
+    for epoch in track(range(first_epoch, epochs), desc=desc, main=accelerator.is_main_process,
+                       initial=first_epoch, total=epochs, unit="epochs"):
         lrs.append(session.optimizer.param_groups[0]["lr"])
         perm = torch.randperm(n, generator=order_gen)
         perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n))   # the last batch wraps around

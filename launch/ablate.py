@@ -23,6 +23,11 @@ as with one process); the tables are read back from the cells' summary.json file
 Only the centre cell of each IPC and seed evaluates the baselines (distilled + random real, random
 real); its name ends in -baselines. Tables (mean ± std over seeds of the final-epoch CCFS test
 accuracy) are printed and written to OUT/ablation.md and OUT/ablation.json.
+
+`eval.labels=hard|both` (an override, as for a run) evaluates every cell under hard labels instead of / as
+well as KD: each regime gets its own tables, headed with the regime (ablation.json: "tables" for KD,
+"tables_hard"; a cell's figures "ccfs", "random", ... and "ccfs_hard", "random_hard", ...). A finished
+grid rerun with eval.labels=both resumes every cell to add the hard-label evaluations only.
 """
 import argparse
 import os
@@ -37,7 +42,8 @@ from ccfs_dist.cli import DEFAULT_CONFIG  # noqa: E402
 from ccfs_dist.config import load_config  # noqa: E402
 from ccfs_dist.dist import dealt, log  # noqa: E402
 from ccfs_dist.errors import CCFSError  # noqa: E402
-from ccfs_dist.rundir import Layout  # noqa: E402
+from ccfs_dist.evaluate import REGIME_LABELS, REGIMES, regimes, summary_key  # noqa: E402
+from ccfs_dist.rundir import Layout, regime_suffix  # noqa: E402
 from ccfs_dist.selection import phase_budgets  # noqa: E402
 
 COARSE, FINE = ("misclassified", "correct"), ("simple", "hard", "random")
@@ -147,10 +153,25 @@ def make_base(acc, args, per_class):
         log(acc, f"base run (teacher, {per_class} distilled images per class) in {base}")
         base_cfg = load_config(args.config, args.overrides + [
             f"ccfs.ipc={per_class + 1}", f"ccfs.alpha={(per_class + 0.5) / (per_class + 1)}", "ccfs.phases=1",
-            "train.epochs=1", "eval.runs=1", "eval.baselines=false"])
+            "train.epochs=1", "eval.runs=1", "eval.baselines=false", "eval.labels=kd"])
         run_ccfs(acc, base_cfg, base, resume=True)
     return [f"teacher.checkpoint={given_teacher or base_run.teacher()}",
             f"data.distilled={given_distilled or base_run.distilled()}"]
+
+
+def in_regime(r, regime):
+    """A cell's record with `regime`'s figures under the plain names ("ccfs", "random", ...) and no other
+    regime's figures."""
+    x, names = regime_suffix(regime), ("ccfs", *SET_LABELS)
+    every = {k + regime_suffix(g) for g in REGIMES for k in names}
+    return {**{k: v for k, v in r.items() if k not in every}, **{k: r[k + x] for k in names if k + x in r}}
+
+
+def has_regimes(out, cfg):
+    """A finished cell holds the evaluations of every regime the grid asks for (else it is resumed: a
+    regime added by eval.labels=both is trained, the rest reused)."""
+    summary = io.read_json(Layout(out).summary())
+    return all(summary_key(regime) in summary for regime in regimes(cfg))
 
 
 def fmt(values):
@@ -159,11 +180,12 @@ def fmt(values):
     return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
 
-def tables(results, centre, ipcs, n_seeds):
-    """Markdown for every IPC: coarse x fine, phases, score, alpha, baselines; and the same as a dict."""
+def tables(results, centre, ipcs, n_seeds, regime="kd"):
+    """Markdown for every IPC: coarse x fine, phases, score, alpha, baselines; and the same as a dict; of
+    the evaluations in `regime` (a cell's figures "ccfs", "random", ... under KD, "ccfs_hard", ... else)."""
     md, data = [], {}
     for ipc in ipcs:
-        mine = [r for r in results if r["ipc"] == ipc]
+        mine = [in_regime(r, regime) for r in results if r["ipc"] == ipc]
 
         def accs(**want):
             return [r["ccfs"] for r in mine if all(r[k] == v for k, v in {**centre, **want}.items()
@@ -178,9 +200,10 @@ def tables(results, centre, ipcs, n_seeds):
         t["paired"] = paired(mine, base, centre)
         data[ipc] = t
         c = centre
-        md += [f"## IPC {ipc}", "",
+        md += [f"## IPC {ipc}, evaluation models trained with {REGIME_LABELS[regime]}", "",
                f"Centre: alpha {c['alpha']}, {c['coarse']} + {c['fine']}, {c['phases']} phases, difficulty "
-               f"{score_name(c['difficulty'])}. Final-epoch test accuracy %, mean ± std over {n_seeds} seed(s).", "",
+               f"{score_name(c['difficulty'])}. Final-epoch test accuracy %, mean ± std over {n_seeds} seed(s), "
+               f"evaluation regime: {REGIME_LABELS[regime]}.", "",
                "| coarse \\ fine | " + " | ".join(FINE) + " |", "|---|" + "---|" * len(FINE)]
         md += [f"| {co} | " + " | ".join(fmt(t["coarse_x_fine"][co][f]) for f in FINE) + " |" for co in COARSE]
         for key, title in (("phases", "phases"), ("score", "difficulty score"), ("alpha", "alpha")):
@@ -232,7 +255,7 @@ def main(argv=None):
     from ccfs_dist.curriculum import run_ccfs
     from ccfs_dist.dist import Local, make_accelerator, wait_for_all
     wanted = grid(args, centre)
-    acc = make_accelerator(cfg["train"]["mixed_precision"])
+    acc = make_accelerator(cfg["train"]["mixed_precision"], deterministic=cfg["train"]["deterministic"])
     scores = resolve_scores(args, acc, cfg, centre)
     cells, infeasible = {}, {}
     for n, s in wanted.items():
@@ -257,7 +280,7 @@ def main(argv=None):
         out = os.path.join(args.out, "cells", name)
         if i - 1 not in mine:
             continue
-        if Layout(out).complete():
+        if Layout(out).complete() and has_regimes(out, cfg):
             print(f"[{i}/{len(cells)}] {name}: done, skipped", flush=True)
             continue
         print(f"[{i}/{len(cells)}] {name}: running" + (f" on rank {acc.process_index}" if acc.num_processes > 1
@@ -273,22 +296,31 @@ def main(argv=None):
     results = []
     for name, s in cells.items():                 # read back from the cells' run directories
         summary = io.read_json(Layout(os.path.join(args.out, "cells", name)).summary())
-        ev = summary["evaluation"]
-        results.append({**s, "name": name, "ccfs": ev["ccfs"]["mean"], "teacher": summary["teacher_test_acc"],
-                        **{k: ev[k]["mean"] for k in SET_LABELS if k in ev},
+        figures = {}
+        for regime in regimes(cfg):               # "ccfs", "random", ... (KD); "ccfs_hard", ... (hard labels)
+            ev = summary[summary_key(regime)]
+            figures.update({k + regime_suffix(regime): r["mean"] for k, r in ev.items()})
+        results.append({**s, "name": name, **figures, "teacher": summary["teacher_test_acc"],
                         "fallback_share": sum(p["filled_from_fallback"] for p in summary["phases"])
                         / max(1, sum(sum(p["selected_per_class"]) for p in summary["phases"]))})
 
     n_seeds = len(split(args.seeds))
-    md, data = tables(results, centre, split(args.ipcs, int), n_seeds)
-    cells_md = ["## All cells", "", "| cell | CCFS acc % | selected from fallback tiers |", "|---|---|---|"]
-    cells_md += [f"| {r['name']} | {100 * r['ccfs']:.2f} | {100 * r['fallback_share']:.0f} % |" for r in results]
-    text = (f"# CCFS ablation: {os.path.basename(args.config)} {' '.join(args.overrides)}\n\n{md}\n"
-            + "\n".join(cells_md) + "\n")
+    mds, data = [], {}
+    for regime in regimes(cfg):
+        md, data["tables" + regime_suffix(regime)] = tables(results, centre, split(args.ipcs, int), n_seeds, regime)
+        mds.append(md)
+    heads = [f"CCFS acc %, {REGIME_LABELS[regime]}" for regime in regimes(cfg)]
+    cells_md = ["## All cells", "", f"| cell | {' | '.join(heads)} | selected from fallback tiers |",
+                "|---|" + "---|" * (len(heads) + 1)]
+    cells_md += [f"| {r['name']} | "
+                 + " | ".join(f"{100 * r['ccfs' + regime_suffix(regime)]:.2f}" for regime in regimes(cfg))
+                 + f" | {100 * r['fallback_share']:.0f} % |" for r in results]
+    text = (f"# CCFS ablation: {os.path.basename(args.config)} {' '.join(args.overrides)}\n\n" + "\n".join(mds)
+            + "\n" + "\n".join(cells_md) + "\n")
     if acc.is_main_process:
         io.write_text(os.path.join(args.out, "ablation.md"), text)
         io.write_json(os.path.join(args.out, "ablation.json"),
-                      {"config": args.config, "overrides": args.overrides, "centre": centre, "tables": data,
+                      {"config": args.config, "overrides": args.overrides, "centre": centre, **data,
                        "cells": results})
         print("\n" + text, flush=True)
     acc.end_training()

@@ -9,7 +9,7 @@ Phases (the first curriculum phase of a run, on the config's data and model, or 
   select        selection.select on the scoring phase's prediction arrays (hardness = filter logits)
   select_1k     select at ImageNet-1K size (1,281,167 samples, 1000 classes, k 100) on the synthetic pool of
                 launch/bench_selection.py (make_pool, there)
-  eval_train    train_model on an evaluation-sized set (ipc images per class), KD when train.kd
+  eval_train    train_model on an evaluation-sized set (ipc images per class), KD unless eval.labels is hard
 
 Ceilings, timed in the same run on the same model, batch, precision, memory format and compile setting:
   training  forward + loss + backward + optimizer step (+ the teacher's forward under no_grad when KD is on)
@@ -423,7 +423,8 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
     if "eval_train" in phases:
         final = data.train.fetch(random_per_class(data.train.labels.numpy(), c["ipc"], seeds.random_baseline(cfg["seed"])))
         rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
-        out["eval_train"] = bench_training(acc, cfg, data, kd_teacher, *final, rec, steps=steps, repeats=repeats,
+        eval_teacher = teacher if cfg["eval"]["labels"] != "hard" else None     # eval.labels both: the KD one
+        out["eval_train"] = bench_training(acc, cfg, data, eval_teacher, *final, rec, steps=steps, repeats=repeats,
                                            compile_arg=compile_arg, desc="bench eval", seed=seeds.bench_eval(cfg["seed"]))
 
     import accelerate
@@ -601,7 +602,8 @@ def run_from_args(args):
             raise CCFSError(f"--baseline {args.baseline}: cannot read a report ({exc})") from None
         baseline = baseline["runs"][0] if "runs" in baseline else baseline
     cfg, data = _load(args)
-    acc = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout)
+    acc = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
+                           deterministic=cfg["train"]["deterministic"])
     report = run_bench(acc, cfg, data, steps=args.steps, repeats=args.repeats, phases=phases,
                        compile_backend=args.compile_backend, selection_n=args.selection_n,
                        selection_classes=args.selection_classes, selection_k=args.selection_k)

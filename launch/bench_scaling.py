@@ -61,11 +61,10 @@ def parse_args(argv):
     return args
 
 
-def make_cifar_like(folder):
-    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class)."""
+def make_cifar_like(folder, c=CIFAR):
+    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class); `c` as CIFAR."""
     import torch
     from ccfs_dist.data import write_image_folder
-    c = CIFAR
     g = torch.Generator().manual_seed(0)
     for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
         n = per_class * c["classes"]
@@ -135,12 +134,13 @@ def predict(cfg, world, sizes, rates):
     """Predicted wall seconds of a run on `world` devices: per stage, the most loaded rank's trainings
     (plan.py) at the measured rates, plus the collective steps split W ways (distillation at the CE
     training rate, scoring of the pool at the scoring rate)."""
+    from ccfs_dist.evaluate import regime_of
     from ccfs_dist.plan import KD_COST, make_plan
     from ccfs_dist.selection import phase_budgets
     stages = make_plan(cfg, world, **sizes)
 
     def seconds(job):
-        kd = job.kind in ("filter", "eval") and cfg["train"]["kd"]
+        kd = (job.kind == "filter" and cfg["train"]["kd"]) or (job.kind == "eval" and regime_of(job.key) == "kd")
         return job.cost / (KD_COST if kd else 1.0) / rates["train_kd" if kd else "train"]
 
     total = 0.0

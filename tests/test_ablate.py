@@ -56,6 +56,26 @@ def test_tiny_grid_tables_and_resume(tmp_path):
     assert again.stdout.count("done, skipped") == 2 and "base run" not in again.stdout
     assert before == {c: os.path.getmtime(out / "cells" / c / "summary.json") for c in cells}
     assert json.load(open(out / "ablation.json"))["cells"] == table["cells"]
+    assert "evaluation models trained with KD from the teacher" in md and "tables_hard" not in table
+
+    # eval.labels=both: every cell resumes to add its hard-label evaluations; the KD ones are reused as they are
+    kd_bytes = {c: (out / "cells" / c / "eval" / "ccfs_run0.json").read_bytes() for c in cells}
+    both = ablate(grid + ["eval.labels=both"])
+    assert both.returncode == 0, both.stderr[-4000:]
+    assert "done, skipped" not in both.stdout and "base run" not in both.stdout
+    assert kd_bytes == {c: (out / "cells" / c / "eval" / "ccfs_run0.json").read_bytes() for c in cells}
+    md = open(out / "ablation.md").read()
+    assert md.count("## IPC 6, evaluation models trained with KD from the teacher") == 1
+    assert md.count("## IPC 6, evaluation models trained with hard labels (cross-entropy)") == 1
+    assert "| cell | CCFS acc %, KD from the teacher | CCFS acc %, hard labels (cross-entropy) |" in md
+    table = json.load(open(out / "ablation.json"))
+    centre = json.load(open(out / "cells" / cells[1] / "summary.json"))
+    for r in table["cells"]:                     # each cell's figures, per regime, as its summary says
+        summary = json.load(open(out / "cells" / r["name"] / "summary.json"))
+        assert r["ccfs"] == summary["evaluation"]["ccfs"]["mean"]
+        assert r["ccfs_hard"] == summary["evaluation_hard"]["ccfs"]["mean"]
+    assert table["tables_hard"]["6"]["baselines"]["random"]["values"] == [centre["evaluation_hard"]["random"]["mean"]]
+    assert table["tables"]["6"]["baselines"]["random"]["values"] == [centre["evaluation"]["random"]["mean"]]
 
 
 def load_ablate():

@@ -75,7 +75,7 @@ def distilled_folder(tmp_path, classes=10, per_class=2, corrupt=False):
 
 
 def case_missing_root(tmp_path):
-    return ["data.source=cifar10", f"data.root={tmp_path}/nothing"], "data.root folder not found"
+    return ["data.source=cifar10", f"data.root={tmp_path}/nothing"], "data.root not found"
 
 
 def case_missing_files(tmp_path):

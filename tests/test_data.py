@@ -447,3 +447,45 @@ def test_digits_read_without_sklearn_equal_load_digits(monkeypatch):
     monkeypatch.setattr(data_mod.os.path, "isfile", lambda path: False)      # the file moved: the fallback
     images, labels = data_mod.digits_arrays()
     assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+
+
+def flat_imagenet(tmp_path, labels_file=None):
+    """An ImageNet-shaped folder: train/<wnid>/ and a flat val/ of ILSVRC2012_val_*.JPEG."""
+    wnids = ["n01440764", "n01443537"]
+    for c, wnid in enumerate(wnids):
+        os.makedirs(tmp_path / "train" / wnid)
+        save_image(str(tmp_path / "train" / wnid / f"{wnid}_1.JPEG"), (8, 8), (100 * c, 0, 0))
+    os.makedirs(tmp_path / "val")
+    truth = ["n01443537", "n01440764", "n01443537"]
+    for i, wnid in enumerate(truth, 1):
+        save_image(str(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG"), (8, 8), (0, 50 * i, 0))
+    if labels_file == "LOC_val_solution.csv":
+        rows = [f"ILSVRC2012_val_{i:08d},{w} 10 20 30 40 {w} 1 2 3 4" for i, w in enumerate(truth, 1)]
+        (tmp_path / labels_file).write_text("ImageId,PredictionString\n" + "\n".join(reversed(rows)) + "\n")
+    elif labels_file:
+        (tmp_path / "val" / labels_file).write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG {w}\n"
+                                                           for i, w in enumerate(truth, 1)))
+    return truth
+
+
+@pytest.mark.parametrize("labels_file", ["LOC_val_solution.csv", "val_labels.txt"])
+def test_imagenet_flat_validation_folder_with_its_ground_truth(tmp_path, labels_file):
+    from ccfs_dist.data import image_files
+    flat_imagenet(tmp_path, labels_file)
+    files, labels, classes = image_files("imagefolder", str(tmp_path), "test")
+    assert classes == ["n01440764", "n01443537"]
+    assert [os.path.basename(f) for f in files] == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 3)]
+    assert labels == [1, 0, 1]
+
+
+def test_imagenet_flat_validation_folder_without_ground_truth_says_what_to_add(tmp_path):
+    from ccfs_dist.data import image_files
+    flat_imagenet(tmp_path)
+    with pytest.raises(DataError, match="holds 3 images and no class sub-folders .* LOC_val_solution.csv"):
+        image_files("imagefolder", str(tmp_path), "test")
+    (tmp_path / "val_labels.txt").write_text("ILSVRC2012_val_00000001 n01443537\nILSVRC2012_val_00000002 n09999999\n")
+    with pytest.raises(DataError, match="labelled 'n09999999', which is not a class"):
+        image_files("imagefolder", str(tmp_path), "test")
+    (tmp_path / "val_labels.txt").write_text("ILSVRC2012_val_00000001 n01443537\n")
+    with pytest.raises(DataError, match="ILSVRC2012_val_00000002.JPEG has no line in"):
+        image_files("imagefolder", str(tmp_path), "test")

@@ -77,3 +77,15 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
     from ccfs_dist.cli import main
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_column_names_wider_than_their_images_are_not_cut(tmp_path):
+    import torch
+    from PIL import ImageDraw
+    from ccfs_dist import report
+    name = "distilled (2 per class, first 2 shown)"
+    path = str(tmp_path / "grid.png")
+    report._labelled([torch.zeros(3, 20, 10), torch.zeros(3, 20, 10)], ["0", "1"], [name, "x"], path)
+    with Image.open(path) as im:
+        text = ImageDraw.Draw(im).textlength(name)
+        assert im.width >= 8 + 7 + text + 12 + 10     # left margin, the long name, the gap, the second column

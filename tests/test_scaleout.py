@@ -2,7 +2,7 @@
 
 With OMP_NUM_THREADS=1 in every process, the default config (the digits demo, with shorter trainings so
 that CI stays quick: see SETTINGS) gives byte-identical selected_indices.json, phase_*/selected.npy and
-eval_*.json with 1 process, 2 processes, 2 "nodes" x 1 process on localhost, and after SIGKILL of one
+eval_*.json (each set evaluated under KD and under hard labels: eval.labels=both) with 1 process, 2 processes, 2 "nodes" x 1 process on localhost, and after SIGKILL of one
 rank of a 2-process run at 4 points and --resume (with 2 processes, or with 1; and a killed 1-process run
 resumed with 2). No training
 of this config is split over ranks (its batches are below train.min_batch_per_rank per rank), so bitwise
@@ -28,10 +28,11 @@ SPLIT = os.path.join(ROOT, "tests", "workers", "split_worker.py")
 # the default config with fewer epochs / iterations (the same pipeline: forgetting scores computed in the
 # run, 3 phases, baselines); 3-epoch checkpoints so that a kill lands after one
 SETTINGS = ["teacher.epochs=6", "distill.iterations=20", "train.epochs=12", "scores.epochs=4", "scores.runs=2",
-            "eval.runs=2", "train.checkpoint_every=3", "model.width=16"]
+            "eval.runs=2", "train.checkpoint_every=3", "model.width=16", "eval.labels=both"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 COMPARED = ["selected_indices.json", "phase_1/selected.npy", "phase_2/selected.npy", "phase_3/selected.npy",
-            "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json"]
+            "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json",     # both evaluation regimes
+            "eval_ccfs_hard.json", "eval_distilled_random_hard.json", "eval_random_hard.json"]
 
 
 def one_process(out, extra=()):
@@ -204,7 +205,8 @@ def test_run_with_split_and_whole_trainings(tmp_path):
 def test_split_training_ends_identical_on_every_rank(tmp_path):
     """DDP keeps the parameters in step, but each rank's forward passes update its own BatchNorm running
     statistics (on the CPU torch has no SyncBatchNorm): they differ before the closing broadcast, and
-    every rank holds rank 0's state after it."""
+    every rank holds rank 0's state after it. Whether a split job has finished is rank 0's answer on every
+    rank, also where the other rank's file system does not show the artifact yet."""
     out = tmp_path / "split.npz"
     proc = accelerate_launch([SPLIT, str(out)], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,6 +215,7 @@ def test_split_training_ends_identical_on_every_rank(tmp_path):
     assert not np.array_equal(got["before"][0], got["before"][1])
     np.testing.assert_array_equal(got["after"][0], got["after"][1])
     np.testing.assert_array_equal(got["after"][0], got["before"][0])
+    assert got["finished"].tolist() == [True, True]       # rank 0's look, broadcast (jobs.finished)
 
 
 LOCAL_BF16 = """

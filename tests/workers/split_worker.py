@@ -1,6 +1,7 @@
 """One training split over the ranks (DDP, as the plan does when train.min_batch_per_rank allows), with
 a BatchNorm ConvNet; rank 0 saves every rank's parameters and buffers, just before the closing broadcast
-and at the end, to OUT.npz (keys before, after: world x values).
+and at the end, to OUT.npz (keys before, after: world x values), and every rank's answer to whether a split
+job has finished when only rank 0 sees its artifact (key finished: world values; jobs.finished).
 
 Usage (under accelerate launch): split_worker.py OUT.npz
 """
@@ -9,10 +10,11 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist import train
+from ccfs_dist import jobs, train
 from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.models import build_model
+from ccfs_dist.plan import Job
 
 states = {}
 
@@ -39,8 +41,15 @@ def main(out):
                                  train.Recipe(epochs=2, batch_size=64, lr=0.05, scale_min=0.5, flip=False),
                                  mean=data.mean, std=data.std, seed=0)
     after = acc.gather(flat(model)[None])
+
+    class Lagging:                     # rank 0 sees the artifact, the other ranks' file system does not yet
+        def finished(self, job):
+            return acc.is_main_process
+    done = jobs.finished(acc, Lagging(), Job("filter", (1,), 1.0, True))
+    finished = acc.gather(torch.tensor([done]))
     if acc.is_main_process:
-        np.savez(out, before=states["before"].numpy(), after=after.numpy(), world=acc.num_processes)
+        np.savez(out, before=states["before"].numpy(), after=after.numpy(), world=acc.num_processes,
+                 finished=finished.numpy())
     acc.wait_for_everyone()
 
 
