@@ -25,7 +25,7 @@ from ccfs_dist.shards import ShardSplit, _InterleavedStream, _ShardStream, _unpa
 from ccfs_dist.stream_train import epoch_batches, epoch_plan
 
 from conftest import ROOT, free_port
-from test_run import SCRIPT, TINY, check_artifacts
+from test_run import SCRIPT, TINY, check_artifacts, run_script
 
 STRESS = os.path.join(ROOT, "tests", "workers", "loader_stress_worker.py")
 DIGITS = {"source": "digits", "root": None, "image_size": None, "distilled": None}
@@ -311,7 +311,8 @@ def test_killing_the_launcher_leaves_no_process_of_the_run(pool):
 
 def test_term_to_the_launcher_ends_the_run_within_30_s_and_it_resumes(tmp_path):
     """SIGTERM to `accelerate launch` while a 2-process run on a shard pool with 2 loader workers per rank (per
-    split) is in its second phase: no process of the run is left after 30 s, and `--resume` completes it."""
+    split) is in its second phase: no process of the run is left after 30 s, and `--resume` (here with one
+    process) completes it."""
     folder = str(tmp_path / "shards")
     assert cli.main(["shards", "--out", folder, "--per-shard", "300", "--workers", "1", "data.source=digits"]) == 0
     out = str(tmp_path / "run")
@@ -323,13 +324,7 @@ def test_term_to_the_launcher_ends_the_run_within_30_s_and_it_resumes(tmp_path):
                           also=lambda: os.path.exists(late))
     assert took is not None, "processes of the run outlived a SIGTERM to its launcher by 30 s"
     print(f"no process of the run left {took:.1f} s after SIGTERM to the launcher")
-    marker = uuid.uuid4().hex
-    proc = start_run(args + ["--resume"], marker)
-    try:
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, "\n".join(line for line in err.decode().splitlines() if "rank" in line or "rror" in line)[-6000:]
-    check_artifacts(out, processes=2)
-    assert not marked(marker)
+    # resumed by one process (a run resumes on any count): what the TERMed run left must be a valid start
+    proc = run_script(args[1:] + ["--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_artifacts(out, processes=1)
