@@ -35,7 +35,9 @@ def add_run_args(p):
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out, skipping finished steps "
                    "(the config must be the run's; eval.labels=both may add an evaluation regime to a finished run)")
-    p.add_argument("--overwrite", action="store_true", help="delete --out first if it holds an earlier run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier ccfs run (its .ccfs-run marker), once the new run has "
+                        "finished; never any other folder, nor one that holds an input of the run")
     add_timeout_arg(p)
     add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. ccfs.ipc=20 train.epochs=5 (values parsed as YAML)")
@@ -71,7 +73,9 @@ def cmd_scores(args):
         raise CCFSError(f"--method must name one or more of {', '.join(METHODS)} (comma-separated), "
                         f"got {args.method!r}")
     methods = list(dict.fromkeys(methods))
-    from .sources import load_real
+    from .io import check_outputs
+    from .sources import input_paths, load_real
+    given = input_paths(cfg)                   # before anything is read in full or written
     data = load_real(cfg["data"])
     out = args.out or os.path.join("scores", f"{data.name}_{{method}}.npy")
     if len(methods) > 1 and "{method}" not in out:
@@ -81,14 +85,20 @@ def cmd_scores(args):
         raise CCFSError(f"--out {out!r} must end in .npy (a JSON file with the same stem is written beside it)")
     paths = {m: out.replace("{method}", m) for m in methods}
     from .io import check_writable_folder
+    written = [(what, p) for m in methods for what, p in (("--out", paths[m]),
+                                                         ("--out's sidecar", os.path.splitext(paths[m])[0] + ".json"))]
+    check_outputs(written, given)
     for p in paths.values():
         if os.path.isdir(p):
             raise CCFSError(f"--out '{p}' is a folder; name the .npy file to write")
         check_writable_folder(p, "--out", file=True)
-    existing = [p for p in paths.values() if os.path.exists(p)]
+    existing = [p for _, p in written if os.path.lexists(p)]
     if existing and not args.overwrite:
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
                         f"or choose another --out")
+    from .scores import written_by_scores
+    for m in methods:                      # --overwrite replaces only score files `ccfs scores` wrote
+        written_by_scores(paths[m])
     from .dist import log, make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
                                    deterministic=cfg["train"]["deterministic"])
@@ -106,7 +116,9 @@ def cmd_shards(args):
     cfg = load_config(args.config, args.overrides)
     if args.verify:
         return verify_shards(args, cfg)
-    from .io import check_writable_folder
+    from .io import check_outputs, check_writable_folder
+    from .sources import input_paths
+    check_outputs([("--out", args.out)], input_paths(cfg, checkpoints=False))
     check_writable_folder(args.out, "--out")
     from .shards import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
@@ -177,7 +189,8 @@ def build_parser():
                         "(default: scores.method)")
     p.add_argument("--out", default=None,
                    help="output .npy; {method} is replaced by the method name (default: scores/<data>_{method}.npy)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files that `ccfs scores` wrote (its JSON sidecar says so)")
     add_timeout_arg(p)
     add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. scores.runs=5 scores.epochs=200 (values parsed as YAML)")
@@ -195,7 +208,8 @@ def build_parser():
     p.add_argument("--per-shard", type=int, default=2000,
                    help="samples per shard (default 2000); keep shards >= ranks x data.num_workers")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards of the split in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the split's shards and index in --out that `ccfs shards` wrote")
     p.add_argument("--resize", type=int, default=None, metavar="N",
                    help="image-file sources: store every image with its shorter side N (at least data.image_size; "
                         "N = data.image_size: reading only crops), JPEGs re-encoded as JPEG, others as lossless "
@@ -239,7 +253,15 @@ def main(argv=None):
     if getattr(args, "progress", None):
         from .progress import set_mode
         set_mode(args.progress)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):     # set but empty: as if unset (accelerate reads them too)
+        if os.environ.get(name) == "":
+            del os.environ[name]
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        print(f"error: the environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of "
+              f"processes; unset it or launch with accelerate", file=sys.stderr, flush=True)
+        return 2
     prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
     try:
         status = args.func(args)

@@ -10,7 +10,11 @@ from typing import NamedTuple
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+
+MAX_DEPTH = 64                 # nesting of a YAML or JSON file the engine reads (io.py); none needs > 8
+MAX_YAML_BYTES = 1 << 20       # a run config is a few kB
+MAX_SIDE = 8192                # data.image_size and a shard index's image side: no huge allocation
 
 DEFAULTS = {
     "seed": 0,
@@ -108,8 +112,11 @@ DEFAULTS = {
     },
     "stream": {                    # training on a streamed pool (webdataset): the teacher, the forgetting/loss/el2n runs
         "shuffle_buffer": 4096,    # decoded samples per rank from which each batch is drawn at random (memory: this x image bytes;
-                                   # on the device under data.decode: device)
+                                   # on the device under data.decode: device); a pool of at most this many is read once
+                                   # and trained as in memory (train_model: the same result)
         "interleave": 16,          # shards each loader worker (data.num_workers) reads at once, drawing samples from all
+        "resume_other_processes": False,  # --resume a streamed run with another process count: its trainings on the
+                                   # stream then see other batches, so the result differs (refused unless true; warns)
     },
     "predict": {                   # a model's pass over pool samples (predict.py): teacher and filter predictions, accuracy
         "batch_size": 512,         # per rank
@@ -175,19 +182,28 @@ class Range(NamedTuple):
         if self.hi == math.inf:
             return "be positive" if (self.lo, self.lo_open) == (0, True) else \
                 f"be {'above' if self.lo_open else 'at least'} {self.lo:g}"
-        return f"lie in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"lie in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+def _num(v):
+    """A bound as docs say it: 1048576, not 1.04858e+06; 0.5 as 0.5."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, lo_open=True)
+# stated limits of what sizes an allocation (docs/safety.md): beyond them a value is a mistake, refused before
+# anything is allocated, not a multi-terabyte request that ends in a traceback
+MAX_WIDTH, MAX_DEPTH_LAYERS, MAX_BUFFER = 16384, 64, 1 << 20
+BATCH = Range(1, 65536)
 
 # the range of every numeric key (a test checks that none is missing); documented in docs/configuration.md
 RANGES = {
     "seed": AT_LEAST_0,
-    "data.image_size": AT_LEAST_1,
-    "model.width": AT_LEAST_1,
-    "model.depth": AT_LEAST_1,
+    "data.image_size": Range(1, MAX_SIDE),
+    "model.width": Range(1, MAX_WIDTH),
+    "model.depth": Range(1, MAX_DEPTH_LAYERS),
     "teacher.epochs": AT_LEAST_1,            # 0 epochs would give an untrained teacher
-    "teacher.batch_size": AT_LEAST_1,
+    "teacher.batch_size": BATCH,
     "teacher.lr": POSITIVE,
     "teacher.weight_decay": AT_LEAST_0,
     "teacher.warmup_epochs": AT_LEAST_0,
@@ -196,12 +212,12 @@ RANGES = {
     "distill.lr": POSITIVE,
     "distill.r_bn": AT_LEAST_0,
     "distill.jitter": AT_LEAST_0,
-    "distill.batch_classes": AT_LEAST_1,
+    "distill.batch_classes": BATCH,
     "ccfs.ipc": AT_LEAST_1,
     "ccfs.alpha": Range(0, 1),
     "ccfs.phases": AT_LEAST_1,               # or "log"
     "train.epochs": AT_LEAST_1,
-    "train.batch_size": AT_LEAST_1,
+    "train.batch_size": BATCH,
     "train.lr": POSITIVE,
     "train.momentum": Range(0, 1, hi_open=True),
     "train.weight_decay": AT_LEAST_0,
@@ -211,18 +227,18 @@ RANGES = {
     "train.min_batch_per_rank": AT_LEAST_1,
     "train.warmup_start": Range(0, 1, lo_open=True),
     "aug.scale_min": Range(0, 1, lo_open=True),
-    "predict.batch_size": AT_LEAST_1,
-    "data.num_workers": AT_LEAST_0,
-    "data.worker_timeout": POSITIVE,         # always bounded: no value turns the limit off
+    "predict.batch_size": BATCH,
+    "data.num_workers": Range(0, 1024),
+    "data.worker_timeout": Range(0, 86400, lo_open=True),   # always bounded: no value turns it off
     "scores.runs": AT_LEAST_1,
     "scores.epochs": AT_LEAST_1,
-    "scores.batch_size": AT_LEAST_1,
+    "scores.batch_size": BATCH,
     "scores.lr": POSITIVE,
     "scores.weight_decay": AT_LEAST_0,
     "scores.el2n_epoch": AT_LEAST_1,         # and at most scores.epochs (checked in validate)
     "scores.loss_sigma": POSITIVE,
-    "stream.shuffle_buffer": AT_LEAST_0,
-    "stream.interleave": AT_LEAST_1,
+    "stream.shuffle_buffer": Range(0, MAX_BUFFER),
+    "stream.interleave": Range(1, 4096),
     "eval.runs": AT_LEAST_1,
     "eval.best_after": Range(0, 1, hi_open=True),
 }
@@ -334,9 +350,9 @@ def parse_override(text):
         raise ConfigError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        value = load_yaml(raw, f"override '{text}': its value") if raw != "" else None
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     tree = node = {}
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -380,21 +396,58 @@ def validate(cfg):
     return cfg
 
 
-def read_yaml(path):
-    """The YAML document in the file at `path`, or a ConfigError saying why it cannot be read."""
+def load_yaml(text, where):
+    """The YAML document `text` (safe tags only) with its nesting bounded by MAX_DEPTH: PyYAML composes
+    nodes recursively, so a document nested 100,000 deep would end in a RecursionError; a DataError naming
+    `where` instead (also for a syntax error)."""
+    class Bounded(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise DataError(f"{where} nests more than {MAX_DEPTH} levels deep; refused")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+        return yaml.load(text, Loader=Bounded)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise DataError(f"{where} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{where} nests too deep; refused") from None
+
+
+def read_yaml(path):
+    """The YAML document in the file at `path`, or a ConfigError saying why it cannot be read (a FIFO, a
+    file over MAX_YAML_BYTES or nested deeper than MAX_DEPTH are refused before they are parsed)."""
+    import os
+    import stat
+    try:
+        st = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file '{path}' is a directory; name a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"config file '{path}' is a directory; name a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config file '{path}' is not a regular file (a pipe or device); name a YAML file")
+    if st.st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"config file '{path}' is {st.st_size} bytes, over the limit of {MAX_YAML_BYTES}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); name a YAML file") from None
     except OSError as exc:
         raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    try:
+        return load_yaml(text, f"config file '{path}'")
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(path=None, overrides=()):

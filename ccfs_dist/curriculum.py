@@ -24,7 +24,7 @@ import torch
 from . import inputs, io, seeds
 from . import synthetic as held
 from .data import load_distilled, write_image_folder
-from .sources import load_real
+from .sources import input_paths, load_real
 from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows
 from .distill import recover
@@ -37,6 +37,7 @@ from .rundir import Run
 from .predict import accuracy, predict
 from .scores import DYNAMICS, compute_score_files
 from .selection import phase_budgets, random_per_class, select, select_official
+from .stream_train import streams
 
 
 def load_given_teacher(cfg, data):
@@ -132,7 +133,8 @@ def get_hardness_source(cfg, data):
     if spec in DYNAMICS:   # forgetting | loss | el2n: computed with the `scores` recipe (streamed for shards)
         return None, spec
     scores, method = load_score_file(cfg["ccfs"]["difficulty_file"], len(data.train),     # spec "file"
-                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"])
+                                     labels=data.train.labels.numpy(), method=cfg["ccfs"]["difficulty_file_method"],
+                                     data_name=data.name)
     return to_hardness(scores, method), method
 
 
@@ -235,10 +237,10 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     The trainings are the jobs of the plan (plan.py, jobs.py); between its stages every rank runs the
     same collective steps (distillation, scoring, selection) on the artifacts the jobs wrote.
     """
-    run = Run(accelerator, out_dir, resume)
-    run.check(cfg, overwrite)
-    c = cfg["ccfs"]
     inputs.check_present(cfg)                  # every missing input in one error, before any is read
+    run = Run(accelerator, out_dir, resume)
+    run.check(cfg, overwrite, input_paths(cfg))      # no --out overlaps an input: before any byte is written
+    c = cfg["ccfs"]
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
     budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
@@ -253,7 +255,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         run.log(line)
     start, *phase_stages, final = make_plan(cfg, accelerator.num_processes, n_train=len(data.train),
                                             num_classes=data.num_classes, class_size=class_size,
-                                            streamed=not data.train.in_memory)
+                                            streamed=streams(cfg, data.train))
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
     trainings = Trainings(run, cfg, data, class_size)

@@ -5,7 +5,9 @@ Each real training sample has a stable global index: its row in `RealData.train`
 canonical order of its source (torchvision order for CIFAR, ImageFolder order for image folders).
 `sources.load_real` chooses between these sources and the streamed one (shards.py).
 """
+import errno
 import gzip
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -19,6 +21,7 @@ from PIL import Image
 
 from .errors import ConfigError, DataError
 from .images import IMG_EXTENSIONS, channel_stats, read_images
+from .io import regular_file
 from .pool import RealData, Split
 
 # Default normalisation per source (config keys data.mean / data.std override them). These follow the
@@ -181,6 +184,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _read_pickle(path):
     """A CIFAR pickle, loaded Python-2 style (encoding='bytes') through the restricted unpickler."""
+    if os.path.exists(path):
+        regular_file(path, "CIFAR batch")                  # a FIFO would block the open forever
     try:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="bytes").load()
@@ -239,8 +244,8 @@ def _tiny_imagenet_files(root):
         root = os.path.join(root, "tiny-imagenet-200")
     classes, train_files, train_labels = _scan_image_folder(os.path.join(root, "train"))
     wnids_path = os.path.join(root, "wnids.txt")
-    if os.path.isfile(wnids_path):
-        with open(wnids_path) as f:
+    if os.path.exists(wnids_path):
+        with open(regular_file(wnids_path, "Tiny-ImageNet class list")) as f:
             wnids = sorted(line.strip() for line in f if line.strip())
         _check_same_classes(wnids, classes, wnids_path, os.path.join(root, "train"))
 
@@ -251,7 +256,7 @@ def _tiny_imagenet_files(root):
                         f"(expected val/images/*.JPEG and val/val_annotations.txt)")
     index = {c: i for i, c in enumerate(classes)}
     val = {}
-    with open(ann_path) as f:
+    with open(regular_file(ann_path, "Tiny-ImageNet validation labels")) as f:
         for n, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
             if not line.strip():
@@ -285,12 +290,19 @@ def _imagefolder_files(root):
     if not os.path.isdir(test_dir):
         raise DataError(f"no test split in {root}: expected a 'val' (or 'test') folder with one "
                         f"sub-folder per class next to 'train'")
-    classes, train_files, train_labels = _scan_image_folder(os.path.join(root, "train"))
+    train_dir = os.path.join(root, "train")
+    if os.path.realpath(test_dir) == os.path.realpath(train_dir):
+        raise DataError(f"the test split {test_dir} is the training folder {train_dir}; the test split must hold "
+                        f"other images")
+    train_links, test_links = [], []
+    classes, train_files, train_labels = _scan_image_folder(train_dir, train_links)
     if _is_flat(test_dir):
+        _entries(test_dir, test_links)                      # its symlinks resolved, broken ones refused
         test_files, test_labels = _flat_val(root, test_dir, classes)
     else:
-        test_classes, test_files, test_labels = _scan_image_folder(test_dir)
-        _check_same_classes(test_classes, classes, test_dir, os.path.join(root, "train"))
+        test_classes, test_files, test_labels = _scan_image_folder(test_dir, test_links)
+        _check_same_classes(test_classes, classes, test_dir, train_dir)
+    _check_disjoint(train_files + train_links, test_files + test_links, train_dir, test_dir)
     return classes, (train_files, train_labels), (test_files, test_labels)
 
 
@@ -340,23 +352,108 @@ def _flat_val(root, folder, classes):
     return [os.path.join(folder, n) for n in names], labels
 
 
-def _scan_image_folder(folder):
-    """(classes, files, labels) in torchvision ImageFolder order: classes sorted, then sorted walk."""
+def _scan_image_folder(folder, places=None):
+    """(classes, files, labels) in torchvision ImageFolder order: classes sorted, then sorted walk (symlinked
+    folders followed). A broken symlink, a symlink loop or an image name that is not a regular file (a FIFO,
+    a device: opening it would block) is a DataError naming it, never skipped or followed forever.
+    `places`: a list that gets the resolved target of every symlink met (ownership checks: io.check_outputs)."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder not found: {folder} (expected one sub-folder per class)")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    places = [] if places is None else places
+    entries = _entries(folder, places)
+    classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
         raise DataError(f"no class sub-folders in {folder}")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = [os.path.join(d, f) for d, _, names in sorted(os.walk(os.path.join(folder, name), followlinks=True))
-                 for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+        found = _walk_images(os.path.join(folder, name), places)
         if not found:
             raise DataError(f"class folder {os.path.join(folder, name)} holds no images "
                             f"(extensions: {' '.join(IMG_EXTENSIONS)})")
         files += found
         labels += [label] * len(found)
     return classes, files, labels
+
+
+def _entries(folder, places):
+    """The entries of `folder`, every symlink among them resolved (its target into `places`) or refused."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise DataError(f"cannot list {folder}: {exc.strerror}") from None
+    for e in entries:
+        if e.is_symlink():
+            if not os.path.exists(e.path):
+                why = "a symlink loop" if _loops(e.path) else f"a broken symlink (to {os.readlink(e.path)!r})"
+                raise DataError(f"{e.path} is {why} in an image folder; remove or fix it")
+            places.append(os.path.realpath(e.path))
+    return entries
+
+
+def _loops(path):
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _walk_images(top, places):
+    """The image files below `top` in torchvision's order (sorted(os.walk(top, followlinks=True)), names
+    sorted), without its endless walk through a symlink that leads back to a folder above it."""
+    found, stack = [], [(top, frozenset([os.path.realpath(top)]))]
+    while stack:
+        folder, above = stack.pop()
+        images, subdirs = [], []
+        for e in _entries(folder, places):
+            if e.is_dir():
+                real = os.path.realpath(e.path)
+                if real in above:
+                    raise DataError(f"{e.path} is a symlink loop in an image folder (it leads back to {real}, "
+                                    f"which holds it); remove it")
+                subdirs.append((e.path, above | {real}))
+            elif e.name.lower().endswith(IMG_EXTENSIONS):
+                if not e.is_file():
+                    raise DataError(f"{e.path} is not a regular file (a named pipe, device or socket), refused "
+                                    f"before it is opened; remove it from the image folder")
+                images.append(e.name)
+        found.append((folder, sorted(images)))
+        stack += subdirs
+    return [os.path.join(folder, name) for folder, names in sorted(found) for name in names]
+
+
+def image_places(source, root):
+    """Where the image-file source at `root` lies, symlinks resolved: its split and class folders and the
+    targets of the symlinks in it (what no output may overlap)."""
+    if source == "tiny-imagenet" and not os.path.isdir(os.path.join(root, "train")) \
+            and os.path.isdir(os.path.join(root, "tiny-imagenet-200")):
+        root = os.path.join(root, "tiny-imagenet-200")
+    places = [root]
+    splits = [os.path.join(root, "train")] + [os.path.join(root, s) for s in ("val", "test")
+                                              if os.path.isdir(os.path.join(root, s))]
+    for split in splits:
+        places.append(split)
+        if os.path.isdir(split):
+            flat = split.endswith(("val", "test")) and (source == "tiny-imagenet" or _is_flat(split))
+            _entries(split, places) if flat else _scan_image_folder(split, places)
+    return places
+
+
+def _check_disjoint(train_files, test_files, train_where, test_where):
+    """The test split shares no file with the training split (also through symlinked folders or files; the
+    lists hold the files and the symlink targets met in each split). Folders are resolved once each."""
+    folders = {}
+
+    def real(f):
+        d = os.path.dirname(f)
+        if d not in folders:
+            folders[d] = os.path.realpath(d)
+        return os.path.join(folders[d], os.path.basename(f))
+    train = set(map(real, train_files))
+    shared = [f for f in test_files if real(f) in train]
+    if shared:
+        raise DataError(f"the test split {test_where} holds {len(shared)} of the training files of {train_where}, "
+                        f"e.g. {shared[0]}; the test split must hold other images")
 
 
 def _check_same_classes(found, expected, found_where, expected_where):
@@ -428,7 +525,20 @@ def load_distilled(folder, classes, per_class, channels, image_size, resize=Fals
     else:
         images = read_images(files, mode, image_size, desc="distilled images", exact_mode=True,
                              hint="pass data.distilled_resize=true to resize and convert the distilled images")
+    _check_distinct(images, files)
     return Split(images, torch.tensor(labels, dtype=torch.int64))
+
+
+def _check_distinct(images, files):
+    """Two distilled files with the same pixels (a copy, a symlink to the same file) would count one image
+    twice in the synthetic set: refused, naming both."""
+    seen = {}
+    for i, img in enumerate(images.numpy()):
+        digest = hashlib.sha256(img.tobytes()).digest()
+        if digest in seen:
+            raise DataError(f"distilled images {files[seen[digest]]} and {files[i]} are the same image; each "
+                            f"distilled image must be distinct (remove the duplicate)")
+        seen[digest] = i
 
 
 def _distilled_label(name, by_name, num_classes):

@@ -15,11 +15,11 @@ Score file formats (indices are the stable global index of the training set):
 An explicit `method` argument (config key ccfs.difficulty_file_method) overrides both defaults.
 """
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
+from . import io
 from .errors import ConfigError, DataError
 
 HARDER_IS_HIGHER = {
@@ -55,14 +55,18 @@ def to_hardness(scores, method):
     return scores.copy() if HARDER_IS_HIGHER[method] else -scores
 
 
-def load_score_file(path, n, labels=None, method=None):
+def load_score_file(path, n, labels=None, method=None, data_name=None):
     """Load and validate a difficulty score file for a training set of `n` samples.
 
     Returns (scores, method): scores float64 of length n (raw, not yet turned into hardness) and the
     method name: the `method` argument if given, else the JSON beside the file, else the default of
-    the file type (.npy forgetting, .npz cscore). Every problem is a DataError naming the file.
+    the file type (.npy forgetting, .npz cscore). Every problem is a DataError naming the file. The arrays'
+    headers are checked (at most n elements, sizes the file can hold) before anything is allocated; a
+    sidecar that names another data set (`data_name`), another n or other labels is refused.
     """
     path = Path(path)
+    if path.exists():
+        io.regular_file(path, "score file")
     if not path.is_file():
         raise DataError(f"score file {path} not found; check config key ccfs.difficulty_file "
                         f"(a .npy or .npz path)")
@@ -74,19 +78,15 @@ def load_score_file(path, n, labels=None, method=None):
     file_labels = None
     _check_magic(path, suffix)
     if suffix == ".npy":
-        scores = _load_array(path, lambda: np.load(path, allow_pickle=False))
+        scores = io.read_array(path, "score file", max_elements=n, check_shape=lambda s: _check_dims(path, s, n))
     else:
-        try:
-            archive = np.load(path, allow_pickle=False)
-        except Exception as e:  # corrupt zip, not an npz at all
-            raise DataError(f"score file {path}: cannot read it as an .npz archive ({e})") from e
-        with archive:
-            missing = [key for key in ("scores", "labels") if key not in archive.files]
-            if missing:
-                raise DataError(f"score file {path}: missing key(s) {missing}; an .npz score file needs "
-                                f"'scores' and 'labels' (found {archive.files})")
-            scores = _load_array(path, lambda: archive["scores"], "'scores'")
-            file_labels = _load_array(path, lambda: archive["labels"], "'labels'")
+        archive = io.read_arrays(path, "score file", max_elements=n,
+                                 check_shape=lambda s, key: key in ("scores", "labels") and _check_dims(path, s, n, key))
+        missing = [key for key in ("scores", "labels") if key not in archive]
+        if missing:
+            raise DataError(f"score file {path}: missing key(s) {missing}; an .npz score file needs "
+                            f"'scores' and 'labels' (found {sorted(archive)})")
+        scores, file_labels = archive["scores"], archive["labels"]
 
     _check_shape(path, scores, n, "scores")
     if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)
@@ -112,6 +112,11 @@ def load_score_file(path, n, labels=None, method=None):
                     f"set or another sample order")
 
     meta = _read_sidecar(path)
+    for key, ours in (("data", data_name), ("n", n)):
+        if meta is not None and ours is not None and meta.get(key) is not None and meta[key] != ours:
+            raise DataError(f"score file {path}: its JSON sidecar {path.with_suffix('.json')} records {key} "
+                            f"{meta[key]!r:.60} but the data's is {ours!r}; the scores belong to another data "
+                            f"set: recompute them (ccfs scores)")
     if meta is not None and labels is not None and meta.get("labels_sha256") is not None:
         got = labels_fingerprint(labels)
         if meta["labels_sha256"] != got:
@@ -126,18 +131,6 @@ def load_score_file(path, n, labels=None, method=None):
         raise DataError(f"score file {path}: unknown difficulty method {method!r}; known: "
                         f"{', '.join(HARDER_IS_HIGHER)} (set ccfs.difficulty_file_method or the JSON beside the file)")
     return scores, method
-
-
-def _load_array(path, load, what="the array"):
-    try:
-        return load()
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise DataError(f"score file {path}: {what} holds pickled Python objects, which are refused "
-                            f"(they can run code); save a plain numeric array") from e
-        raise DataError(f"score file {path}: cannot read {what} ({e})") from e
-    except (OSError, EOFError) as e:
-        raise DataError(f"score file {path}: cannot read {what} ({e})") from e
 
 
 def _check_magic(path, suffix):
@@ -158,11 +151,16 @@ def _check_magic(path, suffix):
 
 
 def _check_shape(path, array, n, what):
-    if array.ndim != 1:
-        raise DataError(f"score file {path}: {what} must be a 1-D array of length {n}, got shape {array.shape}")
-    if len(array) != n:
+    _check_dims(path, array.shape, n, what)
+
+
+def _check_dims(path, shape, n, what="scores"):
+    """The 1-D, length-n rule on a shape: on the file's header, before its data is read, and on the array."""
+    if len(shape) != 1:
+        raise DataError(f"score file {path}: {what} must be a 1-D array of length {n}, got shape {tuple(shape)}")
+    if shape[0] != n:
         raise DataError(f"score file {path}: wrong length of {what}: expected {n} (one per training "
-                        f"sample), got {len(array)}; the file belongs to another data set")
+                        f"sample), got {shape[0]}; the file belongs to another data set")
 
 
 def _read_sidecar(path):
@@ -171,10 +169,9 @@ def _read_sidecar(path):
     if not sidecar.is_file():
         return None
     try:
-        with open(sidecar) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"score file {path}: cannot read its JSON sidecar {sidecar} ({e})") from e
+        meta = io.read_json(sidecar, "JSON sidecar")
+    except DataError as e:
+        raise DataError(f"score file {path}: {e}") from None
     if not isinstance(meta, dict):
         raise DataError(f"score file {path}: its JSON sidecar {sidecar} must hold an object with a "
                         f"string 'method' (one of {', '.join(HARDER_IS_HIGHER)})")

@@ -130,7 +130,7 @@ def exit_process(status=0):
     its last collective's tensors while Python shuts down needs the GIL, cannot get it, and aborts the
     process ("terminate called without an active exception", exit -6) after all work is done, about one
     exit in 20 here (pytorch/pytorch#190489). One process returns `status` for sys.exit."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if int(os.environ.get("WORLD_SIZE") or "1") <= 1:
         return status
     sys.stdout.flush()
     sys.stderr.flush()

@@ -60,12 +60,23 @@ def read_images(paths, mode, size=None, resize=None, desc=None, exact_mode=False
     return out
 
 
+def to_8bit(img):
+    """16-bit grey images (PIL modes I;16*, and I as PNG and TIFF give them) scaled to 8 bits by the high
+    byte (>> 8, as a photo editor converts), not clipped at 255 by PIL's convert (which turns them white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L")
+    return img
+
+
 def open_image(path, mode, exact_mode=False, hint=""):
+    from .io import regular_file
+    regular_file(path, "image")                      # a FIFO named x.png would block the open forever
     try:
         with Image.open(path) as img:
             found = img.mode
             if not exact_mode or found == mode:
-                return img.convert(mode)
+                return to_8bit(img).convert(mode)
     except Exception as e:
         raise DataError(f"cannot read image {path}: {e} (replace or delete the file)") from e
     names = {"L": "grey (L)", "RGB": "colour (RGB)"}
@@ -146,7 +157,7 @@ def decode_image(data, mode, shape, what="image"):
             pass                                              # let PIL decode it (and name the problem)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert(mode)
+            img = to_8bit(img).convert(mode)
     except Exception as e:
         raise DataError(f"cannot decode {what}: {e}") from e
     if img.size != (size, size):

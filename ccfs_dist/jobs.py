@@ -73,7 +73,7 @@ class Trainings:
         kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher", checkpoint=self.run.teacher_state())
         if data.train.in_memory:
             model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, rec, **kw)
-        else:                                 # a streamed pool: on the shards, over all ranks (a split job)
+        else:        # a streamed pool: on the shards, over all ranks when it streams (stream_train.streams)
             model, stats = train_stream(acc, build(cfg, data, seed), data.train, rec, **kw, **stream_options(cfg))
         if acc.is_main_process:
             io.write_json(self.run.teacher_stats(),

@@ -152,9 +152,11 @@ def load_checkpoint(model, path):
     'module.' / '_orig_mod.' key prefixes. Anything else is a DataError naming the file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"checkpoint file '{path}' does not exist; check teacher.checkpoint "
                         f"(or set it to null to train a teacher)")
+    from .io import regular_file
+    regular_file(path, "checkpoint file")          # a FIFO would block torch.load forever
     try:
         with _checkpoint_globals():
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -192,9 +194,22 @@ def load_checkpoint(model, path):
         raise DataError(f"checkpoint file '{path}' does not match the model {_model_name(target)}: "
                         f"{'; '.join(parts)}; check model.name / width / depth / norm and the number "
                         f"of classes and channels the checkpoint was trained with")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    meta = [k for k, v in sd.items() if v.is_meta or v.layout != torch.strided or v.is_complex()]
+    if meta:
+        raise DataError(f"checkpoint file '{path}' holds {len(meta)} tensor(s) without values (meta, sparse "
+                        f"or complex), e.g. {', '.join(meta[:3])}; save the trained weights themselves")
+    kinds = [f"{k} ({sd[k].dtype}, the model's is {v.dtype})" for k, v in expected.items()
+             if v.is_floating_point() != sd[k].is_floating_point() or sd[k].dtype == torch.bool]
+    if kinds:
+        raise DataError(f"checkpoint file '{path}' holds {len(kinds)} tensor(s) of the wrong kind, e.g. "
+                        f"{', '.join(kinds[:3])}; weights must be floating point (integer weights would be "
+                        f"cast silently and give a model at chance)")
+    # finite in the checkpoint's dtype is not enough: 1e39 in float64 is inf in the model's float32
+    bad = [k for k, v in expected.items() if v.is_floating_point()
+           and not bool(torch.isfinite(sd[k].to(v.dtype)).all())]
     if bad:
         raise DataError(f"checkpoint file '{path}' holds NaN or infinite values in {len(bad)} tensor(s), e.g. "
-                        f"{', '.join(bad[:3])}; expected finite weights (the training that wrote it diverged?)")
+                        f"{', '.join(bad[:3])} (in the model's dtype); expected finite weights (the training that "
+                        f"wrote it diverged?)")
     target.load_state_dict(sd, strict=True)
     return model

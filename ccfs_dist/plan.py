@@ -72,7 +72,8 @@ def eval_sets(cfg):
 
 def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
     """[Stage, ...] of a run with `world` processes (see the module doc). Identical on every rank.
-    `streamed`: the pool is streamed from shards, so the teacher and the score runs train on the stream
+    `streamed`: the pool is streamed over the ranks (stream_train.streams: larger than a rank's shuffle
+    buffer), so the teacher and the score runs train on the stream
     over all ranks (stream_train), as split jobs."""
     c, t, minimum = cfg["ccfs"], cfg["train"], cfg["train"]["min_batch_per_rank"]
     stages = [Stage("start", local=[[] for _ in range(world)])]

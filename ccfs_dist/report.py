@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from . import io
-from .errors import CCFSError
+from .errors import CCFSError, DataError
 from .evaluate import REGIME_LABELS, REGIMES, lead_key, summary_key
 from .rundir import Layout
 
@@ -32,12 +32,23 @@ MIN_TILE = 48         # upscale images smaller than this (pixels) with nearest-n
 
 
 def write_report(run_dir, data=None, name=None):
-    """Write run_dir/report.md and its figures; `data` (a RealData) saves reloading the real images.
-    `name`: the run's name in the title (default: run_dir's; a staged run is written under another name)."""
+    """Write run_dir/report.md and its figures; `data` (a RealData, in `ccfs run`) draws the selected-image
+    grid. `name`: the run's name in the title (default: run_dir's; a staged run is written under another
+    name). An artifact without the fields a report reads is a DataError naming the run, not a traceback."""
+    try:
+        return _write_report(run_dir, data, name)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise DataError(f"{run_dir}: a run artifact is malformed ({type(exc).__name__}: {exc}); the run was "
+                        f"not written by this version of ccfs or was edited") from None
+
+
+def _write_report(run_dir, data, name):
     run_dir = os.fspath(run_dir)
     run = Layout(run_dir)
-    if not os.path.exists(run.config()):
-        raise CCFSError(f"{run_dir} is not a run directory (no config.yaml in it)")
+    from .rundir import MARKER, is_run
+    if not is_run(run_dir) or not os.path.exists(run.config()):
+        raise CCFSError(f"{run_dir} is not a run directory (no {MARKER} or no config.yaml in it); a report is "
+                        f"written only into a ccfs run")
     summary = run.read_json(run.summary())
     finished = run.finished_phases()
     phases = summary["phases"] if summary else [io.read_json(run.phase(j, "metrics.json")) for j, _ in finished]
@@ -50,11 +61,17 @@ def write_report(run_dir, data=None, name=None):
     except CCFSError as e:
         notes.append(f"config.yaml could not be read ({e}); image grids skipped")
     if cfg is not None and data is None and finished:
-        try:
-            from .sources import load_real
-            data = load_real(cfg["data"])
-        except (CCFSError, OSError) as e:
-            notes.append(f"the real data could not be loaded ({e}); selected-image grid skipped")
+        # a report reads the run's artifacts only: never data through a config found on disk (its shard
+        # index could name URLs or `pipe:` commands); `ccfs run` draws this grid with the data it holds
+        drawn = os.path.isfile(run.path("selected_per_phase.png"))
+        method = cfg["ccfs"]["difficulty"] if cfg["ccfs"]["difficulty"] != "file" else \
+            cfg["ccfs"]["difficulty_file_method"] or (summary or {}).get("difficulty", "the file's")
+        how = "the filter's true-class logit" if method == "logits" else f"{method} score"
+        if drawn:
+            figures.append(("Selected real images per phase", "selected_per_phase.png"))
+        notes.append("the selected-image grid is drawn by `ccfs run`, which holds the real data; `ccfs report` "
+                     "reads the run's own artifacts only" + (f" (the grid shown is the run's: selected images "
+                                                            f"ordered by {how})" if drawn else ""))
     if cfg is not None and data is not None and finished:
         figures.append(("Selected real images per phase", _selected_grid(run, cfg, data, notes)))
     if cfg is not None:
@@ -159,8 +176,8 @@ def _selected_grid(run, cfg, data, notes):
 
 def _distilled_grid(run, cfg, summary, data, notes):
     folder = run.distilled()
-    if not os.path.isdir(folder):
-        folder = cfg["data"]["distilled"]
+    if not os.path.isdir(folder) and data is not None:   # in `ccfs run`, which checked data.distilled; a
+        folder = cfg["data"]["distilled"]                  # standalone report opens no path its config names
     per_class = summary["distilled_per_class"] if summary else math.floor(cfg["ccfs"]["ipc"] * cfg["ccfs"]["alpha"])
     if not folder or not os.path.isdir(folder) or per_class == 0:
         notes.append("no distilled images to show (no distilled folder, or alpha gives 0 per class)")

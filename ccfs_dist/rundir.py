@@ -14,6 +14,10 @@ leaves a state that the next run or resume of RUN repairs first (`_recover`): th
 the finished new one put in place. Temporary files of a killed run (`.name.*.tmp`, `.distilled.*.old`) are
 removed when a run opens RUN.
 
+A folder is a ccfs run when it holds the marker file `.ccfs-run`, which `open` writes first: only such a
+folder is ever replaced (--overwrite), resumed or cleaned. Any other folder that is not empty is refused as
+--out, and every --out is refused where it is, contains or lies inside an input of the run (io.check_outputs).
+
 `Layout` is the one place that names what is inside RUN (docs/outputs.md lists it): every module that
 writes, resumes from or reads back a run (curriculum, jobs, report, launch/ablate.py) asks it for a path,
 whether a step is done, or an artifact loaded, instead of spelling a file name.
@@ -24,10 +28,9 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 
-import numpy as np
 import torch
-import yaml
 
 from . import io
 from .config import dump_config, flatten
@@ -35,8 +38,11 @@ from .dist import log, main_says
 from .errors import CCFSError, ConfigError
 
 LEFTOVER = re.compile(r"^\..+\.(tmp|old)$")      # io.atomic_path and write_image_folder temporaries
+MARKER = ".ccfs-run"                              # in every run directory: what --overwrite may replace
+RESUME_FREE = {"stream.resume_other_processes"}  # keys a --resume may set otherwise than the run's config
 # lock file path -> [fd, staged folder or None] of the runs this process holds (rank 0; one at a time)
 _HELD = {}
+_MADE = {}            # lock file path -> the folders made for it, deepest first (removed again if left empty)
 
 
 def release_locks():
@@ -51,13 +57,32 @@ def release_locks():
         except FileNotFoundError:
             pass
         os.close(fd)
+        for folder in _MADE.pop(path, ()):           # folders made for the lock, if the run left them empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
 
 atexit.register(release_locks)
 
 
-def holds_run(folder):
-    return os.path.isdir(folder) and bool(os.listdir(folder))
+def is_run(folder):
+    """True for a folder a ccfs run made (it holds the marker, a regular file): the only kind --overwrite
+    replaces and a resume cleans."""
+    marker = os.path.join(folder, MARKER)
+    return os.path.isdir(folder) and os.path.isfile(marker) and not os.path.islink(marker)
+
+
+def remove_run(folder):
+    """Delete `folder` if it is a ccfs run or an empty folder; anything else is left alone (False)."""
+    if is_run(folder):
+        shutil.rmtree(folder)
+    elif os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+    else:
+        return False
+    return True
 
 
 def set_stem(name):
@@ -165,17 +190,17 @@ class Layout:
 
     @staticmethod
     def read_json(path):
-        """A JSON artifact as a dict, or None when it does not exist (yet)."""
-        return io.read_json(path) if os.path.exists(path) else None
+        """A JSON artifact as a dict, or None when it does not exist (yet); a DataError naming a truncated,
+        oversized or too deeply nested one."""
+        return io.read_json(path, "run artifact") if os.path.exists(path) else None
 
     @staticmethod
     def read_npz(path):
-        with np.load(path, allow_pickle=False) as f:
-            return {key: f[key] for key in f.files}
+        return io.read_arrays(path, "run artifact")
 
     @staticmethod
     def read_npy(path):
-        return np.load(path, allow_pickle=False)
+        return io.read_array(path, "run artifact")
 
     @staticmethod
     def load_model(path, make_model):
@@ -194,7 +219,8 @@ class Run(Layout):
 
     def __init__(self, accelerator, out_dir, resume):
         self.acc, self.resume = accelerator, resume
-        self.out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+        self.given = os.fspath(out_dir)
+        self.out = io.resolved(out_dir)          # a symlink to a run: the run itself, never the link
         super().__init__(self.out)
         parent, base = os.path.split(self.out)
         self.staged, self.old, self.lock_path = (os.path.join(parent, f".{base}.ccfs-{s}")
@@ -224,12 +250,17 @@ class Run(Layout):
 
     # ------------------------------------------------------------------------------------ before work
 
-    def check(self, cfg, overwrite):
-        """Refuse, before any work, a location that cannot be written, a directory another run holds, to
-        clobber an earlier run without --overwrite, or to resume one made with another config. Rank 0 takes
-        the lock and repairs an interrupted commit; then every rank looks before any rank goes on to write
-        (else rank 1 could find rank 0's new run) and reaches the same verdict."""
+    def check(self, cfg, overwrite, inputs=()):
+        """Refuse, before any work, an --out that overlaps an input (`inputs`: (what, path)), a folder that
+        is not a ccfs run, a location that cannot be written, a directory another run holds, to clobber an
+        earlier run without --overwrite, or to resume one made with another config. Rank 0 takes the lock
+        and repairs an interrupted commit; then every rank looks before any rank goes on to write (else rank
+        1 could find rank 0's new run) and reaches the same verdict."""
+        io.check_outputs([("--out", self.given)] + [(f"--out's {what}", p) for what, p in
+                                                    (("lock file", self.lock_path), ("staged run", self.staged),
+                                                     ("replaced run", self.old))], inputs)
         io.check_writable_folder(self.out, "--out")
+        self._refuse_foreign()
         if os.path.exists(self.out) and not os.access(self.out, os.W_OK | os.X_OK):
             raise CCFSError(f"--out '{self.out}' is not writable by this user; choose another location")
         failure = None
@@ -243,8 +274,9 @@ class Run(Layout):
         if failure:
             raise CCFSError(failure)
         self.acc.wait_for_everyone()             # rank 0's repairs are visible to every rank
+        self._refuse_foreign()
         self._check(cfg, overwrite)
-        self._staging = overwrite and holds_run(self.out)
+        self._staging = overwrite and is_run(self.out)
         self.acc.wait_for_everyone()
 
     def _lock(self):
@@ -253,8 +285,17 @@ class Run(Layout):
         release_locks()                          # a run that ended in this process (cli.main called again)
         while True:
             try:
+                made, folder = [], os.path.dirname(self.lock_path)
+                while not os.path.lexists(folder):
+                    made.append(folder)
+                    folder = os.path.dirname(folder)
                 os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)     # the lock lives beside RUN
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                _MADE[self.lock_path] = made
+                # O_NOFOLLOW: a lock "file" that is a symlink to the user's file is refused, never truncated
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise OSError(errno.EINVAL, "not a regular file")
             except OSError as exc:
                 raise CCFSError(f"--out '{self.out}': cannot create the lock file {self.lock_path}: "
                                 f"{exc.strerror}") from None
@@ -287,15 +328,28 @@ class Run(Layout):
                     else:
                         os.rename(self.old, self.out)        # else the earlier run is put back
                 if os.path.isdir(self.old):
-                    shutil.rmtree(self.old)
+                    self._remove(self.old)
             if os.path.isdir(self.staged):                   # an --overwrite run that never finished
-                shutil.rmtree(self.staged)
+                self._remove(self.staged)
         except OSError as exc:
             raise CCFSError(f"--out '{self.out}': cannot repair what an interrupted run left "
                             f"({exc.strerror}: {exc.filename})") from None
 
+    def _remove(self, folder):
+        if not remove_run(folder):
+            raise CCFSError(f"--out '{self.out}': '{folder}' has a name a run uses beside it but holds no ccfs "
+                            f"run (no {MARKER}); move it away, or choose another --out")
+
+    def _refuse_foreign(self):
+        """A folder that is not empty and holds no ccfs run (data, a home folder, anything) is never written:
+        not with --overwrite (which would delete it), not with --resume (which would clean it)."""
+        if os.path.isdir(self.out) and not is_run(self.out) and os.listdir(self.out):
+            raise CCFSError(f"--out '{self.given}' is a folder that is not empty and holds no ccfs run (no "
+                            f"{MARKER} marker in it); a run writes only into a new or empty folder or one a "
+                            f"run made, and --overwrite replaces only such a run: choose another --out")
+
     def _check(self, cfg, overwrite):
-        if not holds_run(self.out) or overwrite:
+        if not is_run(self.out) or overwrite:
             return
         saved = self.config()
         if not self.resume:
@@ -303,19 +357,47 @@ class Run(Layout):
             what = "a finished run" if finished else "an unfinished run"
             hint = "--overwrite to replace it" if finished else "--resume to continue it, or --overwrite to start over"
             raise CCFSError(f"run directory '{self.out}' holds {what}; pass {hint}, or choose another --out")
-        if os.path.exists(saved):
-            try:
-                theirs = flatten(yaml.safe_load(open(saved, encoding="utf-8")) or {})
-            except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError) as exc:
-                raise CCFSError(f"--resume: the run's {saved} cannot be read ({exc}); pass --overwrite to "
-                                f"start over") from None
-            ours = flatten(cfg)
-            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
-                            and (theirs.get(k), ours.get(k)) not in RESUME_MAY_CHANGE.get(k, ()))
-            if differ:
-                shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
-                raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "
-                                  f"the same config, or pass --overwrite to start over")
+        if not os.path.exists(saved):            # nothing to check the config against: no silent mix
+            raise CCFSError(f"--resume: the run in '{self.out}' has no config.yaml to check the config "
+                            f"against; pass --overwrite to start over")
+        try:
+            theirs = io.read_yaml_bounded(saved, "the run's config")
+        except CCFSError as exc:
+            raise CCFSError(f"--resume: {exc}; pass --overwrite to start over") from None
+        if not isinstance(theirs, dict):
+            raise CCFSError(f"--resume: the run's {saved} holds no mapping; pass --overwrite to start over")
+        theirs = {k: v for k, v in flatten(theirs).items() if k not in RESUME_FREE}
+        ours = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE}
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+                        and (theirs.get(k), ours.get(k)) not in RESUME_MAY_CHANGE.get(k, ()))
+        if differ:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differ[:5])
+            raise ConfigError(f"--resume: the config differs from the run's {saved} ({shown}); resume with "
+                              f"the same config, or pass --overwrite to start over")
+        self._check_processes(cfg)
+
+    def _check_processes(self, cfg):
+        """A streamed (webdataset) pool is dealt to ranks by shards and cut into batches per rank and loader
+        worker: its trainings depend on the process count, so a resume with another count would mix two
+        orders. Refused unless stream.resume_other_processes, then said (docs/distributed.md)."""
+        if cfg["data"]["source"] != "webdataset":
+            return
+        try:
+            then = io.read_json(self.path(MARKER), "run marker").get("processes")
+        except (CCFSError, AttributeError):
+            then = None                          # a marker without the count: nothing to compare
+        now = self.acc.num_processes
+        if then is None or then == now:
+            return
+        if not cfg["stream"]["resume_other_processes"]:
+            raise ConfigError(f"--resume: the run in '{self.out}' streams its pool (data.source webdataset) and "
+                              f"was started with {then} process(es), this resume has {now}; a streamed training's "
+                              f"batches depend on the process count, so the result would differ from an "
+                              f"uninterrupted run. Resume with {then} process(es), or set "
+                              f"stream.resume_other_processes=true to accept another result")
+        self.log(f"warning: resuming a streamed run started with {then} process(es) on {now}: the trainings "
+                 f"still to run see other batches, the result differs from an uninterrupted run "
+                 f"(stream.resume_other_processes=true)")
 
     # ------------------------------------------------------------------------------------- the run
 
@@ -329,6 +411,10 @@ class Run(Layout):
             _HELD[self.lock_path][1] = self.staged if self._staging else None   # removed if never committed
             try:
                 os.makedirs(self.dir, exist_ok=True)
+                if not is_run(self.dir):         # checked: new or empty; the marker first, then anything else
+                    io.write_json(os.path.join(self.dir, MARKER), {
+                        "ccfs_run": "a ccfs-dist run directory: `ccfs run --overwrite` may replace this folder",
+                        "processes": self.acc.num_processes, "streamed": cfg["data"]["source"] == "webdataset"})
                 self._remove_leftovers()
                 io.write_text(self.config(), dump_config(cfg))
             except OSError as exc:
@@ -352,7 +438,7 @@ class Run(Layout):
             if self._staging:
                 os.rename(self.out, self.old)
                 os.rename(self.staged, self.out)
-                shutil.rmtree(self.old)
+                remove_run(self.old)
             _HELD[self.lock_path][1] = None
             release_locks()
         self.dir = self.out

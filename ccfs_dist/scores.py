@@ -51,11 +51,11 @@ import torch.nn.functional as F
 from . import io, seeds
 from .difficulty import CHECKPOINT, DYNAMICS, HARDER_IS_HIGHER, METHODS, labels_fingerprint, load_score_file
 from .dist import Local, dealt, gather_rows, log, step_rank_key
-from .errors import ConfigError, DataError
+from .errors import CCFSError, ConfigError, DataError
 from .models import build_model, load_checkpoint
 from .plan import split_training
 from .predict import predict
-from .stream_train import stream_options, train_stream
+from .stream_train import stream_options, streams, train_stream
 from .train import Recipe, train_model
 
 _KEY_STRIDE = 1 << 24                              # > any local batch size: orders observations in an epoch
@@ -225,11 +225,12 @@ def training_dynamics(accelerator, cfg, data):
 
     Each run trains whole on one rank (runs dealt round-robin; their results all-gathered) unless the
     plan's rule splits it (plan.split_training), then every run is data-parallel over all ranks; so is
-    every run on a streamed pool (stream_train deals the stream to the ranks).
+    every run on a pool streamed over the ranks (stream_train.streams: larger than stream.shuffle_buffer; a
+    smaller streamed pool is read whole by each run and trained as in memory, with the same result).
     """
     s = cfg["scores"]
     world = accelerator.num_processes
-    streamed = not data.train.in_memory
+    streamed = streams(cfg, data.train)
     if streamed or split_training(s["batch_size"], world, cfg["train"]["min_batch_per_rank"]):
         return combine_runs([dynamics_run(accelerator, cfg, data, r) for r in range(s["runs"])])
     if world == 1:
@@ -286,8 +287,31 @@ OBSERVATION = ("training forward pass (augmented view, before the optimizer step
                "sample per epoch: the last presentation in the epoch")
 
 
+WRITER = "ccfs scores"            # the sidecar's `written_by`: what --overwrite may replace
+
+
+def written_by_scores(path):
+    """Refuse (CCFSError) to replace the score file `path` or its sidecar unless the sidecar says that
+    `ccfs scores` (or a run) wrote them: --overwrite never replaces a file the user made."""
+    npy, sidecar_path = os.fspath(path), os.path.splitext(os.fspath(path))[0] + ".json"
+    if not (os.path.lexists(npy) or os.path.lexists(sidecar_path)):
+        return
+    meta = None
+    if os.path.isfile(sidecar_path) and not os.path.islink(sidecar_path):
+        try:
+            meta = io.read_json(sidecar_path, "score sidecar")
+        except DataError:
+            meta = None
+    ours = isinstance(meta, dict) and (meta.get("written_by") == WRITER or
+                                       {"method", "labels_sha256", "settings"} <= set(meta))
+    if not ours or (os.path.lexists(npy) and (os.path.islink(npy) or not os.path.isfile(npy))):
+        raise CCFSError(f"--out '{npy}' (or its sidecar {sidecar_path}) exists but was not written by "
+                        f"`ccfs scores` (no sidecar that says so); --overwrite replaces only score files it "
+                        f"wrote: choose another --out")
+
+
 def sidecar(cfg, data, method, values, world, info):
-    meta = {"method": method, "data": data.name, "n": len(data.train), "num_classes": data.num_classes,
+    meta = {"written_by": WRITER, "method": method, "data": data.name, "n": len(data.train), "num_classes": data.num_classes,
             "labels_sha256": labels_fingerprint(data.train.labels.numpy()),
             "harder_is_higher": HARDER_IS_HIGHER[method], "settings": settings(cfg, method)}
     s = meta["settings"]
@@ -305,7 +329,7 @@ def sidecar(cfg, data, method, values, world, info):
 def _reusable(path, method, cfg, data):
     """Scores from an existing file at `path` (validated), or a DataError if it was made otherwise."""
     scores, _ = load_score_file(path, len(data.train), labels=data.train.labels.numpy(), method=method)
-    meta = io.read_json(os.path.splitext(path)[0] + ".json") if os.path.exists(
+    meta = io.read_json(os.path.splitext(path)[0] + ".json", "score sidecar") if os.path.exists(
         os.path.splitext(path)[0] + ".json") else {}
     if meta.get("method", method) != method:
         raise DataError(f"score file {path} holds {meta['method']!r} scores, not {method!r}; delete it or "

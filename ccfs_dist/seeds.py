@@ -50,7 +50,7 @@ def distill_batch(seed, gid):
 
 
 def augmentation(seed):
-    """The crop boxes and flips of a training seeded `seed` (train.train_model)."""
+    """The crop boxes and flips of a training seeded `seed` (train.train_model; stream_train.train_stream too)."""
     return seed * 1000 + 1
 
 
@@ -73,11 +73,6 @@ def stream_interleave(seed, epoch, rank):
     """Rank `rank`'s interleaving of the shards its loader workers read in epoch `epoch` (each worker
     appends its id: shards.ShardSplit.stream)."""
     return _entropy(seed, epoch, 2, rank)
-
-
-def stream_augmentation(seed, epoch, rank):
-    """Rank `rank`'s crop boxes and flips in epoch `epoch` (streamed training)."""
-    return _entropy(seed, epoch, 3, rank)
 
 
 def bench_first_set(seed):

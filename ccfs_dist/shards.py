@@ -44,6 +44,7 @@ import ctypes
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -59,6 +60,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import io as ccfs_io
+from .config import MAX_SIDE      # stated limit of an image side (index shape, data.image_size)
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
 from .dist import deal, die_with_parent, rank_world, tune_malloc
 from .errors import CCFSError, ConfigError, DataError
@@ -73,6 +76,8 @@ RESIZE_JPEG_QUALITY = 95      # `ccfs shards --resize`: default JPEG quality of 
 SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
 DECODE = ("cpu", "device")    # data.decode: loader workers decode (PIL), or hand JPEG bytes to the rank's device
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")     # pipe:, http:, s3:, file:, ... (not a one-letter drive)
+KEY_RE = re.compile(rb"[0-9]{1,18}")                     # a sample key / .cls label: ASCII digits only, never isdigit
+MAX_MEMBER = 1 << 30          # stated limit of one tar member (an image, a label, a pax header): 1 GiB
 WORKER_TIMEOUT_S = 600        # data.worker_timeout's default: docs/configuration.md says why
 PREFETCH = 2                  # batches a loader worker may have ready ahead of its rank (DataLoader's default)
 LIVENESS_S = 5.0              # how often a waiting rank checks its workers, and an idle worker its rank
@@ -81,8 +86,9 @@ SLOTS = 64                    # shards per worker recorded as open, for the erro
 
 def start_context():
     """The multiprocessing context that loader workers (and writer processes beside other threads) start in:
-    `forkserver` where the platform has it, else `spawn`; not `fork`. A rank runs threads (gloo's, the TCP store's, tqdm's monitor),
-    and a process forked while another thread holds a lock (the interpreter's, malloc's) waits for it forever.
+    `forkserver` where the platform has it, else `spawn`; not `fork`. A rank runs threads (gloo's, the TCP
+    store's, tqdm's monitor), and a process forked while another thread holds a lock (the interpreter's,
+    malloc's) waits for it forever.
     The fork server is a fresh single-threaded process that imports this module (torch, numpy, PIL,
     torchvision's PNG decoder) once and forks every worker from there, so a worker starts in milliseconds."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -314,9 +320,10 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
         raise ConfigError(f"--jpeg-quality must lie in 1..100, got {jpeg_quality}")
     out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     index_path = os.path.join(out_dir, f"{split}.json")
-    if os.path.exists(index_path) and not overwrite:
+    if os.path.lexists(index_path) and not overwrite:
         raise CCFSError(f"{index_path} already exists; pass --overwrite to replace these shards, "
                         f"or choose another --out")
+    _refuse_foreign(out_dir, split, index_path)
     src = _open_source(data_cfg, split, resize, jpeg_quality)
     n = len(src)
     if n == 0:
@@ -376,6 +383,25 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
     return index
 
 
+def _refuse_foreign(out_dir, split, index_path):
+    """--overwrite replaces only shards this writer made: an existing `<split>.json` must be a ccfs shard
+    index (its format), and `<split>-NNNNNN.tar` files may exist only beside such an index."""
+    if os.path.lexists(index_path):
+        try:
+            meta = ccfs_io.read_json(index_path, "shard index")
+        except DataError as exc:
+            raise CCFSError(f"--out: {exc}; it is not a ccfs shard index, so --overwrite does not replace it: "
+                            f"choose another --out") from None
+        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+            raise CCFSError(f"--out: {index_path} is not a ccfs shard index (no format {FORMAT!r}), so "
+                            f"--overwrite does not replace it: choose another --out")
+    elif os.path.isdir(out_dir):
+        ours = [n for n in os.listdir(out_dir) if n.startswith(f"{split}-") and SHARD_RE.match(n)]
+        if ours:
+            raise CCFSError(f"--out '{out_dir}' holds {ours[0]} but no {split}.json written by `ccfs shards`; "
+                            f"those files are not replaced: choose another --out")
+
+
 def remove_leftovers(out_dir, split):
     """Remove the temporary files a killed writer of `split` left in `out_dir` (shards, index)."""
     leftover = re.compile(rf"^\.({split}-\d{{6}}\.tar|{split}\.json)\..+\.tmp$")
@@ -415,9 +441,12 @@ def shard_location(index_path, file, allow_urls=False, allow_outside=False):
         return file
     folder = os.path.dirname(os.path.abspath(index_path))
     path = os.path.normpath(os.path.join(folder, file))
-    if not allow_outside and (os.path.isabs(file) or os.path.commonpath([folder, path]) != folder):
+    real_folder = os.path.realpath(folder)
+    if not allow_outside and (os.path.isabs(file) or os.path.commonpath([folder, path]) != folder
+                              or os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder):
         raise DataError(f"shard index {index_path}: shard file {file!r} lies outside the index's folder "
-                        f"{folder}, refused; pass data.allow_outside=true if you trust this index")
+                        f"{folder} (by its path or through a symlink), refused; pass data.allow_outside=true "
+                        f"if you trust this index")
     return path
 
 
@@ -425,15 +454,11 @@ def read_index(path, allow_urls=False, allow_outside=False):
     """Load and validate an index JSON; returns (dict, list of shard dicts with resolved 'url').
     `allow_urls`, `allow_outside`: see shard_location."""
     path = os.path.expanduser(os.fspath(path))
-    if not os.path.isfile(path):
+    if not os.path.exists(path) or os.path.isdir(path):
         hint = " (data.root / data.test_root of the webdataset source name the index JSON written by " \
                "`ccfs shards`, e.g. shards/train.json)" if os.path.isdir(path) else ""
         raise DataError(f"shard index not found: {path}{hint}")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"shard index {path} is not valid JSON: {e}") from e
+    meta = ccfs_io.read_json(path, "shard index")
 
     def bad(what):
         return DataError(f"shard index {path} is malformed: {what} (rewrite it with `ccfs shards`)")
@@ -444,12 +469,21 @@ def read_index(path, allow_urls=False, allow_outside=False):
         if key not in meta:
             raise bad(f"no '{key}' entry")
     n = meta["num_samples"]
-    if not isinstance(n, int) or n < 0:
+    if type(n) is not int or n < 0:
         raise bad(f"num_samples {n!r}")
     shape = meta["shape"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)
-            and shape[0] in (1, 3) and shape[1] == shape[2]):
-        raise bad(f"shape {shape!r} (expected [C, S, S] with C 1 or 3)")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)
+            and shape[0] in (1, 3) and shape[1] == shape[2] and shape[1] <= MAX_SIDE):
+        raise bad(f"shape {shape!r} (expected [C, S, S] with C 1 or 3 and S at most {MAX_SIDE})")
+    for key in ("mean", "std"):
+        values = meta.get(key)
+        # statistics of pixels in [0, 1]: a mean in [0, 1], a std in [1e-8, 1]; anything else normalises to
+        # inf or NaN and would surface only after a filter has trained, naming a staged file
+        if values is not None and not (isinstance(values, list) and len(values) == shape[0] and all(
+                type(v) in (int, float) and math.isfinite(v) and (0 <= v <= 1 if key == "mean" else 1e-8 <= v <= 1)
+                for v in values)):
+            raise bad(f"{key} {values!r:.80} (expected {shape[0]} number(s) in "
+                      f"{'[0, 1]' if key == 'mean' else '[1e-8, 1]'}, one per channel, of pixels in [0, 1])")
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes:
         raise bad("classes must be a non-empty list")
@@ -469,13 +503,13 @@ def read_index(path, allow_urls=False, allow_outside=False):
     if not isinstance(meta["shards"], list):
         raise bad("shards must be a list")
     for i, s in enumerate(meta["shards"]):
-        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("first"), int)
-                and isinstance(s.get("count"), int) and s["count"] >= 1):
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and type(s.get("first")) is int
+                and type(s.get("count")) is int and s["count"] >= 1):
             raise bad(f"shard entry {i} must have 'file', 'first' and a positive 'count'")
         if s["first"] != expect_first:
             raise bad(f"shard {s['file']} starts at index {s['first']}, expected {expect_first} "
                       f"(shards must cover 0..num_samples-1 in order)")
-        if "bytes" in s and not (isinstance(s["bytes"], int) and s["bytes"] >= 0):
+        if "bytes" in s and not (type(s["bytes"]) is int and s["bytes"] >= 0):
             raise bad(f"shard {s['file']}: bytes {s['bytes']!r}")
         if "sha256" in s and not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])):
             raise bad(f"shard {s['file']}: sha256 {s['sha256']!r} (expected 64 hex digits)")
@@ -485,6 +519,12 @@ def read_index(path, allow_urls=False, allow_outside=False):
         raise bad(f"the shards hold {expect_first} samples, num_samples is {n}")
     meta["labels"] = labels
     return meta, shards
+
+
+def index_places(path, data_cfg):
+    """The index file at `path` and the local shard files it names (ownership: io.check_outputs)."""
+    _, shards = read_index(path, bool(data_cfg.get("allow_urls")), bool(data_cfg.get("allow_outside")))
+    return [path] + [s["url"] for s in shards if not _is_url(s["url"])]
 
 
 class ShardSplit:
@@ -513,6 +553,8 @@ class ShardSplit:
         self.labels = torch.from_numpy(self.meta["labels"])
         channels, size, _ = self.meta["shape"]
         size = int(image_size) if image_size is not None else size
+        if not 1 <= size <= MAX_SIDE:
+            raise ConfigError(f"data.image_size must lie in 1..{MAX_SIDE}, got {size}")
         self._shape = (channels, size, size)
         self.mode = "L" if channels == 1 else "RGB"
         self.num_workers = int(num_workers)
@@ -527,9 +569,10 @@ class ShardSplit:
         for s in self.shards:
             if _is_url(s["url"]):
                 continue
-            if not os.path.isfile(s["url"]):
+            if not os.path.exists(s["url"]):
                 missing.append(s["url"])
                 continue
+            ccfs_io.regular_file(s["url"], f"shard (listed in {self.index_path})")
             size = os.path.getsize(s["url"])
             if "bytes" in s and size != s["bytes"]:
                 wrong.append(f"shard {s['url']} is truncated or was replaced: {size} bytes, "
@@ -855,7 +898,7 @@ class _ShardStream:
         stream = _HashingReader(_open_shard(url, where))
         try:
             for key, files in iter_samples(stream, where):
-                if not key.isdigit() or int(key) != expect:
+                if not KEY_RE.fullmatch(key.encode("utf-8", "surrogateescape")) or int(key) != expect:
                     after = f" after key {last_key}" if last_key is not None else " as its first sample"
                     raise DataError(f"{where}: found key {key!r}{after}, expected index {expect} "
                                     f"(shard and index {split.index_path} disagree)")
@@ -868,7 +911,7 @@ class _ShardStream:
                     raise DataError(f"{where}, sample {key}: expected a .cls label and one image, found "
                                     f"{sorted(files)} (truncated shard?)")
                 label = files["cls"].strip()
-                if not label.isdigit() or int(label) != labels[gid]:
+                if not KEY_RE.fullmatch(label) or int(label) != labels[gid]:
                     raise DataError(f"{where}, sample {key}: label {label.decode(errors='replace')!r} differs "
                                     f"from the index's {labels[gid]}")
                 if mask[gid]:
@@ -896,7 +939,7 @@ def _open_shard(url, where):
         if _is_url(url):
             from webdataset.gopen import gopen   # pipe:, http(s):, s3 via pipe: ... as webdataset opens them
             return gopen(url)
-        return open(url, "rb", buffering=READ_BUFFER)
+        return open(ccfs_io.regular_file(url, "shard"), "rb", buffering=READ_BUFFER)
     except Exception as e:
         raise DataError(f"cannot open {where}: {e}") from e
 
@@ -1242,17 +1285,14 @@ def iter_tar(stream, where="tar"):
             return
         if len(header) < 512:
             raise DataError(f"{where} is truncated: a partial tar header at byte {offset}")
-        try:
-            stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-        except ValueError:
-            stored = -1
+        stored = _number(header[148:156], "checksum", where, offset, octal_only=True)
         if stored != sum(header) - sum(header[148:156]) + 256:    # the checksum field counts as spaces
             raise DataError(f"{where} is corrupt: bad tar header checksum at byte {offset}")
-        if header[124] & 0x80:                                    # GNU base-256 size
-            size = int.from_bytes(header[125:136], "big")
-        else:
-            size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+        size = _number(header[124:136], "size", where, offset)
         if "size" in pax:
+            if not PAX_NUMBER.fullmatch(pax["size"]) or int(pax["size"]) > MAX_MEMBER:
+                raise DataError(f"{where} is corrupt: pax header field 'size' {pax['size'][:40]!r} before byte "
+                                f"{offset} (expected decimal digits, at most {MAX_MEMBER})")
             size = int(pax["size"])
         kind = header[156:157]
         pad = (-size) % 512
@@ -1276,17 +1316,48 @@ def iter_tar(stream, where="tar"):
             long_name, pax = None, {}
 
 
+PAX_NUMBER = re.compile(r"[0-9]{1,19}")
+PAX_RECORD = re.compile(rb"([0-9]{1,10}) ")
+OCTAL = re.compile(rb"[0-7]+")
+
+
+def _number(field, what, where, offset, octal_only=False):
+    """A tar header's numeric field by the strict grammar: octal digits padded by spaces or NULs (POSIX), or
+    (not for the checksum) GNU base-256, high bit set, positive and at most MAX_MEMBER. Anything else is a
+    DataError naming the field and the header's offset."""
+    if field[0] & 0x80 and not octal_only:
+        if field[0] != 0x80:
+            raise DataError(f"{where} is corrupt: negative or oversized base-256 tar field '{what}' at byte {offset}")
+        value = int.from_bytes(field[1:], "big")
+    else:
+        text = field.strip(b" \0")
+        if text and not OCTAL.fullmatch(text):
+            raise DataError(f"{where} is corrupt: tar header field '{what}' {bytes(field)!r} at byte {offset} is not "
+                            f"octal digits")
+        value = int(text, 8) if text else (-1 if octal_only else 0)
+    if what == "size" and value > MAX_MEMBER:
+        raise DataError(f"{where}: tar header field 'size' at byte {offset} declares {value} bytes, over the limit "
+                        f"of {MAX_MEMBER} for one member")
+    return value
+
+
 def _parse_pax(data, where, offset):
+    """The records `<length> <key>=<value>\\n` of a pax header, by that grammar exactly: the length in ASCII
+    decimal digits counts the whole record; a record that does not fit or parse is a DataError."""
     out, pos = {}, 0
-    try:
-        while pos < len(data) and data[pos] != 0:
-            space = data.index(b" ", pos)
-            length = int(data[pos:space])
-            key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-            out[key.decode()] = value.decode("utf-8", "surrogateescape")
-            pos += length
-    except ValueError:
-        raise DataError(f"{where} is corrupt: bad pax header before byte {offset}") from None
+    while pos < len(data) and data[pos] != 0:
+        m = PAX_RECORD.match(data, pos)
+        length = int(m.group(1)) if m else 0
+        record = data[pos:pos + length]
+        if not m or length <= len(m.group(0)) or len(record) < length or record[-1:] != b"\n" \
+                or b"=" not in record[len(m.group(0)):]:
+            raise DataError(f"{where} is corrupt: bad pax header record at its byte {pos}, before byte {offset} "
+                            f"(expected '<length> <key>=<value>\\n')")
+        key, _, value = record[len(m.group(0)):-1].partition(b"=")
+        if not key:
+            raise DataError(f"{where} is corrupt: a pax header record with an empty key before byte {offset}")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
     return out
 
 
@@ -1335,6 +1406,11 @@ def load_shards(data_cfg, num_workers=0):
             train.meta.get("source") and train.meta.get("source") == test.meta.get("source")):
         raise DataError(f"data.test_root {test.index_path} holds the same samples as data.root {train.index_path}; "
                         f"name the test split's index (e.g. test.json)")
+    shared = {os.path.realpath(s["url"]) for s in train.shards if not _is_url(s["url"])} & \
+        {os.path.realpath(s["url"]) for s in test.shards if not _is_url(s["url"])}
+    if shared:
+        raise DataError(f"data.test_root {test.index_path} names {len(shared)} shard file(s) of data.root "
+                        f"{train.index_path}, e.g. {sorted(shared)[0]}; the test split must hold other samples")
     if test.classes != train.classes or test.shape != train.shape:
         raise DataError(f"{test.index_path} does not match {train.index_path}: {len(test.classes)} vs "
                         f"{len(train.classes)} classes, {test.shape[0]} vs {train.shape[0]} channels; "

@@ -3,31 +3,36 @@ difficulty-score runs of an ImageNet-size pool.
 
     train_stream(accelerator, model, split, recipe, *, mean, std, teacher, seed, ...) -> (model, stats)
 
-The recipe is train_model's (SGD with momentum and weight decay, linear warm-up then cosine, stepped per
-optimizer step or per epoch, KD from a teacher or cross-entropy, mixed precision through the Accelerator,
-RandomResizedCrop or padded RandomCrop + flip on the device with augment.Augment); only where the samples
-come from differs. Every epoch:
+The same estimator as train_model: its recipe (the same train.Recipe and Session: SGD, warm-up then cosine,
+KD or cross-entropy, mixed precision), its batches (S = ceil(N / B) full global batches an epoch, the last
+wrapped around to the epoch's first samples; the same steps, so the same schedule), its views (the crop
+boxes and flips of an epoch's B * S positions drawn by train_model's generator, seeds.augmentation, alike on
+every rank: a position's view does not depend on the process count), its BatchNorm (SyncBatchNorm on CUDA
+when split over ranks) and its observations (on_batch in step, then rank order). Only the order of the
+samples in an epoch differs, and only where the pool is larger than a rank's shuffle buffer:
 
-- The plan (the same on every rank, from N, the global batch size B and the world size W): S = ceil(N / B)
-  global batches, all full but the last (the remaining samples; folded into the one before when fewer than
-  W, so every rank has a sample in every step), each split over the ranks as dist.rank_slice. Every
-  sample is trained on exactly once per epoch; no batch wraps around.
-- The shard order is a permutation of all shards drawn from (seed, epoch); the epoch's sample sequence is
-  the shards in that order. Rank r takes the contiguous run of the sequence its shares add up to: whole
-  shards, and partial ones at its two ends (read through, only its samples decoded). The rank's shards
-  are dealt to its loader workers (ShardSplit.stream), each of which interleaves `interleave` shards at
-  random; the rank's samples then pass a bounded shuffle buffer of `shuffle_buffer` decoded samples from
-  which each step's batch is drawn at random. The loader is never passed to accelerator.prepare (see
-  docs/shards.md: Accelerate re-shards iterable loaders by batch). Each rank checks that its stream
-  delivered exactly its planned samples, once each.
-- All randomness of an epoch (shard order, interleaving, buffer draws, crop boxes) is seeded by (seed,
-  epoch, rank[, worker]): an epoch-boundary checkpoint (model, optimizer, schedule, epoch) resumes to
-  exactly the weights of an uninterrupted run with the same process and worker count. A run killed
-  mid-epoch resumes from the last checkpoint and redoes the epochs after it (same result).
+- A pool of at most `shuffle_buffer` samples is read once (each rank a share of the shards, all-gathered)
+  and trained by train_model itself: the same order, hence the same result as in memory.
+- A larger pool is streamed every epoch. The plan (the same on every rank, from N, B and the world size W,
+  `epoch_plan`): each global batch split over the ranks as dist.rank_slice; every sample is presented once
+  an epoch, and each rank presents its first samples of the epoch again to complete the last batch. The
+  shard order is a permutation of all shards drawn from (seed, epoch); the epoch's sample sequence is the
+  shards in that order. Rank r takes the contiguous run of the sequence its shares add up to: whole shards,
+  and partial ones at its two ends (read through, only its samples decoded). The rank's shards are dealt to
+  its loader workers (ShardSplit.stream), each of which interleaves `interleave` shards at random; the
+  rank's samples then pass a bounded shuffle buffer of `shuffle_buffer` decoded samples from which each
+  step's batch is drawn at random. The loader is never passed to accelerator.prepare (see docs/shards.md:
+  Accelerate re-shards iterable loaders by batch). Each rank checks that its stream delivered exactly its
+  planned samples, once each.
+- All randomness of an epoch (shard order, interleaving, buffer draws) is seeded by (seed, epoch, rank[,
+  worker]), the views by the saved generator: an epoch-boundary checkpoint (model, optimizer, schedule,
+  generator, epoch) resumes to exactly the weights of an uninterrupted run with the same process and worker
+  count. A run killed mid-epoch resumes from the last checkpoint and redoes the epochs after it.
 
-The sample order (which samples share a batch, and when) depends on the number of processes and of
-loader workers; so do the per-rank BatchNorm statistics (as with train_model under DDP). Nothing else:
-the recipe, the step count and the samples per epoch are the same for any process count.
+On a streamed pool the sample order (which samples share a batch, and when) depends on the number of
+processes and of loader workers; on the CPU so do the per-rank BatchNorm statistics (as with train_model
+split over ranks). Nothing else: the recipe, the steps, the views and the observations per epoch are the
+same for any process count. docs/shards.md gives the measured effect of the order.
 """
 import math
 
@@ -36,23 +41,35 @@ import torch
 
 from .augment import Augment
 from . import seeds
-from .dist import rank_world, run_of, share_sizes
+from .dist import rank_slice, rank_world, run_of, share_sizes
 from .errors import DataError
 from .progress import track
-from .train import Session
+from .train import Session, epoch_boxes, train_model
 
 
 def epoch_plan(n, batch_size, world):
-    """Samples per rank per step (int64 steps x world): full global batches of `batch_size`, the last
-    holding the rest (folded into the one before when it has fewer than `world` samples)."""
-    if n < world:
-        raise DataError(f"a pool of {n} samples cannot be trained on by {world} processes (fewer samples than ranks)")
+    """Distinct samples per rank per step (int64 steps x world): S = ceil(n / batch_size) global batches as
+    train_model makes them, the first S - 1 full, the last holding the rest (each split over the ranks as
+    dist.share_sizes). The last batch is completed to `batch_size` by wrapping around (epoch_batches), as
+    train_model's is, so every step trains on a full global batch of rank shares share_sizes(batch_size)."""
+    if n < world or batch_size < world:
+        raise DataError(f"a pool of {n} samples in global batches of {batch_size} cannot be trained on by {world} "
+                        f"processes (fewer samples than ranks in the pool or in a global batch)")
     steps = max(1, math.ceil(n / batch_size))
     sizes = [batch_size] * (steps - 1) + [n - (steps - 1) * batch_size]
-    if sizes[-1] < world and len(sizes) > 1:
-        rest = sizes.pop()
-        sizes[-1] += rest
     return np.array([share_sizes(b, world) for b in sizes], dtype=np.int64)
+
+
+def held_whole(n, shuffle_buffer):
+    """Whether a streamed pool of `n` samples fits a rank's shuffle buffer: then train_stream reads it once and
+    trains on it as train_model does (the same order, batches and views: the same result)."""
+    return n <= shuffle_buffer
+
+
+def streams(cfg, split):
+    """Whether a training on the pool `split` streams it over the ranks (a streamed pool larger than
+    stream.shuffle_buffer); else it is resident or read whole once, and trained as a resident pool."""
+    return not split.in_memory and not held_whole(len(split), cfg["stream"]["shuffle_buffer"])
 
 
 def rank_run(split, order, plan, rank):
@@ -103,14 +120,21 @@ class ShuffleBuffer:
         return out
 
 
-def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device=torch.device("cpu")):
+def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device=torch.device("cpu"), share=None):
     """This rank's training batches of one epoch, (uint8 images, labels, global ids), one per step of `plan`;
     raises DataError when the stream does not deliver exactly the planned samples. Images on `device` when
-    the split decodes there (data.decode: device), else on the CPU; labels and ids on the CPU."""
+    the split decodes there (data.decode: device), else on the CPU; labels and ids on the CPU.
+
+    `share` (the rank's slots in every global batch): the last batch is completed to `share` samples by
+    presenting again the rank's first samples of the epoch, in the order they were presented (cycling when
+    the rank has fewer), as train_model wraps its last batch around to the epoch's first samples."""
     order = np.random.default_rng(seeds.stream_shard_order(seed, epoch)).permutation(len(split.shards))
     positions, mask = rank_run(split, order, plan, rank)
     sizes = plan[:, rank]
     expected = int(sizes.sum())
+    wrap = 0 if share is None else int(share) - int(sizes[-1])
+    if wrap < 0:
+        raise ValueError(f"a share of {share} samples a step is smaller than the plan's {int(sizes[-1])}")
     loader_batch = int(sizes.max())
     on = device if split.decode == "device" else "cpu"
     buffer = ShuffleBuffer(shuffle_buffer + 2 * loader_batch, split.shape, on)
@@ -119,8 +143,9 @@ def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, de
                                seed=seeds.stream_interleave(seed, epoch, rank), device=device))
     seen = np.zeros(len(split), dtype=bool)
     pushed = 0
+    first = []                                     # the rank's first `wrap` presentations of the epoch
     where = f"{split.index_path}, epoch {epoch}, rank {rank}"
-    for need in sizes:
+    for step, need in enumerate(sizes):
         while buffer.count < need + shuffle_buffer:
             batch = next(stream, None)
             if batch is None:
@@ -134,7 +159,16 @@ def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, de
             buffer.push(x, y, ids)
         if buffer.count < need:
             raise DataError(f"{where}: the stream delivered {pushed} of the {expected} samples planned")
-        yield buffer.take(int(need), rng)
+        x, y, ids = buffer.take(int(need), rng)
+        kept = sum(len(part[2]) for part in first)
+        if kept < wrap and len(ids):
+            first.append((x[:wrap - kept], y[:wrap - kept], ids[:wrap - kept]))
+        if step == len(sizes) - 1 and wrap:
+            fx, fy, fids = (torch.cat(parts) for parts in zip(*first))
+            again = torch.arange(wrap) % len(fids)          # cycles only when the rank has fewer than `wrap`
+            x = torch.cat([x, fx[again.to(fx.device)]])
+            y, ids = torch.cat([y, fy[again]]), torch.cat([ids, fids[again]])
+        yield x, y, ids
     for _ in stream:
         raise DataError(f"{where}: the stream delivered more than the {expected} samples planned")
     if pushed != expected or int(seen.sum()) != expected:
@@ -149,37 +183,53 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
 
     Arguments as train_model (the images and labels come from `split`; `on_batch(ids, logits)` gets the
     global ids of this rank's batch, on the device), plus `shuffle_buffer` (decoded samples per rank) and
-    `interleave` (shards each loader worker reads at once). With `checkpoint` and the recipe's
+    `interleave` (shards each loader worker reads at once). A pool of at most `shuffle_buffer` samples is read
+    once and trained by train_model (its stats, "lrs" included). With `checkpoint` and the recipe's
     `checkpoint_every` > 0 the training state is saved every that many epochs and training continues from
     it when it exists; it is deleted at the end.
     """
     r = recipe
     device = accelerator.device
     rank, world = rank_world(accelerator)
+    kw = dict(mean=mean, std=std, teacher=teacher, seed=seed, desc=desc, on_epoch_end=on_epoch_end,
+              on_batch=on_batch, checkpoint=checkpoint, extra_state=extra_state)
+    if held_whole(len(split), shuffle_buffer):   # the buffer would hold the whole pool: read it once (each rank
+        images, labels = split.fetch(np.arange(len(split)), accelerator)     # a share, all-gathered) and train
+        return train_model(accelerator, model, images, labels, r, **kw)      # as resident: rows = global ids
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     augment = Augment(mean, std, split.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop, padding=r.padding)
     plan = epoch_plan(len(split), r.batch_size, world)
     steps_per_epoch = len(plan)
+    lo, hi = rank_slice(r.batch_size, rank, world)        # this rank's slots of every global batch
 
+    if world > 1 and device.type == "cuda":   # global BatchNorm statistics, as train_model (no CPU SyncBatchNorm)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format)
     session = Session(accelerator, model, r, steps_per_epoch, teacher=teacher, memory_format=memory_format)
-    first_epoch = session.resume(checkpoint, {}, extra_state)     # every epoch's randomness comes from (seed, epoch, rank)
+    # the views of an epoch's positions come from train_model's generator, drawn alike on every rank (on the
+    # CPU: the same views on every device) and moved to the device
+    generators = {"aug_gen": torch.Generator().manual_seed(seeds.augmentation(seed))}
+    first_epoch = session.resume(checkpoint, generators, extra_state)   # the stream's order: from (seed, epoch, rank)
+    height, width = split.shape[1], split.shape[2]
     start, seen = session.clock(), 0
     session.ddp_model.train()
     for epoch in track(range(first_epoch, r.epochs), desc=desc, main=accelerator.is_main_process,
                        initial=first_epoch, total=r.epochs, unit="epochs"):
-        aug_gen = torch.Generator().manual_seed(     # on the CPU: the same views on every device
-            int(np.random.default_rng(seeds.stream_augmentation(seed, epoch, rank)).integers(1 << 62)))
-        for x, y, ids in epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device):
-            x = augment(x.to(device, non_blocking=True), generator=aug_gen)
+        boxes, flips = epoch_boxes(augment, steps_per_epoch * r.batch_size, height, width, generators["aug_gen"],
+                                   device)
+        my_boxes = boxes.view(steps_per_epoch, r.batch_size, 4)[:, lo:hi]
+        my_flips = flips.view(steps_per_epoch, r.batch_size)[:, lo:hi]
+        batches = epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, device, share=hi - lo)
+        for step, (x, y, ids) in enumerate(batches):
+            x = augment.apply(x.to(device, non_blocking=True), my_boxes[step], my_flips[step])
             x = x.contiguous(memory_format=memory_format)
             y, ids = y.to(device, non_blocking=True), ids.to(device, non_blocking=True)
             session.step(x, y, ids, on_batch)
             seen += len(ids)
-        session.end_epoch(epoch, on_epoch_end, checkpoint, {}, extra_state)
+        session.end_epoch(epoch, on_epoch_end, checkpoint, generators, extra_state)
     seconds = session.clock() - start
     seen = int(accelerator.reduce(torch.tensor([seen], device=device), reduction="sum").item()) if world > 1 else seen
-    model = session.finish(checkpoint, broadcast=False)
+    model = session.finish(checkpoint, broadcast=world > 1)   # rank 0's BatchNorm buffers, as train_model
     return model, session.stats(seconds, seen)
 
 

@@ -4,7 +4,7 @@
     generated_pool(...)              class prototypes + noise, 8x8 RGB, 5 % flipped labels: (RealData, mask)
     write_pool_shards(data, folder)  data.train and data.test as shards + train.json / test.json (as `ccfs shards`
                                      lays them out: PNG members, keys = the global index)
-    teacher_accuracies(...)          the digits teacher recipe in memory and from shards: test accuracies per seed
+    teacher_accuracies(...)          the digits teacher recipe in memory and streamed from shards: test accuracies per seed
 """
 import os
 
@@ -77,7 +77,8 @@ def write_pool_shards(data, folder, per_shard=200):
 
 def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
     """[(in-memory, from-shards test accuracy)] per seed of the teacher recipe (ConvNet-D3 width 32, 30 epochs,
-    batch 128, lr 0.1), trained with train_model on `memory` and with train_stream on `streamed` (same data)."""
+    batch 128, lr 0.1), trained with train_model on `memory` and with train_stream on `streamed` (same data),
+    streamed through a 256-sample shuffle buffer (a pool within the buffer would be read once: train_model)."""
     from ccfs_dist.models import build_model
     from ccfs_dist.predict import accuracy
     from ccfs_dist.stream_train import train_stream
@@ -88,7 +89,7 @@ def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
         kw = dict(mean=memory.mean, std=memory.std, seed=seed)
         row = []
         for train in (lambda m: train_model(accelerator, m, memory.train.images, memory.train.labels, rec, **kw),
-                      lambda m: train_stream(accelerator, m, streamed.train, rec, **kw)):
+                      lambda m: train_stream(accelerator, m, streamed.train, rec, shuffle_buffer=256, **kw)):
             torch.manual_seed(seed)
             model, _ = train(build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"},
                                          memory.num_classes, memory.channels, memory.image_size))

@@ -209,11 +209,11 @@ def case_config_missing(tmp_path):
 # ------------------------------------------------------------------------------------------ CIFAR
 
 def cifar(tmp_path, name=None, obj=None):
-    folder = tmp_path / "cifar-10-batches-py"
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"        # beside the run directory, not around it
     make_cifar10(str(folder), np.random.default_rng(0))
     if name:
         write_pickle(folder / name, obj)
-    return ["data.source=cifar10", f"data.root={tmp_path}", "model.width=8"]
+    return ["data.source=cifar10", f"data.root={tmp_path}/cifar", "model.width=8"]
 
 
 def case_cifar_pickle_payload(tmp_path):
@@ -375,14 +375,15 @@ def test_bad_input(case, run_dir, tmp_path, capsys, request):
 @pytest.mark.parametrize("override, words", [
     ("train.momentum=-0.9", "config key 'train.momentum' must lie in [0, 1), got -0.9"),
     ("train.weight_decay=-0.1", "config key 'train.weight_decay' must be at least 0"),
-    ("train.batch_size=-4", "config key 'train.batch_size' must be at least 1"),
+    ("train.batch_size=-4", "config key 'train.batch_size' must lie in [1, 65536]"),
     ("seed=-3", "config key 'seed' must be at least 0"),
     ("aug.scale_min=1.2", "config key 'aug.scale_min' must lie in (0, 1]"),
     ("teacher.epochs=0", "config key 'teacher.epochs' must be at least 1"),
     ("train.epochs=-2", "config key 'train.epochs' must be at least 1"),
     ("distill.iterations=-5", "config key 'distill.iterations' must be at least 1"),
-    ("data.image_size=0", "config key 'data.image_size' must be at least 1"),
-    ("model.width=0", "config key 'model.width' must be at least 1"),
+    ("data.image_size=0", "config key 'data.image_size' must lie in [1, 8192]"),
+    ("data.image_size=10000000", "config key 'data.image_size' must lie in [1, 8192]"),
+    ("model.width=0", "config key 'model.width' must lie in [1, 16384]"),
 ])
 def test_numbers_outside_their_meaning(override, words, run_dir, capsys):
     refused(run_dir, capsys, [], [override], words)

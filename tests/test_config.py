@@ -52,14 +52,16 @@ def test_int_is_accepted_for_float():
     # out of range: the examples of issue 11 (every key: test_every_numeric_key_is_checked_against_its_range)
     ("train.momentum=-0.5", "'train.momentum' must lie in [0, 1), got -0.5"),
     ("train.weight_decay=-0.0001", "'train.weight_decay' must be at least 0"),
-    ("train.batch_size=-8", "'train.batch_size' must be at least 1"),
+    ("train.batch_size=-8", "'train.batch_size' must lie in [1, 65536]"),
+    ("predict.batch_size=10000000000", "'predict.batch_size' must lie in [1, 65536]"),
     ("seed=-1", "'seed' must be at least 0"),
     ("aug.scale_min=1.5", "'aug.scale_min' must lie in (0, 1]"),
     ("teacher.epochs=-3", "'teacher.epochs' must be at least 1"),
     ("train.epochs=0", "'train.epochs' must be at least 1"),
     ("distill.iterations=0", "'distill.iterations' must be at least 1"),
-    ("data.image_size=0", "'data.image_size' must be at least 1"),
-    ("model.width=0", "'model.width' must be at least 1"),
+    ("data.image_size=0", "'data.image_size' must lie in [1, 8192]"),
+    ("model.width=0", "'model.width' must lie in [1, 16384]"),
+    ("model.width=100000000", "'model.width' must lie in [1, 16384]"),
     ("train.lr=.nan", "'train.lr' must be positive, got nan"),
 ])
 def test_bad_overrides_name_the_key(override, words):

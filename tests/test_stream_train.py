@@ -3,6 +3,7 @@ loader workers, the shuffle buffer, epoch-boundary resume, a teacher and difficu
 against the in-memory computation, and a whole ImageNet-shaped run from nothing but shards on 2 processes."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ from ccfs_dist.sources import load_real
 from ccfs_dist.dist import make_accelerator
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.models import build_model
-from ccfs_dist.scores import training_dynamics
+from ccfs_dist.dist import share_sizes
+from ccfs_dist.scores import TrainingDynamics, gaussian_last_weights, training_dynamics
 from ccfs_dist.shards import ShardSplit, load_shards
 from ccfs_dist.stream_train import ShuffleBuffer, epoch_batches, epoch_plan, rank_run, train_stream
-from ccfs_dist.train import Recipe
+from ccfs_dist.train import Recipe, train_model
 
 from conftest import ROOT
 from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
@@ -48,16 +50,19 @@ def pools(tmp_path_factory):
 
 @pytest.mark.parametrize("n,batch,world", [(1437, 64, 1), (1437, 64, 2), (1437, 128, 3), (10, 4, 3),
                                            (9, 4, 2), (5, 8, 2), (3, 3, 3)])
-def test_plan_trains_every_sample_once_and_every_rank_every_step(n, batch, world):
+def test_plan_has_train_models_steps_and_every_rank_a_sample(n, batch, world):
+    """train_model's batches: ceil(n / batch) steps, all full but the last (completed by wrapping around in
+    epoch_batches); every sample once; every rank has a sample to wrap around to."""
     plan = epoch_plan(n, batch, world)
-    assert plan.shape[1] == world and plan.sum() == n and (plan >= 1).all()
-    sizes = plan.sum(1)
-    assert (sizes[:-1] == batch).all() and world <= sizes[-1] < batch + world   # full batches, then the rest
     steps = max(1, -(-n // batch))
-    assert len(plan) == (steps - 1 if steps > 1 and n - (steps - 1) * batch < world else steps)
+    assert plan.shape == (steps, world) and plan.sum() == n and (plan.sum(0) >= 1).all()
+    assert (plan.sum(1)[:-1] == batch).all() and plan.sum(1)[-1] == n - (steps - 1) * batch
     assert (plan.max(1) - plan.min(1) <= 1).all()                            # ranks balanced within a step
     with pytest.raises(DataError, match="fewer samples than ranks"):
         epoch_plan(world - 1, batch, world) if world > 1 else epoch_plan(0, batch, 2)
+    if world > 1:
+        with pytest.raises(DataError, match="fewer samples than ranks"):
+            epoch_plan(n, world - 1, world)
 
 
 def test_rank_runs_partition_the_pool(pools):
@@ -106,6 +111,80 @@ def test_epoch_streams_cover_the_pool_exactly_once_over_ranks_and_workers(pools,
     assert not torch.equal(orders[0], orders[1])
 
 
+def test_last_batch_wraps_around_to_each_ranks_first_samples(pools):
+    """With `share` every step is a full share of the global batch (train_model's batches); the last is completed
+    by the rank's first presentations of the epoch, in order: over both ranks every sample once, and the
+    S * B - N wrapped ones twice."""
+    split = pools["generated"][1].train
+    n, batch, world = len(split), 128, 2
+    plan = epoch_plan(n, batch, world)
+    counts = np.zeros(n, dtype=int)
+    for rank in range(world):
+        share = share_sizes(batch, world)[rank]
+        batches = list(epoch_batches(split, plan, 0, 0, rank, shuffle_buffer=256, interleave=4, share=share))
+        assert [len(b[2]) for b in batches] == [share] * len(plan)
+        last, first = batches[-1][2], batches[0][2]
+        wrap = share - int(plan[-1, rank])
+        assert torch.equal(last[len(last) - wrap:], first[:wrap])
+        assert torch.equal(batches[-1][0][len(last) - wrap:], batches[0][0][:wrap])
+        for _, _, ids in batches:
+            np.add.at(counts, ids.numpy(), 1)
+    assert counts.min() == 1 and counts.max() == 2 and int((counts == 2).sum()) == len(plan) * batch - n
+
+
+class _Recorder:
+    """on_batch / on_epoch_end of a score run that also records every presentation (id sequence per epoch)."""
+
+    def __init__(self, accelerator, labels, epochs):
+        self.dyn = TrainingDynamics(accelerator, labels, epochs, 2, gaussian_last_weights(epochs, 1.0))
+        self.epochs = [[]]
+
+    def on_batch(self, rows, logits):
+        self.epochs[-1].append(rows.cpu().clone())
+        self.dyn.on_batch(rows, logits)
+
+    def on_epoch_end(self, epoch, _model):
+        self.dyn.end_epoch(epoch)
+        self.epochs.append([])
+
+
+def test_streamed_loop_keeps_the_resident_loops_books(tmp_path, accelerator, monkeypatch):
+    """Bookkeeping: given the same order of presentations (one shard, no shuffle buffer, interleave 1: the
+    stream presents the pool in index order; train_model's permutation pinned to the identity) the streamed
+    loop and train_model present the same samples in the same steps (the last batch wrapped around to the
+    epoch's first samples), with the same views, so the model outputs, per-sample presentation counts,
+    forgetting events, losses and EL2N are the resident loop's."""
+    data, _ = generated_pool(classes=10, per_class=30, test_per_class=1)          # 300 samples: 5 steps of 64
+    streamed = load_shards(write_pool_shards(data, str(tmp_path / "one"), per_shard=300))
+    rec = Recipe(epochs=4, batch_size=64, lr=0.05, scale_min=0.5)
+    model_cfg = dict(CONVNET, width=8)
+    runs = {}
+    for name in ("resident", "streamed"):
+        torch.manual_seed(0)
+        model = build_model(model_cfg, 10, 3, 8)
+        book = _Recorder(accelerator, data.train.labels, rec.epochs)
+        kw = dict(mean=data.mean, std=data.std, seed=5, on_batch=book.on_batch, on_epoch_end=book.on_epoch_end)
+        if name == "resident":
+            with monkeypatch.context() as m:
+                m.setattr(torch, "randperm", lambda n, generator=None: torch.arange(n))
+                train_model(accelerator, model, data.train.images, data.train.labels, rec, **kw)
+        else:
+            train_stream(accelerator, model, streamed.train, rec, shuffle_buffer=0, interleave=1, **kw)
+        runs[name] = (book, model)
+    (res, res_model), (got, got_model) = runs["resident"], runs["streamed"]
+    order = torch.cat([torch.arange(300), torch.arange(20)])                   # 320 = 5 x 64 presentations
+    for epoch in range(rec.epochs):
+        assert [len(b) for b in got.epochs[epoch]] == [64] * 5
+        assert torch.equal(torch.cat(got.epochs[epoch]), order) and torch.equal(torch.cat(res.epochs[epoch]), order)
+    a, b = res.dyn.result(), got.dyn.result()
+    assert np.array_equal(a["forgetting"], b["forgetting"]) and np.array_equal(res.dyn.events, got.dyn.events)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["el2n"], b["el2n"], rtol=1e-5, atol=1e-6)
+    for x, y in zip(res_model.state_dict().values(), got_model.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert res.dyn.events.sum() > 0                                            # the books were kept on something
+
+
 def test_a_corrupt_shard_stops_training_with_its_name(pools, tmp_path, accelerator):
     data, streamed, _ = pools["digits"]
     folder = tmp_path / "bad"
@@ -123,10 +202,10 @@ def test_a_corrupt_shard_stops_training_with_its_name(pools, tmp_path, accelerat
 
 def test_stream_config_keys():
     cfg = load_config(None, [])
-    assert cfg["stream"] == {"shuffle_buffer": 4096, "interleave": 16}
-    for override, words in [("stream.interleave=0", "'stream.interleave' must be at least 1"),
-                            ("stream.shuffle_buffer=-1", "'stream.shuffle_buffer' must be at least 0")]:
-        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+    assert cfg["stream"] == {"shuffle_buffer": 4096, "interleave": 16, "resume_other_processes": False}
+    for override, words in [("stream.interleave=0", "'stream.interleave' must lie in [1, 4096]"),
+                            ("stream.shuffle_buffer=-1", "'stream.shuffle_buffer' must lie in [0, 1048576]")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(None, [override])
 
 
@@ -143,7 +222,7 @@ def test_epoch_boundary_checkpoint_resumes_to_the_same_weights(pools, tmp_path, 
         torch.manual_seed(0)
         return build_model(model_cfg, 10, 3, 8)
     whole, stats = train_stream(accelerator, fresh(), streamed.train, rec, **kw)
-    assert stats["images"] == 4 * len(streamed.train) and stats["steps"] == 4 * len(epoch_plan(1500, 64, 1))
+    assert stats["steps"] == 4 * 24 and stats["images"] == 4 * 24 * 64        # full batches, as train_model
     state = str(tmp_path / "state.pt")
 
     def killed(epoch, _model):
@@ -181,8 +260,9 @@ def test_recipe_rejects_an_unknown_schedule_step():
 
 
 def test_teacher_from_shards_within_one_point_of_in_memory(tmp_path, accelerator):
-    """The teacher recipe (30 epochs, batch 128, lr 0.1) on digits: test accuracy from the shards vs in memory,
-    mean over 3 seeds (measured: 97.96 % in memory, 97.31 % streamed; per seed -0.8 to +1.9 points apart)."""
+    """The teacher recipe (30 epochs, batch 128, lr 0.1) on digits: test accuracy streamed from the shards (a
+    256-sample buffer) vs in memory, mean over 3 seeds (measured: 97.96 % in memory, 97.69 % streamed; per seed
+    0, 0.83 and 0 points apart)."""
     from ccfs_dist import cli
     assert cli.main(["shards", "--out", str(tmp_path / "d"), "--per-shard", "300", "data.source=digits"]) == 0
     memory = load_real({"source": "digits"})
@@ -194,28 +274,40 @@ def test_teacher_from_shards_within_one_point_of_in_memory(tmp_path, accelerator
     assert abs(np.mean(gaps)) <= 0.01
 
 
-# Scores recipe of the comparison: a small model for few epochs, averaged over runs. Run-to-run noise bounds
-# any two computations' agreement; `python launch/bench_stream_scores.py` measures it at 32 runs (BENCHMARKS.md).
-SCORES = ["scores.runs=6", "scores.epochs=20", "scores.batch_size=256", "model.width=8", "model.depth=2"]
-
-
-@pytest.mark.parametrize("pool", ["digits", "generated"])
-def test_streamed_scores_agree_with_in_memory_as_two_seeds_do(pools, accelerator, pool):
-    """forgetting / loss / EL2N from the shards vs in memory, same recipe and seeds: they agree as well as two
-    in-memory computations with other seeds agree (the sample order is the only difference), and the planted
-    5 % flipped labels are found (AUROC >= 0.9) from the streamed scores."""
-    data, streamed, planted = pools[pool]
-    cfg = load_config(DEFAULT, SCORES)
+def test_a_pool_within_the_shuffle_buffer_scores_exactly_as_in_memory(pools, accelerator):
+    """The default config (digits; 1,437 samples < stream.shuffle_buffer): each run reads the pool once and trains
+    it as train_model does, so the streamed scores are the in-memory ones, number for number."""
+    data, streamed, _ = pools["digits"]
+    cfg = load_config(DEFAULT, ["scores.runs=2", "scores.epochs=4"])
     memory, _ = training_dynamics(accelerator, cfg, data)
-    stream, info = training_dynamics(accelerator, cfg, streamed)
-    other, _ = training_dynamics(accelerator, load_config(DEFAULT, SCORES + ["seed=1000"]), data)
+    stream, _ = training_dynamics(accelerator, cfg, streamed)
     for method in memory:
-        rho, noise = spearman(memory[method], stream[method]), spearman(memory[method], other[method])
+        assert np.array_equal(memory[method], stream[method]), method
+
+
+# The streamed estimator against the in-memory one where the pool is streamed (a class-sorted pool in shards of
+# 200, a shuffle buffer of 256 < 1,500 samples). Batch 200: 8 steps, the last wrapped around by 100 samples (the
+# rule that set the two apart). The stream (seed 3000) against in memory at seeds 0, 1000, 2000 (no shared run):
+# equal in expectation, so its mean Spearman is the in-memory seed-to-seed mean up to noise. Margin 0.05: one
+# pair's Spearman varies by up to 0.04 across pairs at 4 runs x 12 epochs (el2n, one epoch's view) and the
+# buffer's order costs about 0.01 (loss): BENCHMARKS.md, `python launch/bench_stream_scores.py`.
+AGREEMENT = ["scores.runs=4", "scores.epochs=12", "scores.batch_size=200", "model.width=8", "model.depth=2",
+             "stream.shuffle_buffer=256"]
+
+
+def test_streamed_scores_agree_with_in_memory_as_seeds_do(pools, accelerator):
+    """forgetting / loss / EL2N from the stream vs in memory, other seeds: Spearman at least the in-memory
+    seed-to-seed Spearman (mean over 3 pairs) minus 0.05; the planted 5 % flipped labels are found (AUROC >= 0.9)."""
+    data, streamed, planted = pools["generated"]
+    memory = [training_dynamics(accelerator, load_config(DEFAULT, AGREEMENT + [f"seed={s}"]), data)[0]
+              for s in (0, 1000, 2000)]
+    stream, _ = training_dynamics(accelerator, load_config(DEFAULT, AGREEMENT + ["seed=3000"]), streamed)
+    for method in stream:
+        noise = np.mean([spearman(memory[a][method], memory[b][method]) for a, b in ((0, 1), (0, 2), (1, 2))])
+        rho = np.mean([spearman(stream[method], m[method]) for m in memory])
         found = auroc(stream[method], planted)
-        print(f"{pool} {method}: Spearman stream vs memory {rho:.4f}, memory vs memory (other seeds) {noise:.4f}, "
-              f"AUROC streamed {found:.4f}")
-        assert rho >= noise - 0.05 and rho >= 0.6
-        assert found >= 0.9
+        print(f"{method}: Spearman stream vs memory {rho:.4f}, memory vs memory {noise:.4f}, AUROC streamed {found:.4f}")
+        assert rho >= noise - 0.05 and found >= 0.9
 
 
 def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, launch):
@@ -238,7 +330,7 @@ def test_imagenet_shaped_run_from_nothing_but_shards_on_two_processes(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["processes"] == 2 and summary["teacher"]["source"] == "trained"
-    assert summary["teacher"]["images"] == 3 * 3000 and summary["difficulty"] == "forgetting"
+    assert summary["teacher"]["images"] == 3 * 12 * 256 and summary["difficulty"] == "forgetting"   # full batches
     scores = np.load(os.path.join(out, "scores_forgetting.npy"))
     meta = json.load(open(os.path.join(out, "scores_forgetting.json")))
     assert scores.shape == (3000,) and meta["processes"] == 2 and set(np.unique(scores)) <= {0.0, 1.0, 3.0}
