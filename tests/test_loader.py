@@ -324,7 +324,8 @@ def test_term_to_the_launcher_ends_the_run_within_30_s_and_it_resumes(tmp_path):
                           also=lambda: os.path.exists(late))
     assert took is not None, "processes of the run outlived a SIGTERM to its launcher by 30 s"
     print(f"no process of the run left {took:.1f} s after SIGTERM to the launcher")
-    # resumed by one process (a run resumes on any count): what the TERMed run left must be a valid start
-    proc = run_script(args[1:] + ["--resume"])
+    # resumed by one process (a streamed run accepts another count when told): what the TERMed run left must
+    # be a valid start
+    proc = run_script(args[1:] + ["stream.resume_other_processes=true", "--resume"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_artifacts(out, processes=1)
