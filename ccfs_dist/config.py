@@ -34,7 +34,8 @@ DEFAULTS = {
         "distilled_resize": False, # resize / convert distilled images of another size or colour mode (else an error)
         "allow_urls": False,       # webdataset: index `file` entries may be URLs or `pipe:` commands (run by webdataset)
         "allow_outside": False,    # webdataset: index `file` entries may be absolute or climb out of the index's folder
-        "num_workers": 0,          # webdataset: DataLoader workers per rank decoding the streamed pool
+        "num_workers": 0,          # webdataset: loader worker processes per rank decoding the streamed pool
+        "worker_timeout": 600,     # webdataset: seconds a loader worker may deliver nothing before the run fails
         "decode": "cpu",           # webdataset: cpu (loader workers decode, PIL) | device (workers pass JPEG bytes on,
                                    # each rank decodes its batches on its device: nvjpeg on CUDA); docs/shards.md
     },
@@ -230,6 +231,7 @@ RANGES = {
     "aug.scale_min": Range(0, 1, lo_open=True),
     "predict.batch_size": BATCH,
     "data.num_workers": Range(0, 1024),
+    "data.worker_timeout": Range(0, 86400, lo_open=True),   # always bounded: no value turns it off
     "scores.runs": AT_LEAST_1,
     "scores.epochs": AT_LEAST_1,
     "scores.batch_size": BATCH,

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from .errors import CCFSError
-from .relaunch import cpu_launch_requested, relaunch_cpu_processes  # noqa: F401  (part of this module's API)
+from .relaunch import cpu_launch_requested, die_with_parent, relaunch_cpu_processes  # noqa: F401  (this module's API)
 
 
 def make_accelerator(mixed_precision="no", timeout_s=1800, deterministic=True):
@@ -111,7 +111,8 @@ def tune_malloc():
     settles at exactly the size of the recurring buffers), so every batch page-faults them in again and
     a CPU scoring pass spends much of its time in the kernel (figures: BENCHMARKS.md, "The allocator").
     The price: blocks up to 64 MB now share the heap with small long-lived ones, which can fragment it
-    (predict.predict preallocates its records for this reason). DataLoader workers inherit the setting (fork).
+    (predict.predict preallocates its records for this reason). Loader workers (shards.py) apply it too when
+    their rank did.
     CCFS_MALLOC_TUNING=0 keeps glibc's defaults. Returns True when the tuning is in effect.
     """
     if os.environ.get("CCFS_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):

@@ -5,18 +5,54 @@ Accelerate's launcher starts a single process for `--cpu` (multi-CPU needs mpiru
 `relaunch_cpu_processes` first; this process then becomes a small supervisor that never imports torch: it
 starts this machine's share of the ranks itself, with the environment torchrun would give them (RANK,
 LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR, MASTER_PORT; torch.distributed's env://
-rendezvous, rank 0 hosting the store), stops the others as soon as one fails, and forwards signals.
+rendezvous, rank 0 hosting the store), stops the others as soon as one fails, and forwards signals (ranks
+still running STOP_GRACE_S after a forwarded signal are killed).
+
+Nothing outlives its launcher: the supervisor, and every rank it starts (or torchrun starts), asks the kernel
+for a signal when its parent dies (`die_with_parent`), so a launcher killed outright (SIGKILL, which nobody
+can forward) still ends its ranks, and a rank's end ends its loader workers (shards.py).
 Starting the ranks directly instead of through torchrun saves one torch import on the critical path
 (BENCHMARKS.md, "Scale-out"); `CCFS_RELAUNCH=torchrun` switches back to torchrun.
 """
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 
-STOP_GRACE_S = 10        # after a rank failed: seconds the others get to exit on SIGTERM before SIGKILL
+STOP_GRACE_S = 10        # after a rank failed or a signal was forwarded: seconds the ranks get before SIGKILL
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SUPERVISOR_ENV = "CCFS_SUPERVISOR_PID"     # set in the ranks the supervisor starts: their parent's pid
+PR_SET_PDEATHSIG = 1                       # prctl option, linux/prctl.h
+
+
+def die_with_parent(signum=signal.SIGTERM, parent=None):
+    """Have the kernel send this process `signum` when its parent ends (Linux prctl PR_SET_PDEATHSIG; the
+    request survives exec). `parent`: the pid the parent must still have, else it ended before the request
+    took effect and `signum` is raised at once. Returns False where the platform has no such request (the
+    callers then rely on their own checks of the parent)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ok = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    if ok and parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)
+    return ok
+
+
+def watch_launcher():
+    """In a rank: end with the process that started it. A rank of our supervisor (SUPERVISOR_ENV names its
+    parent) or of torchrun (TORCHELASTIC_RUN_ID) gets SIGTERM when that parent ends, however it ends; its
+    default action ends the rank at once, wherever it waits (a collective, a loader)."""
+    env = os.environ
+    supervisor = env.pop(SUPERVISOR_ENV, "")     # popped: a program this rank runs is not the supervisor's rank
+    if supervisor.isdigit():
+        die_with_parent(signal.SIGTERM, parent=int(supervisor))
+    elif "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
+        die_with_parent(signal.SIGTERM)
 
 
 def _flag_value(argv, flag):
@@ -84,19 +120,32 @@ def wait_for_a_child():
         pass
 
 
+class _Stop(Exception):
+    """Raised by the signal handler to end a wait for a rank early (see supervise)."""
+
+
 def supervise(argvs, envs):
-    """Start one process per (argv, env), wait for all; when one fails, stop the rest (SIGTERM, then SIGKILL
-    after STOP_GRACE_S). Returns the exit status: 0, or the first failure's."""
-    procs = []
+    """Start one process per (argv, env) (each gets SUPERVISOR_ENV = this pid), wait for all; when one fails,
+    stop the rest (SIGTERM, then SIGKILL after STOP_GRACE_S). A forwarded signal starts the same clock: ranks
+    still running STOP_GRACE_S after it are killed. Returns the exit status: 0, or the first failure's."""
+    procs, signalled, waiting = [], [], [False]
 
     def forward(signum, _frame):
+        signalled.append(time.monotonic())
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
+        if waiting[0]:                   # leave the wait for a child: the grace period runs from now
+            waiting[0] = False           # (once: a second signal must not raise where nothing catches it)
+            raise _Stop
     previous = {s: signal.signal(s, forward) for s in FORWARDED}     # before the first start: none is missed
     try:
         try:
-            procs.extend(subprocess.Popen(argv, env=env) for argv, env in zip(argvs, envs))
+            mark = {SUPERVISOR_ENV: str(os.getpid())}
+            for argv, env in zip(argvs, envs):
+                if signalled:            # stopped while starting: start no more
+                    break
+                procs.append(subprocess.Popen(argv, env=dict(env, **mark)))
         except OSError:                  # a rank could not be started: the ones that were must not run on
             for p in procs:
                 p.kill()
@@ -105,22 +154,30 @@ def supervise(argvs, envs):
         while True:
             codes = [p.poll() for p in procs]
             failed = next((p for p, code in zip(procs, codes) if code not in (None, 0)), None)
-            if failed is not None or all(code == 0 for code in codes):
+            if failed is not None or all(code == 0 for code in codes) or signalled:
                 break
-            wait_for_a_child()
-        if failed is None:
+            try:
+                waiting[0] = True
+                if not signalled:        # a signal between the check above and here: no wait
+                    wait_for_a_child()
+                waiting[0] = False
+            except _Stop:
+                pass
+        if failed is None and not signalled:
             return 0
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
+        if not signalled:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        deadline = (signalled[0] if signalled else time.monotonic()) + STOP_GRACE_S
         for p in procs:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        return exit_code(failed.returncode)
+        failed = failed or next((p for p in procs if p.returncode != 0), None)
+        return exit_code(failed.returncode) if failed is not None else 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -131,8 +188,12 @@ def relaunch_cpu_processes(script_argv):
     this machine's ranks of `script_argv` under `supervise` and exit with their status; else return."""
     asked = cpu_launch_requested()
     if asked is None:
+        watch_launcher()                 # a rank (of ours or torchrun's), or a single process: nothing
         return
     per_machine, machines, machine_rank = asked
+    # the launcher (`accelerate launch`) may be killed outright: then this supervisor is told, and stops
+    # the ranks as for a forwarded SIGTERM (also after exec into torchrun, whose agent stops its workers)
+    die_with_parent(signal.SIGTERM, parent=os.getppid())
     sys.stdout.flush()
     if os.environ.get("CCFS_RELAUNCH") == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(per_machine),

@@ -23,7 +23,7 @@ Reading (`data.source: webdataset`):
     load_shards(data_cfg, num_workers=0)                -> RealData with ShardSplit train / test
 
 `batches` streams the shards that hold wanted samples: split over ranks (shard i goes to rank i % world),
-then over DataLoader workers (every num_workers-th of the rank's shards), no resampling or shuffling;
+then over the rank's loader workers (every num_workers-th of the rank's shards; _Workers), no resampling or shuffling;
 samples not in the wanted index are skipped before decoding. A rank or worker without shards yields
 nothing. Every shard is checked while it streams: its keys must be the index's contiguous run, its labels
 the index's labels, its sample count the index's count; a violation, an unreadable tar or an undecodable
@@ -39,23 +39,31 @@ input would no longer give the same bytes; tarfile's stream mode, the one a pipe
 silently at a corrupt header after the first, where `iter_tar` names the byte; and it reads a shard
 several times slower, in the loop that bounds a loader worker's samples per second.
 """
+import copy
+import ctypes
 import hashlib
 import io
 import json
 import math
 import multiprocessing
 import os
+import queue
 import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import weakref
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import io as ccfs_io
 from .config import MAX_SIDE      # stated limit of an image side (index shape, data.image_size)
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
-from .dist import deal, rank_world
+from .dist import deal, die_with_parent, rank_world, tune_malloc
 from .errors import CCFSError, ConfigError, DataError
 from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decoder, is_jpeg, resize_shorter,
                      square_side)
@@ -70,6 +78,32 @@ DECODE = ("cpu", "device")    # data.decode: loader workers decode (PIL), or han
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")     # pipe:, http:, s3:, file:, ... (not a one-letter drive)
 KEY_RE = re.compile(rb"[0-9]{1,18}")                     # a sample key / .cls label: ASCII digits only, never isdigit
 MAX_MEMBER = 1 << 30          # stated limit of one tar member (an image, a label, a pax header): 1 GiB
+WORKER_TIMEOUT_S = 600        # data.worker_timeout's default: docs/configuration.md says why
+PREFETCH = 2                  # batches a loader worker may have ready ahead of its rank (DataLoader's default)
+LIVENESS_S = 5.0              # how often a waiting rank checks its workers, and an idle worker its rank
+SLOTS = 64                    # shards per worker recorded as open, for the error that names a stalled loader's
+
+
+def start_context():
+    """The multiprocessing context that loader workers (and writer processes beside other threads) start in:
+    `forkserver` where the platform has it, else `spawn`; not `fork`. A rank runs threads (gloo's, the TCP
+    store's, tqdm's monitor), and a process forked while another thread holds a lock (the interpreter's,
+    malloc's) waits for it forever.
+    The fork server is a fresh single-threaded process that imports this module (torch, numpy, PIL,
+    torchvision's PNG decoder) once and forks every worker from there, so a worker starts in milliseconds."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", __name__, "torchvision.io"])   # no effect once the server runs
+    return ctx
+
+
+def start_fork_server():
+    """Start the fork server now (if start_context uses one): it imports while this process does other work,
+    instead of when the first worker is wanted."""
+    if start_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
 
 
 # ============================================================================================ writing
@@ -214,7 +248,26 @@ def _open_source(data_cfg, split, resize=None, jpeg_quality=RESIZE_JPEG_QUALITY)
                    images=part.images)
 
 
-_WRITE_SOURCE = None   # the _Source the writer's worker processes read (inherited through fork)
+_WRITE_SOURCE = None   # the _Source the writer's processes read (set by _writer_init in each)
+
+
+def _writer_context():
+    """How the writer's processes start: `fork` while this process runs a single thread (no lock can be held
+    by another thread; the source is inherited, and no fork server has to start first), else start_context()
+    (the source is then pickled to each process once, an in-memory source's images through shared memory).
+    `ccfs shards` forks under OMP_NUM_THREADS=1 (else numpy's OpenBLAS pool is a second thread)."""
+    try:
+        single = len(os.listdir("/proc/self/task")) == 1
+    except OSError:                              # no /proc: cannot tell
+        single = False
+    return multiprocessing.get_context("fork") if single else start_context()
+
+
+def _writer_init(src):
+    """In a writer process: the source to read; the process ends with the writer."""
+    global _WRITE_SOURCE
+    die_with_parent(signal.SIGKILL)
+    _WRITE_SOURCE = src
 
 
 def _write_one(job):
@@ -288,8 +341,11 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
         if workers == 1:
             results = [_write_one(job) for job in jobs]
         else:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                results = pool.map(_write_one, jobs, chunksize=1)
+            # a process pool that fails (BrokenProcessPool) instead of waiting forever when a process dies
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(workers, mp_context=_writer_context(), initializer=_writer_init,
+                                     initargs=(src,)) as pool:
+                results = list(pool.map(_write_one, jobs))
     finally:
         _WRITE_SOURCE = None
     stored = f"resize={resize},q={jpeg_quality}:" if resize else ""        # what the members are of the source
@@ -476,17 +532,22 @@ class ShardSplit:
 
     `labels` come from the index JSON, so selection never reads an image; `fetch` and `batches` stream
     only the shards that hold wanted samples. `image_size` overrides the index's image size (images are
-    then resized and center-cropped). `num_workers` DataLoader workers decode per rank; with
-    `decode="device"` they pass JPEG members on undecoded and `batches` / `stream` decode each batch's
-    JPEGs on the device they are given (decode_jpeg_batch), other members as before in the workers.
+    then resized and center-cropped). `num_workers` loader worker processes read and decode per rank
+    (_Workers: started on the first pass that needs them, reused by every later one, ended by `close` or
+    with the split); with `decode="device"` they pass JPEG members on undecoded and `batches` / `stream`
+    decode each batch's JPEGs on the device they are given (decode_jpeg_batch), other members as before in
+    the workers. A worker that delivers nothing for `worker_timeout` seconds fails the pass (CCFSError
+    naming the step and the shards it was reading).
     """
     in_memory = False
 
     def __init__(self, index_path, image_size=None, num_workers=0, check_files=True, allow_urls=False,
-                 allow_outside=False, decode="cpu"):
+                 allow_outside=False, decode="cpu", worker_timeout=WORKER_TIMEOUT_S):
         if decode not in DECODE:
             raise ConfigError(f"data.decode must be one of {', '.join(DECODE)}, got {decode!r}")
         self.decode = decode
+        self.worker_timeout = float(worker_timeout)
+        self._workers = None
         self.index_path = os.path.expanduser(os.fspath(index_path))
         self.meta, self.shards = read_index(self.index_path, allow_urls, allow_outside)
         self.labels = torch.from_numpy(self.meta["labels"])
@@ -500,6 +561,8 @@ class ShardSplit:
         self._firsts = np.array([s["first"] for s in self.shards], dtype=np.int64)
         if check_files:
             self._check_files()
+        if self.num_workers:
+            start_fork_server()
 
     def _check_files(self):
         missing, wrong = [], []
@@ -523,6 +586,23 @@ class ShardSplit:
 
     def __len__(self):
         return int(self.labels.numel())
+
+    def __getstate__(self):
+        """What a loader worker is sent once at its start: the index (labels as numpy), not the label tensor
+        (pickling it would move it into shared memory) nor the workers."""
+        state = dict(self.__dict__)
+        del state["labels"], state["_workers"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _workers=None)
+        self.labels = torch.from_numpy(self.meta["labels"])
+
+    def close(self):
+        """End this split's loader workers (a later pass starts new ones)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     @property
     def shape(self):
@@ -579,17 +659,19 @@ class ShardSplit:
             yield from self._iterate(stream, len(positions), batch_size, pin_memory, decode_on)
 
     def _iterate(self, stream, n_shards, batch_size, pin_memory, device=None):
-        """(images, labels, ids) views of the packed batches of a _ShardStream, through loader workers; an
-        encoded stream's batches are decoded on `device` (fresh image tensors there)."""
+        """(images, labels, ids) views of the packed batches of a _ShardStream, through this split's loader
+        workers (min(num_workers, n_shards) of them; none: in this process); an encoded stream's batches are
+        decoded on `device` (fresh image tensors there)."""
         workers = min(self.num_workers, n_shards)
-        if workers:
-            fast_png_decoder()             # probe (and import torchvision) once here, not in every forked worker
-        loader = stream if workers == 0 else DataLoader(
-            stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
-            prefetch_factor=2)
-        for item in loader:
-            if isinstance(item, str):     # a DataError raised in a worker, passed on as its message
-                raise DataError(item)
+        if workers == 0:
+            items = iter(stream)
+        else:
+            if self._workers is None:
+                self._workers = _Workers(self, self.worker_timeout)
+            items = self._workers.run(stream, workers)
+        for item in items:
+            if pin_memory and workers:           # as the DataLoader did: a worker's batch, pinned for the copy
+                item = (item[0].pin_memory(), item[1])
             if stream.encoded:
                 yield self._decoded(*_unpack_encoded(*item, batch_size), device)
             else:
@@ -710,10 +792,6 @@ class ShardSplit:
         return out, found
 
 
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
 def _pack(batch_size, shape):
     """One uint8 buffer holding a batch: labels and ids (int64, 2 x batch_size) first, then the images.
 
@@ -753,32 +831,42 @@ def _unpack_encoded(buf, n, batch_size):
     return payloads, meta[3, :n].numpy().astype(bool), meta[0, :n], meta[1, :n]
 
 
-class _ShardStream(IterableDataset):
-    """Per DataLoader worker: its share of `shards` (every num_workers-th) -> WebDataset samples ->
-    checked, filtered by the mask, decoded -> batches. A worker without shards yields nothing. In a
-    worker process a DataError is passed on as a string (the loader re-raises it in the rank). `encoded`
-    (decode="device"): JPEG members are passed on as their bytes (_pack_encoded), others decoded."""
+class _ShardStream:
+    """One pass: `shards` -> WebDataset samples -> checked, filtered by the mask, decoded -> batches; in loader
+    worker w of n (`worker` = (w, n), set by _Workers.run) only its share of `shards` (every n-th, from the
+    w-th). A worker without shards yields nothing. `encoded` (decode="device"): JPEG members are passed on
+    as their bytes (_pack_encoded), others decoded."""
 
     def __init__(self, split, shards, mask, batch_size, encoded=False):
-        super().__init__()
         self.split, self.shards, self.mask, self.batch_size = split, shards, mask, batch_size
         self.encoded = encoded
+        self.worker = None           # (id, count) in a loader worker
+        self.slots = None            # in a loader worker: (shared array, first slot) recording the open shards
 
     def __iter__(self):
-        info = get_worker_info()
-        shards = self.shards if info is None else deal(self.shards, info.id, info.num_workers)
+        shards = self.shards if self.worker is None else deal(self.shards, *self.worker)
+        yield from self._batches(shards)
+
+    def _reading(self, shard):
+        """self._samples(shard), recorded in this worker's slots while it is open (the rank names the shards
+        of a stalled worker from them)."""
+        slot = None
+        if self.slots is not None:
+            array, first = self.slots
+            slot = next((i for i in range(first, first + SLOTS) if array[i] < 0), None)
+            if slot is not None:
+                array[slot] = shard["first"]
         try:
-            yield from self._batches(shards)
-        except DataError as e:
-            if info is None:
-                raise
-            yield str(e)
+            yield from self._samples(shard)
+        finally:
+            if slot is not None:
+                array[slot] = -1
 
     def _batches(self, shards):
         """Packed batches (buffer, n): see _pack."""
         imgs, labels, ids = [], [], []
         for shard in shards:
-            for gid, label, img in self._samples(shard):
+            for gid, label, img in self._reading(shard):
                 imgs.append(img)
                 labels.append(label)
                 ids.append(gid)
@@ -909,15 +997,14 @@ class _InterleavedStream(_ShardStream):
         self.interleave, self.seed = max(1, int(interleave)), seed
 
     def _batches(self, shards):
-        info = get_worker_info()
-        rng = np.random.default_rng(list(self.seed) + [0 if info is None else info.id])
+        rng = np.random.default_rng(list(self.seed) + [0 if self.worker is None else self.worker[0]])
         pending, readers, left, total = list(shards), [], [], 0
         imgs, labels, ids = [], [], []
         uniform = iter(())
         while pending or readers:
             while pending and len(readers) < self.interleave:
                 shard = pending.pop(0)
-                readers.append(self._samples(shard))
+                readers.append(self._reading(shard))
                 left.append(int(self.mask[shard["first"]:shard["first"] + shard["count"]].sum()))
                 total += left[-1]
             pick = 0
@@ -946,6 +1033,235 @@ class _InterleavedStream(_ShardStream):
                 del readers[pick], left[pick]
         if ids:
             yield self._packed(imgs, labels, ids)
+
+
+# --------------------------------------------------------------------------------- loader workers
+
+class _Workers:
+    """One rank's loader worker processes for one split: started (start_context) as passes need them, then
+    reused by every later pass, each told its pass through a pipe of its own.
+
+    A pass over n workers is exactly what a DataLoader with n fresh workers gave it: worker w reads every
+    n-th shard from the w-th (_ShardStream.worker) and the rank takes the workers' batches round-robin, one
+    from each worker still holding one, in worker order; a worker has at most PREFETCH batches ready ahead.
+    Every wait for a batch is bounded: a worker that delivers nothing for `timeout` seconds, or ends, fails
+    the pass (CCFSError naming the step and the shards the worker was reading) and ends every worker."""
+
+    def __init__(self, split, timeout):
+        self.ctx = start_context()
+        self.timeout, self.index_path = timeout, split.index_path
+        self.shards, self.firsts = split.shards, split._firsts
+        self.split = copy.copy(split)            # what the workers are sent (__getstate__); not the split itself,
+        self.procs, self.tasks, self.results, self.slots = [], [], [], []   # which ends them when it goes
+        self.dealt, self.passes = [], 0
+        self.tuned = tune_malloc.cache_info().currsize > 0 and tune_malloc()     # as its rank: tuned or not
+        weakref.finalize(split, self.close)
+
+    def _start(self, n):
+        while len(self.procs) < n:
+            w = len(self.procs)
+            # pipes, not multiprocessing queues: their semaphores would be reported as leaked when a rank leaves
+            # through os._exit (dist.exit_process)
+            (tasks, to_worker), (results, from_worker) = self.ctx.Pipe(duplex=False), self.ctx.Pipe(duplex=False)
+            slots = self.ctx.RawArray(ctypes.c_int64, SLOTS)
+            slots[:] = [-1] * SLOTS
+            proc = self.ctx.Process(target=_worker_main, name=f"ccfs-loader-{w}", daemon=True,
+                                    args=(self.split, w, tasks, from_worker, slots, os.getpid(), self.tuned))
+            proc.start()
+            tasks.close()                        # the worker's ends: its death is then an EOF here
+            from_worker.close()
+            self.procs.append(proc)
+            self.tasks.append(_Outbox(to_worker))
+            self.results.append(results)
+            self.slots.append(slots)
+            self.dealt.append([])
+
+    def run(self, stream, n):
+        """The packed batches of `stream` (a _ShardStream) read by workers 0..n-1."""
+        self._start(n)
+        self.passes += 1
+        p = self.passes
+        spec = copy.copy(stream)
+        spec.split = None                        # each worker has the split from its start
+        for w, tasks in enumerate(self.tasks):
+            mine = None
+            if w < n:
+                mine = copy.copy(spec)
+                mine.worker = (w, n)
+                self.dealt[w] = deal(stream.shards, w, n)
+            tasks.put(("pass", p, mine))         # also to the idle ones: whatever they still read is dropped
+            if w < n:
+                tasks.put(("more", p, PREFETCH))
+        live = list(range(n))
+        while live:
+            for w in list(live):
+                kind, item = self._receive(w, p)
+                if kind == "end":
+                    live.remove(w)
+                    continue
+                self.tasks[w].put(("more", p, 1))
+                yield item
+
+    def _receive(self, w, p):
+        """Worker w's next message of pass p: ("batch", item) or ("end", None)."""
+        start = time.monotonic()
+        while True:
+            if self.passes != p:
+                raise RuntimeError(f"{self.index_path}: a pass over the split started while another was being read; "
+                                   f"passes over one split must not nest")
+            waited = time.monotonic() - start
+            try:
+                if not self.results[w].poll(max(0.01, min(LIVENESS_S, self.timeout - waited))):
+                    raise queue.Empty
+                got, kind, item = self.results[w].recv()
+            except (queue.Empty, EOFError, OSError) as e:
+                proc = self.procs[w]
+                closed = not isinstance(e, queue.Empty)          # the worker's pipe ended: so did the worker
+                if closed:
+                    proc.join(timeout=LIVENESS_S)                # for its exit code
+                ended = closed or not proc.is_alive()
+                if not ended and time.monotonic() - start < self.timeout:
+                    continue
+                reading = self._reading(w)
+                self.close()
+                if ended:
+                    raise CCFSError(f"loader worker {w} (pid {proc.pid}) of {self.index_path} ended with exit code "
+                                    f"{proc.exitcode} in {_stage()} while {reading} (killed, or out of memory?)")
+                raise CCFSError(f"the loader of {self.index_path} delivered nothing for {self.timeout:g} s "
+                                f"(data.worker_timeout) in {_stage()}: worker {w} (pid {proc.pid}) stalled while "
+                                f"{reading}; check the storage (or the pipe: command) it reads, or raise "
+                                f"data.worker_timeout if one batch can take that long")
+            if got != p:                         # left over from a pass that was left before its end
+                continue
+            if kind == "error":
+                raise DataError(item)
+            if kind == "failed":
+                self.close()
+                raise RuntimeError(f"loader worker {w} of {self.index_path} failed:\n{item}")
+            return kind, item
+
+    def _reading(self, w):
+        """The shards worker w has open, in words."""
+        firsts = sorted(v for v in self.slots[w] if v >= 0)
+        if not firsts:
+            dealt = [s["url"] for s in self.dealt[w]]
+            return (f"opening none of its {len(dealt)} shard(s) yet ({', '.join(dealt[:3])}"
+                    f"{' ...' if len(dealt) > 3 else ''})")
+        urls = [self.shards[int(np.searchsorted(self.firsts, f, side="right")) - 1]["url"] for f in firsts]
+        return f"reading shard(s) {', '.join(urls)}"
+
+    def close(self):
+        """End every worker now (SIGKILL: a worker holds nothing that must be saved)."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join(timeout=LIVENESS_S)
+        for channel in self.tasks + self.results:
+            channel.close()
+        self.procs, self.tasks, self.results, self.slots, self.dealt = [], [], [], [], []
+
+
+class _Outbox:
+    """Messages to one loader worker, written to its pipe by a thread of their own: the rank never waits for a
+    worker to read (a pass's message holds its mask, larger than a pipe's buffer)."""
+
+    def __init__(self, conn):
+        self.conn, self.queue = conn, queue.SimpleQueue()
+        threading.Thread(target=self._send, daemon=True, name="ccfs-loader-outbox").start()
+
+    def put(self, message):
+        self.queue.put(message)
+
+    def _send(self):
+        try:
+            while True:
+                message = self.queue.get()
+                if message is _Outbox:           # closed
+                    return
+                self.conn.send(message)
+        except OSError:                          # the worker is gone; the rank finds out when it waits for it
+            pass
+        finally:
+            self.conn.close()                    # here, not by another thread while this one may write to it
+
+    def close(self):
+        self.queue.put(_Outbox)
+
+
+def _stage():
+    """The pipeline step reading a loader, for its errors: the engine's functions on the stack outside this
+    module, outermost first (e.g. scores.dynamics_run > stream_train.train_stream > stream_train.epoch_batches)."""
+    names, frame = [], sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("ccfs_dist.") and module != __name__:
+            names.append(f"{module[len('ccfs_dist.'):]}.{frame.f_code.co_name}")
+        frame = frame.f_back
+    return " > ".join(reversed(names[:4])) or "a pass over the shards"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _worker_main(split, w, tasks, results, slots, rank, tuned):
+    """A loader worker process (_Workers). Messages from its rank: ("pass", id, _ShardStream or None) starts
+    a pass (dropping the one before), ("more", id, k) asks for k more of its batches, None ends the worker.
+    Replies, per pass: (id, "batch", packed batch) each, then (id, "end", None); (id, "error", message) for a
+    DataError, (id, "failed", traceback) for any other exception. It ends with its rank: SIGKILL when the
+    fork server ends (which ends with the rank), and an idle worker checks for its rank every LIVENESS_S."""
+    die_with_parent(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the rank decides
+    torch.set_num_threads(1)
+    if tuned:
+        tune_malloc()
+    fast_png_decoder()                           # probed once here, not at the first PNG
+    batches, current, credit = None, None, 0
+    while True:
+        busy = batches is not None and credit > 0
+        try:
+            message = tasks.recv() if tasks.poll(0 if busy else LIVENESS_S) else ()
+        except (EOFError, OSError):              # the rank is gone
+            return
+        if message == () and not busy:
+            if not _alive(rank):
+                return
+            continue
+        if message is None:
+            return
+        if message:                              # every message waiting is read before the next batch
+            kind, p, payload = message
+            if kind == "pass":
+                if batches is not None:
+                    batches.close()
+                slots[:] = [-1] * SLOTS
+                batches, current, credit = None, p, 0
+                if payload is not None:
+                    payload.split, payload.slots = split, (slots, 0)
+                    batches = iter(payload)
+            elif p == current:
+                credit += payload
+            continue
+        try:
+            reply = (current, "batch", next(batches))
+            credit -= 1
+        except StopIteration:
+            reply, batches = (current, "end", None), None
+        except DataError as e:
+            reply, batches = (current, "error", str(e)), None
+        except Exception:                        # noqa: BLE001 - a bug: the rank raises it with this traceback
+            reply, batches = (current, "failed", traceback.format_exc()), None
+        try:
+            results.send(reply)
+        except OSError:                          # the rank is gone
+            return
 
 
 # --------------------------------------------------------------------------------- tar parsing
@@ -1079,7 +1395,7 @@ def load_shards(data_cfg, num_workers=0):
         raise ConfigError("data source 'webdataset' needs 'data.test_root' (the test index JSON written by "
                           "`ccfs shards`, e.g. shards/test.json)")
     trust = {"allow_urls": bool(data_cfg.get("allow_urls")), "allow_outside": bool(data_cfg.get("allow_outside")),
-             "decode": data_cfg.get("decode", "cpu")}
+             "decode": data_cfg.get("decode", "cpu"), "worker_timeout": data_cfg.get("worker_timeout", WORKER_TIMEOUT_S)}
     train = ShardSplit(root, image_size=image_size, num_workers=num_workers, **trust)
     test = ShardSplit(test_root, image_size=train.shape[1], num_workers=num_workers, **trust)
     for key, split, want in (("data.root", train, "train"), ("data.test_root", test, "test")):

@@ -17,7 +17,7 @@ VALIDATION_FRACTION = 0.2
 def load_real(data_cfg):
     """Load the real train/test data named by the `data` config section.
 
-    data.num_workers: DataLoader workers per rank that decode a streamed (webdataset) pool; unused otherwise.
+    data.num_workers: loader worker processes per rank that decode a streamed (webdataset) pool; unused otherwise.
     data.mean / data.std, when set, replace the source's default normalisation.
     data.validation: the test split is left unread and replaced by a split carved from the training data
     (carve_validation), so settings can be chosen without looking at the test split.

@@ -4,11 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from conftest import ROOT
+from ccfs_dist import relaunch
 from ccfs_dist.relaunch import exit_code, rank_environments, supervise
 
 PY = sys.executable
@@ -67,6 +69,45 @@ def test_sigterm_to_the_supervisor_reaches_every_rank(tmp_path):
     # no rank is left behind in the supervisor's session
     out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert out == []
+
+
+def test_ranks_that_ignore_a_forwarded_signal_are_killed_after_the_grace_period(tmp_path, monkeypatch):
+    monkeypatch.setattr(relaunch, "STOP_GRACE_S", 1)
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             "open(sys.argv[1], 'w').close(); time.sleep(60)")
+
+    def term_when_ready():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)                  # to this process, the supervisor
+    threading.Thread(target=term_when_ready, daemon=True).start()
+    t0 = time.monotonic()
+    assert supervise([[PY, "-c", child, str(ready)]], [dict(os.environ)]) == 128 + signal.SIGKILL
+    assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_that_asked_dies_with_its_parent(tmp_path):
+    """die_with_parent: the grandchild ends when its parent (which started it, then exits) is gone."""
+    ready, pid_file = tmp_path / "ready", tmp_path / "pid"
+    grandchild = ("import os, sys, time; from ccfs_dist.relaunch import die_with_parent; "
+                  "assert die_with_parent(); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
+    parent = (f"import subprocess, sys, time, os; subprocess.Popen([sys.executable, '-c', {grandchild!r}, "
+              f"{str(pid_file)!r}]); "
+              f"[time.sleep(0.02) for _ in range(1500) if not os.path.exists({str(pid_file)!r})]")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([PY, "-c", parent], env=env, timeout=60, check=True)   # exits once the grandchild is up
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ")[1][0] == "Z":
+                break
+        time.sleep(0.05)
+    gone = not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+    assert gone, "the grandchild outlived its parent"
 
 
 @pytest.mark.parametrize("how", ["supervisor", "torchrun"])
