@@ -57,9 +57,9 @@ def cmd_run(args):
         run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         release_locks()                    # also on failure: the lock file and an uncommitted staged run go
-    from .dist import log
+    from .dist import end, log
     log(accelerator, f"outputs: {os.path.abspath(out)} (summary.json, report.md, eval_*.json; docs/outputs.md)")
-    accelerator.end_training()
+    end(accelerator)
     return 0
 
 
@@ -107,7 +107,8 @@ def cmd_scores(args):
     for m, values in scores.items():
         log(accelerator, f"{m}: {paths[m]} (+ .json): n={len(values)}, min {values.min():.4g}, "
                          f"mean {values.mean():.4g}, max {values.max():.4g}")
-    accelerator.end_training()
+    from .dist import end
+    end(accelerator)
     return 0
 
 
