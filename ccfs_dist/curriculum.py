@@ -36,7 +36,7 @@ from .report import fallback_line, write_report
 from .rundir import Run
 from .predict import accuracy, predict
 from .scores import DYNAMICS, compute_score_files
-from .selection import phase_budgets, random_per_class, select, select_official
+from .selection import random_per_class, run_budgets, select, select_official
 
 
 def load_given_teacher(cfg, data):
@@ -240,7 +240,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     c = cfg["ccfs"]
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
-    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
+    budgets = run_budgets(c)
     n_distilled = c["ipc"] - sum(budgets)
     hardness, method = get_hardness_source(cfg, data)
     given_teacher = load_given_teacher(cfg, data)
