@@ -54,10 +54,11 @@ def pinned_run(tmp_path_factory):
     train_model, kd_loss, augment, recover = train.train_model, train.kd_loss, train.Augment, curriculum.recover
 
     def spy_train(accelerator, model, images, labels, recipe, **kw):
+        init = {key: value.detach().clone() for key, value in model.state_dict().items()}
         model, stats = train_model(accelerator, model, images, labels, recipe, **kw)
         calls["train"].append({"desc": kw.get("desc"), "images": torch_copy(images), "labels": torch_copy(labels),
                                "recipe": recipe, "seed": kw.get("seed"), "teacher": kw.get("teacher") is not None,
-                               "lrs": stats["lrs"], "steps": stats["steps"]})
+                               "lrs": stats["lrs"], "steps": stats["steps"], "init": init})
         return model, stats
 
     def spy_kd(student_logits, teacher_logits, temperature):

@@ -95,6 +95,17 @@ def test_the_run_wires_the_recipe(pinned_run):
     assert ev["final"] == [r["final"] for r in runs] and ev["mean"] == pytest.approx(np.mean(ev["final"]))
 
 
+def test_each_filter_starts_from_fresh_weights_of_its_own_seed(pinned_run):
+    """ccfs.warm_start off (the default): filter j starts from a fresh model seeded seeds.filter_model(seed, j)."""
+    from ccfs_dist.models import build_model
+    _, calls = pinned_run
+    filters = [c for c in calls["train"] if c["desc"].startswith("phase ")]
+    for j, c in enumerate(filters, 1):
+        torch.manual_seed(seeds.filter_model(0, j))
+        fresh = build_model({"name": "convnet", "width": 8, "depth": 3, "norm": "batchnorm"}, CLASSES, 1, 8)
+        assert all(torch.equal(c["init"][key], value) for key, value in fresh.state_dict().items()), j
+
+
 # --------------------------------------------------------------------------- one owner of the phase budgets
 
 def test_plan_and_run_take_the_same_budgets_in_official_mode():
