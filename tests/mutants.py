@@ -8,7 +8,7 @@ Each mutant is (name, file, old text, new text, why). The old text must occur ex
 (else the mutant is reported as stale: the code moved on and the list needs updating). Each is applied to
 a fresh copy of the repository (its git-tracked and untracked, not ignored files) in a temporary folder,
 the chosen tests run there with `pytest -x`, and the mutant is *killed* when they fail. The survivors are
-printed, and the exit status is 1 when any survived (2 when one is stale). docs/tests-and-benchmarks.md
+printed, and the exit status is 1 when any survived (2 when one is stale or pytest itself failed). docs/tests-and-benchmarks.md
 has the latest result.
 """
 import argparse
@@ -74,9 +74,9 @@ MUTANTS = [
      'teacher_correct=teacher_ok[:len(preds["index"])] if', "teacher predictions not aligned with the pool"),
     ("distill-no-bn-weight", C, 'r_bn=d["r_bn"], jitter', 'r_bn=0.0, jitter', "the distiller ignores distill.r_bn"),
     # --- the trainings' wiring
-    ("filter-without-kd", J, 'teacher=self.teacher if cfg["train"]["kd"] else None, seed=seed,',
+    ("filter-without-kd", J, 'teacher=teacher if cfg["train"]["kd"] else None, seed=seed,',
      'teacher=None, seed=seed,', "filters trained without KD"),
-    ("eval-without-kd", J, 'teacher=self.teacher if cfg["train"]["kd"] else None,\n',
+    ("eval-without-kd", J, 'teacher=teacher if cfg["train"]["kd"] else None,\n',
      'teacher=None,\n', "evaluation models trained without KD"),
     ("eval-one-seed", J, 'seed=seeds.eval_run(cfg["seed"], r)', 'seed=seeds.eval_run(cfg["seed"], 0)',
      "one seed for every evaluation model"),
@@ -148,8 +148,10 @@ def try_mutant(mutant, tests, timeout):
         seconds = time.monotonic() - start
         if proc.returncode == 0:
             return name, "survived", seconds, ""
-        if proc.returncode not in (1,):           # 2: interrupted / collection error, 3-5: internal, usage
-            return name, "killed", seconds, f"pytest exit {proc.returncode}"
+        if proc.returncode == 2:                  # a collection error: the mutant broke an import
+            return name, "killed", seconds, "pytest exit 2 (collection error)"
+        if proc.returncode != 1:                  # 3-5: pytest's internal or usage errors: no verdict
+            return name, "error", seconds, f"pytest exit {proc.returncode}: {proc.stdout[-200:]!r}"
         failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
         return name, "killed", seconds, failed[0][7:120] if failed else ""
 
@@ -176,11 +178,13 @@ def main(argv=None):
     killed = sum(o == "killed" for _, o in results)
     stale = [n for n, o in results if o == "stale"]
     survived = [n for n, o in results if o == "survived"]
-    applied = len(results) - len(stale)
+    errors = [n for n, o in results if o == "error"]
+    applied = len(results) - len(stale) - len(errors)
     print(f"\nkilled {killed} of {applied} mutants ({100 * killed / max(1, applied):.0f} %) in "
           f"{time.monotonic() - start:.0f} s; survived: {', '.join(survived) or 'none'}"
-          + (f"; stale (update the list): {', '.join(stale)}" if stale else ""))
-    return 2 if stale else 1 if survived else 0
+          + (f"; stale (update the list): {', '.join(stale)}" if stale else "")
+          + (f"; no verdict (pytest error): {', '.join(errors)}" if errors else ""))
+    return 2 if stale or errors else 1 if survived else 0
 
 
 if __name__ == "__main__":
