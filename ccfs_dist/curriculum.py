@@ -30,7 +30,7 @@ from .dist import dealt, gather_rows
 from .distill import recover
 from .errors import DataError
 from .evaluate import summarize
-from .jobs import Trainings, fresh, run_stage
+from .jobs import Trainings, fresh, score_runs
 from .plan import describe, eval_sets, make_plan
 from .report import fallback_line, write_report
 from .rundir import Run
@@ -136,11 +136,11 @@ def get_hardness_source(cfg, data):
     return to_hardness(scores, method), method
 
 
-def computed_hardness(run, cfg, data, method, trainings):
+def computed_hardness(run, cfg, data, method):
     """Scores the run computes itself, as hardness: from the start stage's score runs (or the scores file
     an interrupted run left)."""
     path = run.scores(method)
-    runs = None if run.done(path) else trainings.score_runs()
+    runs = None if run.done(path) else score_runs(run, cfg)
     scores = compute_score_files(run.acc, cfg, data, {method: path}, runs=runs)[method]
     return to_hardness(scores, method)
 
@@ -253,13 +253,13 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
                                             streamed=not data.train.in_memory)
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
-    trainings = Trainings(run, cfg, data, class_size)
+    trainings = Trainings(run, cfg, data, class_size, [start, *phase_stages, final])
     wall, lap = {}, Lap()
 
-    run_stage(run, start, trainings)                                    # teacher, score runs
+    trainings.teacher_and_scores()
     wall["teacher + scores"] = lap()
     if c["difficulty"] in DYNAMICS:
-        hardness = computed_hardness(run, cfg, data, method, trainings)
+        hardness = computed_hardness(run, cfg, data, method)
     teacher, teacher_stats = get_teacher(run, cfg, data, given_teacher)
     teacher = teacher.to(accelerator.device).eval()
     teacher_acc = accuracy(accelerator, teacher, data.test, mean=data.mean, std=data.std)
@@ -270,17 +270,15 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
 
     tp = get_teacher_predictions(run, cfg, data, teacher)
     teacher_ok = tp["pred"] == tp["label"] if c["teacher_correct"] else None
-    trainings.teacher = teacher
-    trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
+    baselines = baseline_sets(run, cfg, data, distilled, n_distilled)
     wall["distill"] = lap()
 
     synthetic = held_set(run, cfg, data, run.synthetic(0), [distilled], successor=run.synthetic(1))   # S_0
     distilled = given_distilled = None           # train.synthetic shared: the rank's own copy is no longer needed
     selected = np.empty(0, dtype=np.int64)
     phases = []
-    for (j, k), stage in zip(enumerate(budgets, 1), phase_stages):
-        trainings.synthetic = synthetic
-        run_stage(run, stage, trainings)                                # filter j (and baseline evaluations)
+    for j, k in enumerate(budgets, 1):
+        trainings.filter(j, on=synthetic, teacher=teacher, baselines=baselines)    # filter_j on S_{j-1}, KD
         new, metrics = finish_phase(run, cfg, data, j, k, len(synthetic), selected, hardness, method, teacher_ok)
         phases.append(metrics)
         selected = np.concatenate([selected, new])
@@ -294,9 +292,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.write(io.write_json, run.selected_indices(),
               {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": order.tolist()})
 
-    trainings.sets["ccfs"] = synthetic
-    run_stage(run, final, trainings)                                    # evaluations
-    evaluation = gather_evaluation(run, cfg, trainings)
+    trainings.evaluations({**baselines, "ccfs": synthetic}, teacher)
+    evaluation = gather_evaluation(run, cfg)
     wall["evaluation"] = lap()
     summary = {
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
@@ -350,11 +347,11 @@ def baseline_sets(run, cfg, data, distilled, n_distilled):
                                [(data.train, random_per_class(labels, ipc, seeds.random_baseline(seed)))])}
 
 
-def gather_evaluation(run, cfg, trainings):
+def gather_evaluation(run, cfg):
     """Every set's evaluation runs, read back from the jobs' artifacts: {set: mean ± std over runs}."""
     results = {}
     for name in eval_sets(cfg):
-        runs = [io.read_json(io.wait_for(trainings.artifact("eval", name, r))) for r in range(cfg["eval"]["runs"])]
+        runs = [io.read_json(io.wait_for(run.eval_run(name, r))) for r in range(cfg["eval"]["runs"])]
         results[name] = summarize(runs)
         run.write(io.write_json, run.eval_summary(name), results[name])
     return results
