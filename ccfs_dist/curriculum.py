@@ -7,13 +7,14 @@ continues from the last finished step, with any number of processes.
 The trainings (teacher, score runs, filters, evaluation models) are jobs dealt to ranks by the plan
 (plan.py, jobs.py); the rest runs on every rank alike.
 
-    S_0 = distilled
-    for each phase j with budget k_j:
-        filter_j  <- train on S_{j-1} (KD from the teacher)
-        preds     <- score filter_j on the pool (real samples not yet selected)
-        coarse    <- misclassified (and teacher-correct)      fine <- k_j simplest per class
-        S_j       <- S_{j-1} + selected
-    evaluate S_J against two random baselines
+    S_0 = distilled                                                  held_set(.., [distilled])
+    for each phase j with budget k_j:                                 run_budgets
+        filter_j  <- train on S_{j-1} (KD from the teacher)           trainings.filter(j, on=S_{j-1}, ..)
+        preds     <- filter_j on the pool (real samples not selected)  predict_pool
+        coarse    <- misclassified (and teacher-correct)               select_phase
+        fine      <- k_j simplest per class
+        S_j       <- S_{j-1} + selected                              held_set(.., [S_{j-1}, selected])
+    evaluate S_J against two random baselines                         trainings.evaluations
 """
 import os
 import time
@@ -155,19 +156,19 @@ def check_budget(cfg, data):
     return float(counts.mean())
 
 
-def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
-    """The collective part of phase j, after its filter was trained (a job of the plan): score the pool
-    with the filter (every rank a share of the global batches), select k per class."""
+def finished_phase(run, j):
+    """(selected, metrics) of phase j when a resumed run finished it (metrics.json is written last), else None."""
     done = run.phase(j, "metrics.json")
-
-    def load():
-        run.log(f"phase {j}: resumed")
-        return run.read_npy(run.phase(j, "selected.npy")), io.read_json(done)
-    return run.resumable(done, load, lambda: score_and_select(run, cfg, data, j, k, synthetic_size, selected,
-                                                               hardness, method, teacher_ok))
+    if not run.done(done):
+        return None
+    run.log(f"phase {j}: resumed")
+    return run.read_npy(run.phase(j, "selected.npy")), io.read_json(done)
 
 
-def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
+def predict_pool(run, cfg, data, j, selected):
+    """filter_j's predictions on the pool, the real samples not yet `selected` (ccfs.compat official: every
+    training sample, as the official code scores them), every rank a share of the global batches; with the
+    filter's test accuracy and the phase's step figures. A resumed run reads predictions.npz back."""
     c = cfg["ccfs"]
     steps = io.read_json(io.wait_for(run.phase(j, "steps.json")))      # written last by the filter's rank
     filt = run.load_model(run.phase(j, "filter.pt"), fresh(cfg, data))
@@ -187,6 +188,17 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
         run.write(io.write_npz, predictions, **preds)
         run.write(io.write_json, run.phase(j, "steps.json"), steps)
+    return preds, filter_acc, steps
+
+
+def select_phase(run, cfg, data, j, k, preds, *, selected, hardness, method, teacher_ok, synthetic_size,
+                 filter_acc, steps):
+    """k real images per class from the pool's predictions (selection.select: coarse rule and teacher-correct,
+    then the fine order of the difficulty; ccfs.compat official: select_official); writes selected.npy and,
+    last, metrics.json."""
+    c = cfg["ccfs"]
+    official = c["compat"] == "official"
+    pool_size = len(data.train) - len(selected)
     t0 = time.perf_counter()
     h = to_hardness(preds["true_logit"], "logits") if hardness is None else hardness[preds["index"]]
     rule = dict(coarse=c["coarse"], fine=c["fine"], balance=c["balance"], num_classes=data.num_classes,
@@ -207,7 +219,7 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
         run.log(f"warning: phase {j}: {int(sel.filled_from_fallback.sum())} images came from the fallback tiers "
                 f"(too few coarse candidates in {int((sel.filled_from_fallback > 0).sum())} classes)")
     metrics = {
-        "phase": j, "k": k, "pool_size": int(len(pool)), "synthetic_size": int(synthetic_size),
+        "phase": j, "k": k, "pool_size": int(pool_size), "synthetic_size": int(synthetic_size),
         "filter_test_acc": filter_acc,
         "pool_misclassification_rate": float((preds["pred"] != preds["label"])[in_pool].mean()),
         "candidates_per_class": sel.candidates_per_class.tolist(), "selected_per_class": sel.per_class.tolist(),
@@ -222,7 +234,7 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
         io.write_npy(run.phase(j, "selected.npy"), sel.indices.astype(np.int64))
         io.write_json(run.phase(j, "metrics.json"), metrics)          # last: marks the phase finished
     run.write(write_all)
-    run.log(f"phase {j}: filter test acc {filter_acc:.4f}, pool {len(pool)}, misclassified "
+    run.log(f"phase {j}: filter test acc {filter_acc:.4f}, pool {pool_size}, misclassified "
             f"{metrics['pool_misclassification_rate']:.3f}, selected {len(sel.indices)} "
             f"(train {steps['train']['images_per_s']:.0f} img/s, score {steps['score']['images_per_s']:.0f} img/s)")
     return sel.indices, metrics
@@ -279,7 +291,13 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     phases = []
     for j, k in enumerate(budgets, 1):
         trainings.filter(j, on=synthetic, teacher=teacher, baselines=baselines)    # filter_j on S_{j-1}, KD
-        new, metrics = finish_phase(run, cfg, data, j, k, len(synthetic), selected, hardness, method, teacher_ok)
+        done = finished_phase(run, j)                                              # (a resumed run's phase j)
+        if done is None:
+            preds, filter_acc, steps = predict_pool(run, cfg, data, j, selected)      # filter_j on the pool
+            done = select_phase(run, cfg, data, j, k, preds, selected=selected, hardness=hardness, method=method,
+                                teacher_ok=teacher_ok, synthetic_size=len(synthetic), filter_acc=filter_acc,
+                                steps=steps)                                       # k_j per class: coarse, fine
+        new, metrics = done
         phases.append(metrics)
         selected = np.concatenate([selected, new])
         # S_j = S_{j-1} + the selected images (a streamed pool: each rank reads a share)
