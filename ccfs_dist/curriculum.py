@@ -7,13 +7,14 @@ continues from the last finished step, with any number of processes.
 The trainings (teacher, score runs, filters, evaluation models) are jobs dealt to ranks by the plan
 (plan.py, jobs.py); the rest runs on every rank alike.
 
-    S_0 = distilled
-    for each phase j with budget k_j:
-        filter_j  <- train on S_{j-1} (KD from the teacher)
-        preds     <- score filter_j on the pool (real samples not yet selected)
-        coarse    <- misclassified (and teacher-correct)      fine <- k_j simplest per class
-        S_j       <- S_{j-1} + selected
-    evaluate S_J against two random baselines
+    S_0 = distilled                                                  held_set(.., [distilled])
+    for each phase j with budget k_j:                                 run_budgets
+        filter_j  <- train on S_{j-1} (KD from the teacher)           trainings.filter(j, on=S_{j-1}, ..)
+        preds     <- filter_j on the pool (real samples not selected)  predict_pool
+        coarse    <- misclassified (and teacher-correct)               select_phase
+        fine      <- k_j simplest per class
+        S_j       <- S_{j-1} + selected                              held_set(.., [S_{j-1}, selected])
+    evaluate S_J against two random baselines                         trainings.evaluations
 """
 import os
 import time
@@ -29,14 +30,14 @@ from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows
 from .distill import recover
 from .errors import DataError
-from .evaluate import REGIME_LABELS, REGIMES, eval_key, lead_key, leads, regimes, summarize, summary_key
-from .jobs import Trainings, fresh, run_stage
+from .evaluate import REGIME_LABELS, REGIMES, lead_key, leads, regimes, summarize, summary_key
+from .jobs import Trainings, fresh, score_runs
 from .plan import describe, eval_sets, make_plan
 from .report import SET_LABELS, fallback_line, write_report
 from .rundir import Run
 from .predict import accuracy, predict
 from .scores import DYNAMICS, compute_score_files
-from .selection import phase_budgets, random_per_class, select, select_official
+from .selection import random_per_class, run_budgets, select, select_official
 from .stream_train import streams
 
 
@@ -138,11 +139,11 @@ def get_hardness_source(cfg, data):
     return to_hardness(scores, method), method
 
 
-def computed_hardness(run, cfg, data, method, trainings):
+def computed_hardness(run, cfg, data, method):
     """Scores the run computes itself, as hardness: from the start stage's score runs (or the scores file
     an interrupted run left)."""
     path = run.scores(method)
-    runs = None if run.done(path) else trainings.score_runs()
+    runs = None if run.done(path) else score_runs(run, cfg)
     scores = compute_score_files(run.acc, cfg, data, {method: path}, runs=runs)[method]
     return to_hardness(scores, method)
 
@@ -157,19 +158,19 @@ def check_budget(cfg, data):
     return float(counts.mean())
 
 
-def finish_phase(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
-    """The collective part of phase j, after its filter was trained (a job of the plan): score the pool
-    with the filter (every rank a share of the global batches), select k per class."""
+def finished_phase(run, j):
+    """(selected, metrics) of phase j when a resumed run finished it (metrics.json is written last), else None."""
     done = run.phase(j, "metrics.json")
-
-    def load():
-        run.log(f"phase {j}: resumed")
-        return run.read_npy(run.phase(j, "selected.npy")), io.read_json(done)
-    return run.resumable(done, load, lambda: score_and_select(run, cfg, data, j, k, synthetic_size, selected,
-                                                               hardness, method, teacher_ok))
+    if not run.done(done):
+        return None
+    run.log(f"phase {j}: resumed")
+    return run.read_npy(run.phase(j, "selected.npy")), io.read_json(done)
 
 
-def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, method, teacher_ok):
+def predict_pool(run, cfg, data, j, selected):
+    """filter_j's predictions on the pool, the real samples not yet `selected` (ccfs.compat official: every
+    training sample, as the official code scores them), every rank a share of the global batches; with the
+    filter's test accuracy and the phase's step figures. A resumed run reads predictions.npz back."""
     c = cfg["ccfs"]
     steps = io.read_json(io.wait_for(run.phase(j, "steps.json")))      # written last by the filter's rank
     filt = run.load_model(run.phase(j, "filter.pt"), fresh(cfg, data))
@@ -189,6 +190,17 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
         run.write(io.write_npz, predictions, **preds)
         run.write(io.write_json, run.phase(j, "steps.json"), steps)
+    return preds, filter_acc, steps
+
+
+def select_phase(run, cfg, data, j, k, preds, *, selected, hardness, method, teacher_ok, synthetic_size,
+                 filter_acc, steps):
+    """k real images per class from the pool's predictions (selection.select: coarse rule and teacher-correct,
+    then the fine order of the difficulty; ccfs.compat official: select_official); writes selected.npy and,
+    last, metrics.json."""
+    c = cfg["ccfs"]
+    official = c["compat"] == "official"
+    pool_size = len(data.train) - len(selected)
     t0 = time.perf_counter()
     h = to_hardness(preds["true_logit"], "logits") if hardness is None else hardness[preds["index"]]
     rule = dict(coarse=c["coarse"], fine=c["fine"], balance=c["balance"], num_classes=data.num_classes,
@@ -209,7 +221,7 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
         run.log(f"warning: phase {j}: {int(sel.filled_from_fallback.sum())} images came from the fallback tiers "
                 f"(too few coarse candidates in {int((sel.filled_from_fallback > 0).sum())} classes)")
     metrics = {
-        "phase": j, "k": k, "pool_size": int(len(pool)), "synthetic_size": int(synthetic_size),
+        "phase": j, "k": k, "pool_size": int(pool_size), "synthetic_size": int(synthetic_size),
         "filter_test_acc": filter_acc,
         "pool_misclassification_rate": float((preds["pred"] != preds["label"])[in_pool].mean()),
         "candidates_per_class": sel.candidates_per_class.tolist(), "selected_per_class": sel.per_class.tolist(),
@@ -224,7 +236,7 @@ def score_and_select(run, cfg, data, j, k, synthetic_size, selected, hardness, m
         io.write_npy(run.phase(j, "selected.npy"), sel.indices.astype(np.int64))
         io.write_json(run.phase(j, "metrics.json"), metrics)          # last: marks the phase finished
     run.write(write_all)
-    run.log(f"phase {j}: filter test acc {filter_acc:.4f}, pool {len(pool)}, misclassified "
+    run.log(f"phase {j}: filter test acc {filter_acc:.4f}, pool {pool_size}, misclassified "
             f"{metrics['pool_misclassification_rate']:.3f}, selected {len(sel.indices)} "
             f"(train {steps['train']['images_per_s']:.0f} img/s, score {steps['score']['images_per_s']:.0f} img/s)")
     return sel.indices, metrics
@@ -243,7 +255,7 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     c = cfg["ccfs"]
     data = load_real(cfg["data"])
     class_size = check_budget(cfg, data)
-    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"], official=c["compat"] == "official")
+    budgets = run_budgets(c)
     n_distilled = c["ipc"] - sum(budgets)
     hardness, method = get_hardness_source(cfg, data)
     given_teacher = load_given_teacher(cfg, data)
@@ -260,13 +272,13 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
                                             streamed=streams(cfg, data.train))
     for line in describe([start, *phase_stages, final]):
         run.log(f"plan: {line}")
-    trainings = Trainings(run, cfg, data, class_size)
+    trainings = Trainings(run, cfg, data, class_size, [start, *phase_stages, final])
     wall, lap = {}, Lap()
 
-    run_stage(run, start, trainings)                                    # teacher, score runs
+    trainings.teacher_and_scores()
     wall["teacher + scores"] = lap()
     if c["difficulty"] in DYNAMICS:
-        hardness = computed_hardness(run, cfg, data, method, trainings)
+        hardness = computed_hardness(run, cfg, data, method)
     teacher, teacher_stats = get_teacher(run, cfg, data, given_teacher)
     teacher = teacher.to(accelerator.device).eval()
     teacher_acc = accuracy(accelerator, teacher, data.test, mean=data.mean, std=data.std)
@@ -277,18 +289,22 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
 
     tp = get_teacher_predictions(run, cfg, data, teacher)
     teacher_ok = tp["pred"] == tp["label"] if c["teacher_correct"] else None
-    trainings.teacher = teacher
-    trainings.sets = baseline_sets(run, cfg, data, distilled, n_distilled)
+    baselines = baseline_sets(run, cfg, data, distilled, n_distilled)
     wall["distill"] = lap()
 
     synthetic = held_set(run, cfg, data, run.synthetic(0), [distilled], successor=run.synthetic(1))   # S_0
     distilled = given_distilled = None           # train.synthetic shared: the rank's own copy is no longer needed
     selected = np.empty(0, dtype=np.int64)
     phases = []
-    for (j, k), stage in zip(enumerate(budgets, 1), phase_stages):
-        trainings.synthetic = synthetic
-        run_stage(run, stage, trainings)                                # filter j (and baseline evaluations)
-        new, metrics = finish_phase(run, cfg, data, j, k, len(synthetic), selected, hardness, method, teacher_ok)
+    for j, k in enumerate(budgets, 1):
+        trainings.filter(j, on=synthetic, teacher=teacher, baselines=baselines)    # filter_j on S_{j-1}, KD
+        done = finished_phase(run, j)                                              # (a resumed run's phase j)
+        if done is None:
+            preds, filter_acc, steps = predict_pool(run, cfg, data, j, selected)      # filter_j on the pool
+            done = select_phase(run, cfg, data, j, k, preds, selected=selected, hardness=hardness, method=method,
+                                teacher_ok=teacher_ok, synthetic_size=len(synthetic), filter_acc=filter_acc,
+                                steps=steps)                                       # k_j per class: coarse, fine
+        new, metrics = done
         phases.append(metrics)
         selected = np.concatenate([selected, new])
         # S_j = S_{j-1} + the selected images (a streamed pool: each rank reads a share)
@@ -301,9 +317,8 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
     run.write(io.write_json, run.selected_indices(),
               {"ipc": c["ipc"], "alpha": c["alpha"], "idx_selected": order.tolist()})
 
-    trainings.sets["ccfs"] = synthetic
-    run_stage(run, final, trainings)                                    # evaluations
-    evaluation = gather_evaluation(run, cfg, trainings)
+    trainings.evaluations({**baselines, "ccfs": synthetic}, teacher)
+    evaluation = gather_evaluation(run, cfg)
     wall["evaluation"] = lap()
     summary = {
         "data": data.name, "ipc": c["ipc"], "alpha": c["alpha"], "budgets": budgets, "difficulty": method,
@@ -359,7 +374,7 @@ def baseline_sets(run, cfg, data, distilled, n_distilled):
                                [(data.train, random_per_class(labels, ipc, seeds.random_baseline(seed)))])}
 
 
-def gather_evaluation(run, cfg, trainings):
+def gather_evaluation(run, cfg):
     """Every set's evaluation runs in each regime, read back from the jobs' artifacts: {summary key:
     {set: mean ± std over runs}} ("evaluation": KD, "evaluation_hard": hard labels). A resumed run keeps
     the eval_<set>*.json it has (a regime added by --resume leaves the other's as they were)."""
@@ -367,8 +382,7 @@ def gather_evaluation(run, cfg, trainings):
     for regime in regimes(cfg):
         mine = results[summary_key(regime)] = {}
         for name in eval_sets(cfg):
-            runs = [io.read_json(io.wait_for(trainings.artifact("eval", *eval_key(name, r, regime))))
-                    for r in range(cfg["eval"]["runs"])]
+            runs = [io.read_json(io.wait_for(run.eval_run(name, r, regime=regime))) for r in range(cfg["eval"]["runs"])]
             mine[name] = {**summarize(runs), "regime": regime}
             if not run.done(run.eval_summary(name, regime)):
                 run.write(io.write_json, run.eval_summary(name, regime), mine[name])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from .difficulty import DYNAMICS
 from .evaluate import eval_key, regimes
-from .selection import phase_budgets
+from .selection import run_budgets
 from .train import Recipe
 
 KD_COST = 4 / 3          # a KD step adds the teacher's forward pass (about a third of forward + backward)
@@ -89,7 +89,7 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
                              streamed or split_training(s.batch_size, world, minimum)))
     _deal(stages[0], start)
 
-    budgets = phase_budgets(c["ipc"], c["alpha"], c["phases"])
+    budgets = run_budgets(c)
     per_class = c["ipc"] - sum(budgets)
     for j, k in enumerate(budgets, 1):
         rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=per_class)

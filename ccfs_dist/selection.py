@@ -1,8 +1,8 @@
 """Coarse-to-fine selection of real pool samples for one curriculum phase (CCFS, CVPR 2025).
 
-Pure numpy. The curriculum calls `phase_budgets` once per run and `select` once per phase:
+Pure numpy. A run's budgets come from `run_budgets` (plan and curriculum alike), `select` runs once per phase:
 
-    for j, k in enumerate(phase_budgets(ipc, alpha, phases)):
+    for j, k in enumerate(run_budgets(cfg["ccfs"])):
         ...train the filter on S_{j-1}, score the pool (samples not yet selected)...
         sel = select(index, label, pred, hardness, k, coarse=..., fine=..., teacher_correct=...)
         S_j = S_{j-1} ∪ sel.indices
@@ -93,6 +93,13 @@ def phase_budgets(ipc, alpha, phases, official=False):
             f"per class, so some phase would select nothing; {how}")
     base, extra = divmod(budget, j)
     return [base + 1] * extra + [base] * (j - extra)
+
+
+def run_budgets(ccfs):
+    """The phase budgets of a run, from its config section `ccfs` (ipc, alpha, phases, compat): the one rule
+    the plan (which sizes each phase's filter training) and the curriculum (which selects) both use, so
+    that ccfs.compat: official's int(ipc * alpha) reaches both (ipc 100, alpha 0.29: [24, 24, 24])."""
+    return phase_budgets(ccfs["ipc"], ccfs["alpha"], ccfs["phases"], official=ccfs["compat"] == "official")
 
 
 def _positive_int(value, key):

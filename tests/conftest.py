@@ -49,3 +49,64 @@ def accelerate_launch(args, processes=2, timeout=600, env_extra=None):
 @pytest.fixture
 def launch():
     return accelerate_launch
+
+
+# --------------------------------------------------------------------------- one pinned run per test session
+# A tiny whole run, in this process, with the trainings, the KD loss, the augmentation and the distiller
+# observed as the run calls them: tests/test_pins.py checks what it selected (against tests/selection_check.py)
+# and how each piece was wired (filters on S_{j-1} with KD at the configured temperature, the recipe, seeds).
+# Non-default values (temperature, r_bn, flip, scale_min, warm-up) so that a piece that ignores its
+# setting shows.
+PINNED = ["data.source=digits", "ccfs.difficulty=logits", "teacher.epochs=2", "distill.iterations=8", "distill.r_bn=0.05", "ccfs.ipc=7",
+          "ccfs.alpha=0.15", "ccfs.phases=3", "train.epochs=3", "train.temperature=4.0", "train.warmup_epochs=1",
+          "train.lr=0.05", "aug.flip=false", "aug.scale_min=0.5", "eval.runs=2", "eval.baselines=false",
+          "model.width=8"]
+
+
+@pytest.fixture(scope="session")
+def pinned_run(tmp_path_factory):
+    """(run folder, calls): `calls` lists what the run handed to each piece, in call order."""
+    import ccfs_dist.curriculum as curriculum
+    import ccfs_dist.evaluate as evaluate
+    import ccfs_dist.jobs as jobs
+    import ccfs_dist.train as train
+    from ccfs_dist import cli
+
+    calls = {"train": [], "kd": [], "augment": [], "recover": []}
+    train_model, kd_loss, augment, recover = train.train_model, train.kd_loss, train.Augment, curriculum.recover
+
+    def spy_train(accelerator, model, images, labels, recipe, **kw):
+        init = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        model, stats = train_model(accelerator, model, images, labels, recipe, **kw)
+        calls["train"].append({"desc": kw.get("desc"), "images": torch_copy(images), "labels": torch_copy(labels),
+                               "recipe": recipe, "seed": kw.get("seed"), "teacher": kw.get("teacher") is not None,
+                               "lrs": stats["lrs"], "steps": stats["steps"], "init": init})
+        return model, stats
+
+    def spy_kd(student_logits, teacher_logits, temperature):
+        calls["kd"].append(float(temperature))
+        return kd_loss(student_logits, teacher_logits, temperature)
+
+    def spy_augment(*args, **kw):
+        calls["augment"].append(kw)
+        return augment(*args, **kw)
+
+    def spy_recover(*args, **kw):
+        calls["recover"].append(kw)
+        return recover(*args, **kw)
+
+    out = str(tmp_path_factory.mktemp("pinned") / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (jobs, evaluate):
+            mp.setattr(module, "train_model", spy_train)
+        mp.setattr(train, "kd_loss", spy_kd)
+        mp.setattr(train, "Augment", spy_augment)
+        mp.setattr(curriculum, "recover", spy_recover)
+        assert cli.main(["run", "--out", out, *PINNED]) == 0
+    return out, calls
+
+
+def torch_copy(x):
+    import numpy as np
+    import torch
+    return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x.detach().cpu().clone()

@@ -8,8 +8,8 @@ import sys
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "launch", "bench_scaling.py")
-TINY = ["teacher.epochs=2", "distill.iterations=10", "train.epochs=2", "scores.runs=2", "scores.epochs=2",
-        "eval.runs=1", "model.width=4"]
+TINY = ["teacher.epochs=1", "distill.iterations=2", "train.epochs=1", "scores.runs=2", "scores.epochs=1",
+        "eval.runs=1", "model.width=4", "ccfs.phases=1"]
 
 
 def test_pairs_overrides_and_median(tmp_path):

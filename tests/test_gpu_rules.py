@@ -193,11 +193,11 @@ def test_rank_0_decides_whether_a_split_job_has_finished(monkeypatch):
     monkeypatch.setattr(jobs, "main_says", main_says)
     split, whole = Job("filter", (1,), 1.0, True), Job("eval", ("ccfs", 0), 1.0, False)
     rank0, rank1 = Looks(True), Looks(False)       # rank 1's file system lags behind
-    assert jobs.finished(Rank(0), rank0, split) is True
-    assert jobs.finished(Rank(1), rank1, split) is True and rank1.asked == []
-    assert jobs.finished(Rank(1), rank1, whole) is False and rank1.asked == [whole.name]
+    assert jobs.finished(Rank(0), split, rank0.finished) is True
+    assert jobs.finished(Rank(1), split, rank1.finished) is True and rank1.asked == []
+    assert jobs.finished(Rank(1), whole, rank1.finished) is False and rank1.asked == [whole.name]
     one = Looks(True)
-    assert jobs.finished(Rank(0, world=1), one, split) is True
+    assert jobs.finished(Rank(0, world=1), split, one.finished) is True
 
 
 # ------------------------------------------------------------------------------ one GPU per rank

@@ -21,9 +21,10 @@ def run(args, timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """A finished run, made in this process (the entry script itself is tested in test_run.py)."""
+    from ccfs_dist import cli
     out = str(tmp_path_factory.mktemp("report") / "run")
-    proc = run([os.path.join(ROOT, "launch", "ccfs.py"), "--out", out] + TINY)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert cli.main(["run", "--out", out] + TINY) == 0
     return out
 
 

@@ -69,10 +69,17 @@ def test_small_run_two_processes(tmp_path, launch):
     check_artifacts(out, processes=2)
 
 
-def test_small_run_one_process_and_run_dir_protection(tmp_path):
-    out = str(tmp_path / "run1")
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """A finished 1-process run through the entry script, shared by the tests that only read it (or copy it)."""
+    out = str(tmp_path_factory.mktemp("one") / "run1")
     proc = run_script(["--out", out] + TINY)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_small_run_one_process_and_run_dir_protection(one_process_run):
+    out = one_process_run
     check_artifacts(out, processes=1)
     before = open(os.path.join(out, "summary.json")).read()
     again = run_script(["--out", out] + TINY)
@@ -125,19 +132,21 @@ def test_help_explains():
     assert proc.returncode == 0 and "--resume" in proc.stdout and "key.sub=value" in proc.stdout
 
 
-def test_resume_after_phase_one_gives_the_same_selection(tmp_path):
-    """Simulate a run killed after phase 1: drop everything later, resume, compare the final selection."""
+def test_resume_after_phase_one_gives_the_same_selection(one_process_run, tmp_path):
+    """Simulate a run killed after phase 1 (a copy of the finished run): drop everything later, resume,
+    compare the final selection."""
     import shutil
     out = tmp_path / "r"
-    proc = run_script(["--out", str(out)] + TINY + ["eval.baselines=false"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    shutil.copytree(one_process_run, out, copy_function=shutil.copy2)
     full = json.load(open(out / "selected_indices.json"))
     teacher_mtime = os.path.getmtime(out / "teacher.pt")
     shutil.rmtree(out / "phase_2")
     shutil.rmtree(out / "eval")
-    for name in ("selected_indices.json", "summary.json", "eval_ccfs.json"):
-        os.remove(out / name)
-    proc = run_script(["--out", str(out), "--resume"] + TINY + ["eval.baselines=false"])
+    for name in ("selected_indices.json", "summary.json", "report.md") + tuple(
+            p for p in os.listdir(out) if p.startswith("eval_")):
+        if os.path.exists(out / name):
+            os.remove(out / name)
+    proc = run_script(["--out", str(out), "--resume"] + TINY)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "phase 1: resumed" in proc.stdout and "phase 2: filter test acc" in proc.stdout
     assert os.path.getmtime(out / "teacher.pt") == teacher_mtime

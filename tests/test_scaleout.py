@@ -27,8 +27,8 @@ KILL = os.path.join(ROOT, "tests", "workers", "kill_worker.py")
 SPLIT = os.path.join(ROOT, "tests", "workers", "split_worker.py")
 # the default config with fewer epochs / iterations (the same pipeline: forgetting scores computed in the
 # run, 3 phases, baselines); 3-epoch checkpoints so that a kill lands after one
-SETTINGS = ["teacher.epochs=6", "distill.iterations=20", "train.epochs=12", "scores.epochs=4", "scores.runs=2",
-            "eval.runs=2", "train.checkpoint_every=3", "model.width=16", "eval.labels=both"]
+SETTINGS = ["ccfs.ipc=10", "teacher.epochs=6", "distill.iterations=10", "train.epochs=6", "scores.epochs=4",
+            "scores.runs=2", "eval.runs=2", "train.checkpoint_every=3", "model.width=16", "eval.labels=both"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 COMPARED = ["selected_indices.json", "phase_1/selected.npy", "phase_2/selected.npy", "phase_3/selected.npy",
             "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json",     # both evaluation regimes

@@ -15,6 +15,7 @@ from ccfs_dist.config import load_config
 from ccfs_dist.sources import load_real
 from ccfs_dist.difficulty import labels_fingerprint, load_score_file, to_hardness
 from ccfs_dist.dist import make_accelerator
+from selection_check import recheck_run
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.models import build_model, state_dict_of
 from ccfs_dist.scores import (DYNAMICS, TrainingDynamics, compute_score_files, compute_scores,
@@ -347,6 +348,7 @@ def test_ccfs_run_with_computed_forgetting(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "scores_forgetting.npy"))
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["difficulty"] == "forgetting" and summary["phases"][0]["difficulty"] == "forgetting"
+    recheck_run(out, 10, 1437)               # each phase took the fewest-forgetting candidates (selection_check.py)
     os.remove(os.path.join(out, "summary.json"))
     assert cli.main(args + ["--resume"]) == 0
     assert "reusing forgetting scores" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Score the digits pool with a fixed model under any number of processes; rank 0 saves the results.
 
-Usage: score_worker.py OUT.npz [--subset]   (run directly or under `accelerate launch`)
+Usage: score_worker.py OUT_DIR   (run directly or under `accelerate launch`): OUT_DIR/full.npz scores the
+whole pool, OUT_DIR/subset.npz an uneven, shuffled part of it (both from one process start).
 """
 import sys
 
@@ -13,23 +14,23 @@ from ccfs_dist.models import build_model
 from ccfs_dist.predict import predict
 
 
-def main(out, subset):
+def main(out):
     accelerator = make_accelerator(timeout_s=120)
     data = load_real({"source": "digits", "root": None, "image_size": None, "distilled": None})
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 16, "depth": 2, "norm": "batchnorm"},
                         data.num_classes, data.channels, data.image_size)
-    index = np.arange(len(data.train))
-    if subset:                       # an uneven, shuffled pool: what is left after earlier phases
-        index = np.random.default_rng(1).permutation(index)[:1001]
-    results, _ = predict(accelerator, model, data.train, index,
-                         mean=data.mean, std=data.std, batch_size=97)
-    if accelerator.is_main_process:
-        np.savez(out, world=accelerator.num_processes, **results)
+    full = np.arange(len(data.train))
+    subset = np.random.default_rng(1).permutation(full)[:1001]   # uneven, shuffled: what earlier phases left
+    for name, index in (("full", full), ("subset", subset)):
+        results, _ = predict(accelerator, model, data.train, index,
+                             mean=data.mean, std=data.std, batch_size=97)
+        if accelerator.is_main_process:
+            np.savez(f"{out}/{name}.npz", world=accelerator.num_processes, **results)
     accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
     relaunch_cpu_processes([__file__, *sys.argv[1:]])
-    main(sys.argv[1], "--subset" in sys.argv)
+    main(sys.argv[1])
     exit_process(0)

@@ -42,10 +42,9 @@ def main(out):
                                  mean=data.mean, std=data.std, seed=0)
     after = acc.gather(flat(model)[None])
 
-    class Lagging:                     # rank 0 sees the artifact, the other ranks' file system does not yet
-        def finished(self, job):
-            return acc.is_main_process
-    done = jobs.finished(acc, Lagging(), Job("filter", (1,), 1.0, True))
+    def lagging(job):                  # rank 0 sees the artifact, the other ranks' file system does not yet
+        return acc.is_main_process
+    done = jobs.finished(acc, Job("filter", (1,), 1.0, True), lagging)
     finished = acc.gather(torch.tensor([done]))
     if acc.is_main_process:
         np.savez(out, before=states["before"].numpy(), after=after.numpy(), world=acc.num_processes,
