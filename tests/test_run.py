@@ -108,6 +108,7 @@ def test_unfinished_run_dir_suggests_resume(tmp_path):
     out = tmp_path / "half"
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
+    (out / ".ccfs-run").write_text("{}\n")                 # what a run writes first (rundir.MARKER)
     proc = run_script(["--out", str(out)] + TINY)
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
