@@ -57,9 +57,9 @@ def cmd_run(args):
         run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         release_locks()                    # also on failure: the lock file and an uncommitted staged run go
-    from .dist import end, log
+    from .dist import log
     log(accelerator, f"outputs: {os.path.abspath(out)} (summary.json, report.md, eval_*.json; docs/outputs.md)")
-    end(accelerator)
+    accelerator.end_training()
     return 0
 
 
@@ -107,8 +107,7 @@ def cmd_scores(args):
     for m, values in scores.items():
         log(accelerator, f"{m}: {paths[m]} (+ .json): n={len(values)}, min {values.min():.4g}, "
                          f"mean {values.mean():.4g}, max {values.max():.4g}")
-    from .dist import end
-    end(accelerator)
+    accelerator.end_training()
     return 0
 
 

@@ -38,35 +38,6 @@ def make_accelerator(mixed_precision="no", timeout_s=1800, deterministic=True):
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[kwargs])
 
 
-LEAVE_TIMEOUT_S = 60      # how long a rank waits at the end for rank 0 to finish its last collective
-LEAVE_KEY = "ccfs/rank0_left"
-
-
-def end(accelerator):
-    """End the run's process group so that no rank's exit breaks another's last collective.
-
-    A collective can end on one rank while its peer is still reading the last message: if the first rank
-    then tears down its connections (destroy_process_group, or os._exit), the peer's read fails with
-    "Connection reset by peer" after all the work is done. So rank 0 ends first and says so through the
-    rendezvous store (rank 0's own TCPStore, not gloo); the other ranks wait for that, at most
-    LEAVE_TIMEOUT_S, before they end. A store that is gone by then means rank 0 has exited: go on."""
-    import torch.distributed as td
-    store = None
-    if accelerator.num_processes > 1 and td.is_initialized():
-        try:
-            store = td.distributed_c10d._get_default_store()
-        except (AttributeError, RuntimeError, ValueError):
-            store = None                   # another torch: leave as accelerate does
-    if store is not None and not accelerator.is_main_process:
-        try:
-            store.wait([LEAVE_KEY], datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
-        except Exception:  # noqa: BLE001 - rank 0 exited (its store with it) or never came: end all the same
-            pass
-    accelerator.end_training()
-    if store is not None and accelerator.is_main_process:
-        store.set(LEAVE_KEY, "1")
-
-
 CUBLAS_WORKSPACE = ":4096:8"     # what cuBLAS needs to be deterministic (CUDA >= 10.2; ":16:8" also works)
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ccfs_dist import io  # noqa: E402
 from ccfs_dist.cli import DEFAULT_CONFIG  # noqa: E402
 from ccfs_dist.config import load_config  # noqa: E402
-from ccfs_dist.dist import dealt, end, log  # noqa: E402
+from ccfs_dist.dist import dealt, log  # noqa: E402
 from ccfs_dist.errors import CCFSError  # noqa: E402
 from ccfs_dist.evaluate import REGIME_LABELS, REGIMES, regimes, summary_key  # noqa: E402
 from ccfs_dist.rundir import Layout, regime_suffix  # noqa: E402
@@ -325,7 +325,7 @@ def main(argv=None):
                       {"config": args.config, "overrides": args.overrides, "centre": centre, **data,
                        "cells": results})
         print("\n" + text, flush=True)
-    end(acc)
+    acc.end_training()
     return 0
 
 

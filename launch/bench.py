@@ -61,7 +61,7 @@ from ccfs_dist.config import load_config
 from ccfs_dist.data import load_distilled
 from ccfs_dist.pool import RealData, Split
 from ccfs_dist.sources import load_real
-from ccfs_dist.dist import end, exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share
+from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share
 from ccfs_dist.errors import CCFSError
 from ccfs_dist.models import build_model, load_checkpoint
 from ccfs_dist.predict import predict
@@ -616,7 +616,7 @@ def run_from_args(args):
         if args.json:
             _write_json(args.json, report)
     acc.wait_for_everyone()
-    end(acc)
+    acc.end_training()
     return 0
 
 
