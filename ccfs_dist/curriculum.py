@@ -377,15 +377,17 @@ def baseline_sets(run, cfg, data, distilled, n_distilled):
 def gather_evaluation(run, cfg):
     """Every set's evaluation runs in each regime, read back from the jobs' artifacts: {summary key:
     {set: mean ± std over runs}} ("evaluation": KD, "evaluation_hard": hard labels). A resumed run keeps
-    the eval_<set>*.json it has (a regime added by --resume leaves the other's as they were)."""
+    the eval_<set>*.json it has (a regime added by --resume leaves the other's as they were). Rank 0 alone
+    looks and writes, with no barrier: a per-rank look at a file rank 0 may have just written would let one
+    rank skip a collective write that the other waits in (nothing reads these files during the run)."""
     results = {}
     for regime in regimes(cfg):
         mine = results[summary_key(regime)] = {}
         for name in eval_sets(cfg):
             runs = [io.read_json(io.wait_for(run.eval_run(name, r, regime=regime))) for r in range(cfg["eval"]["runs"])]
             mine[name] = {**summarize(runs), "regime": regime}
-            if not run.done(run.eval_summary(name, regime)):
-                run.write(io.write_json, run.eval_summary(name, regime), mine[name])
+            if run.acc.is_main_process and not run.done(run.eval_summary(name, regime)):
+                io.write_json(run.eval_summary(name, regime), mine[name])
     return results
 
 
