@@ -482,17 +482,20 @@ class _Manifest:
             os.remove(self.path)
 
 
-def _read_manifest(path):
-    """A progress manifest this writer made, else the CCFSError that leaves --out alone."""
+def _read_own(path, what, fmt, verb):
+    """The JSON file `path` if it is a `what` this writer made (format `fmt`), else the CCFSError that leaves
+    --out alone (`verb`: what is not done to it)."""
     try:
-        meta = ccfs_io.read_json(path, "shard progress manifest")
+        meta = ccfs_io.read_json(path, what)
     except DataError as exc:
-        raise CCFSError(f"--out: {exc}; it is not a ccfs progress manifest, so it is not replaced: choose another "
-                        f"--out") from None
-    if not (isinstance(meta, dict) and meta.get("format") == PROGRESS_FORMAT):
-        raise CCFSError(f"--out: {path} is not a ccfs progress manifest (no format {PROGRESS_FORMAT!r}), so it is "
-                        f"not replaced: choose another --out")
+        raise CCFSError(f"--out: {exc}; it is not a ccfs {what}, so {verb}: choose another --out") from None
+    if not (isinstance(meta, dict) and meta.get("format") == fmt):
+        raise CCFSError(f"--out: {path} is not a ccfs {what} (no format {fmt!r}), so {verb}: choose another --out")
     return meta
+
+
+def _read_manifest(path):
+    return _read_own(path, "shard progress manifest", PROGRESS_FORMAT, "it is not replaced")
 
 
 def _file_matches(path, size, sha256):
@@ -509,16 +512,10 @@ def _file_matches(path, size, sha256):
 
 def _refuse_foreign(out_dir, split, index_path):
     """--overwrite replaces only shards this writer made: an existing `<split>.json` must be a ccfs shard
-    index (its format), and `<split>-NNNNNN.tar` files may exist only beside such an index."""
+    index (its format), and `<split>-NNNNNN.tar` files may exist only beside such an index or the progress
+    manifest of an unfinished write (_Manifest)."""
     if os.path.lexists(index_path):
-        try:
-            meta = ccfs_io.read_json(index_path, "shard index")
-        except DataError as exc:
-            raise CCFSError(f"--out: {exc}; it is not a ccfs shard index, so --overwrite does not replace it: "
-                            f"choose another --out") from None
-        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
-            raise CCFSError(f"--out: {index_path} is not a ccfs shard index (no format {FORMAT!r}), so "
-                            f"--overwrite does not replace it: choose another --out")
+        _read_own(index_path, "shard index", FORMAT, "--overwrite does not replace it")
     elif os.path.lexists(os.path.join(out_dir, f"{split}.progress.json")):
         _read_manifest(os.path.join(out_dir, f"{split}.progress.json"))     # an unfinished write of ours
     elif os.path.isdir(out_dir):
