@@ -417,7 +417,8 @@ def _job_key(src, data_cfg, per_shard, width, resize, jpeg_quality):
     Shards of an earlier attempt are kept only under the same key (_Manifest)."""
     h = hashlib.sha256(json.dumps([FORMAT, src.name, src.split, len(src), list(src.shape), data_cfg["source"],
                                    data_cfg.get("image_size"), [str(c) for c in src.classes], src.mean, src.std,
-                                   src.stats, per_shard, width, resize, jpeg_quality if resize else None]).encode())
+                                   src.stats, per_shard, width, resize, jpeg_quality if resize else None],
+                                  default=str).encode())
     h.update(np.ascontiguousarray(src.labels).tobytes())
     if src.images is not None:
         h.update(np.ascontiguousarray(src.images.numpy()).data)
