@@ -209,7 +209,9 @@ def build_parser():
                    help="samples per shard (default 2000); keep shards >= ranks x data.num_workers")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, CPUs))")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the split's shards and index in --out that `ccfs shards` wrote")
+                   help="replace the split's shards and index in --out that `ccfs shards` wrote. Without it, "
+                        "a killed write into the same --out resumes: the same command keeps the shards it "
+                        "completed (OUT/<split>.progress.json) and writes the rest")
     p.add_argument("--resize", type=int, default=None, metavar="N",
                    help="image-file sources: store every image with its shorter side N (at least data.image_size; "
                         "N = data.image_size: reading only crops), JPEGs re-encoded as JPEG, others as lossless "
@@ -220,6 +222,7 @@ def build_parser():
     p.add_argument("--verify", action="store_true",
                    help="write nothing: read every shard of --out's index(es) and check its size, sha256, keys, "
                         "labels and sample count against the index (exit 2 on the first disagreement)")
+    add_progress_arg(p)
     add_overrides_arg(p, "config overrides, e.g. data.root=data/imagenet data.image_size=224")
     p.set_defaults(func=cmd_shards)
 

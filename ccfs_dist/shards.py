@@ -61,6 +61,7 @@ import torch
 from PIL import Image
 
 from . import io as ccfs_io
+from . import progress
 from .config import MAX_SIDE      # stated limit of an image side (index shape, data.image_size)
 from .data import TINY_MEAN, TINY_STD, image_files, load_source, set_normalisation, source_root
 from .dist import deal, die_with_parent, rank_world, tune_malloc
@@ -70,6 +71,7 @@ from .images import (decode_image, decode_jpeg_batch, encode_png, fast_png_decod
 from .pool import RealData
 
 FORMAT = "ccfs-shards/1"
+PROGRESS_FORMAT = "ccfs-shards-progress/1"   # <out>/<split>.progress.json of an unfinished write
 TAR_MTIME = 0                 # fixed tar metadata: the same input gives byte-identical shards
 READ_BUFFER = 1 << 20
 RESIZE_JPEG_QUALITY = 95      # `ccfs shards --resize`: default JPEG quality of the re-encoded JPEGs (4:4:4 chroma)
@@ -308,8 +310,11 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
     `resize` (image-file sources): store every image with its shorter side `resize` (at least the image size
     it is read at), re-encoded (_Source._resized, JPEGs at `jpeg_quality`), so that reading decodes smaller
     files and only crops (when `resize` is that size); the index's source.resize records it.
+
+    Progress is reported per shard (progress.track). A killed write resumes: the next write of the same job
+    into `out_dir` keeps the shards `<split>.progress.json` lists and that are whole, and writes the rest
+    (_Manifest).
     """
-    global _WRITE_SOURCE
     if split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test, got {split!r}")
     if per_shard < 1:
@@ -333,21 +338,20 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
     width = key_width(n)
     jobs = [(os.path.join(out_dir, shard_name(split, s)), first, min(per_shard, n - first), width)
             for s, first in enumerate(range(0, n, per_shard))]
-    workers = max(1, min(workers or min(8, os.cpu_count() or 1), len(jobs)))
+    manifest = _Manifest(out_dir, split, _job_key(src, data_cfg, per_shard, width, resize, jpeg_quality),
+                         overwrite)
+    results = manifest.completed(jobs)           # shard number -> result, of shards an earlier attempt wrote
+    todo = [job for s, job in enumerate(jobs) if s not in results]
+    workers = max(1, min(workers or min(8, os.cpu_count() or 1), max(len(todo), 1)))
+    kept = f"; {len(results)} kept from an earlier attempt" if results else ""
     log(f"writing {n} {split} samples of '{src.name}' as {len(jobs)} shard(s) of up to {per_shard} "
-        f"to {out_dir} ({workers} process(es))")
-    _WRITE_SOURCE = src
-    try:
-        if workers == 1:
-            results = [_write_one(job) for job in jobs]
-        else:
-            # a process pool that fails (BrokenProcessPool) instead of waiting forever when a process dies
-            from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(workers, mp_context=_writer_context(), initializer=_writer_init,
-                                     initargs=(src,)) as pool:
-                results = list(pool.map(_write_one, jobs))
-    finally:
-        _WRITE_SOURCE = None
+        f"to {out_dir} ({workers} process(es){kept})")
+    number = {job[0]: s for s, job in enumerate(jobs)}
+    for path, result in progress.track(_run_jobs(src, todo, workers), desc=f"shards {split}", total=len(jobs),
+                                       initial=len(results), unit="shard"):
+        results[number[path]] = result
+        manifest.add(number[path], result)
+    results = [results[s] for s in range(len(jobs))]
     stored = f"resize={resize},q={jpeg_quality}:" if resize else ""        # what the members are of the source
     fingerprint = hashlib.sha256(f"{src.name}:{split}:{n}:{src.shape}:{stored}".encode())
     for _, digest, _, _ in results:
@@ -380,21 +384,141 @@ def write_shards(data_cfg, out_dir, split="train", per_shard=2000, overwrite=Fal
     for name in os.listdir(out_dir):
         if name.startswith(f"{split}-") and SHARD_RE.match(name) and name not in listed:
             os.remove(os.path.join(out_dir, name))
+    manifest.remove()
     return index
+
+
+def _run_jobs(src, jobs, workers):
+    """Write the shards `jobs` of `src`; yields (shard path, _write_one's result) as each shard is complete."""
+    global _WRITE_SOURCE
+    _WRITE_SOURCE = src
+    try:
+        if workers == 1:
+            for job in jobs:
+                yield job[0], _write_one(job)
+            return
+        # a process pool that fails (BrokenProcessPool) instead of waiting forever when a process dies
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(workers, mp_context=_writer_context(), initializer=_writer_init,
+                                 initargs=(src,)) as pool:
+            futures = {pool.submit(_write_one, job): job[0] for job in jobs}
+            try:
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+            finally:                             # a failed shard: the others not yet started are not started
+                pool.shutdown(cancel_futures=True)
+    finally:
+        _WRITE_SOURCE = None
+
+
+def _job_key(src, data_cfg, per_shard, width, resize, jpeg_quality):
+    """A sha256 over what decides a write's bytes: the source (an in-memory source's pixels; image files' paths,
+    sizes and mtimes), labels, classes, shape, statistics, split, per_shard and --resize / --jpeg-quality.
+    Shards of an earlier attempt are kept only under the same key (_Manifest)."""
+    h = hashlib.sha256(json.dumps([FORMAT, src.name, src.split, len(src), list(src.shape), data_cfg["source"],
+                                   data_cfg.get("image_size"), [str(c) for c in src.classes], src.mean, src.std,
+                                   src.stats, per_shard, width, resize, jpeg_quality if resize else None],
+                                  default=str).encode())
+    h.update(np.ascontiguousarray(src.labels).tobytes())
+    if src.images is not None:
+        h.update(np.ascontiguousarray(src.images.numpy()).data)
+    else:
+        for path in src.files:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise DataError(f"cannot read image {path}: {e}") from e
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return "sha256:" + h.hexdigest()
+
+
+class _Manifest:
+    """`<out>/<split>.progress.json`: the shards of an unfinished write that are complete, so that a killed
+    write resumes where it stopped. Rewritten atomically after each shard file is renamed into place; per
+    shard its index entry (file, first, count, bytes, sha256) and what the index needs besides (the samples'
+    digest, pixel sums); removed once the index is written. A later write of the same job (_job_key) keeps a
+    listed shard only if its file is a regular file of the listed size and sha256; every other shard is
+    written again, so the result is byte-identical to an uninterrupted write."""
+
+    def __init__(self, out_dir, split, job, overwrite):
+        self.path, self.job, self.shards = os.path.join(out_dir, f"{split}.progress.json"), job, {}
+        self.prior = {}
+        if os.path.lexists(self.path):
+            prior = _read_manifest(self.path)
+            if prior.get("job") == job:
+                self.prior = prior.get("shards") if isinstance(prior.get("shards"), dict) else {}
+            elif not overwrite:
+                raise CCFSError(f"--out holds an unfinished write of the {split} split with other data or settings "
+                                f"({self.path}); rerun that command to finish it, or pass --overwrite to start "
+                                f"this one afresh")
+
+    def completed(self, jobs):
+        """{shard number: result} of the listed shards that are whole and in place; starts the manifest."""
+        done = {}
+        for s, (path, first, count, _) in enumerate(jobs):
+            entry = self.prior.get(str(s))
+            try:
+                shard = entry["shard"]
+                if shard["file"] != os.path.basename(path) or shard["first"] != first or shard["count"] != count \
+                        or not _file_matches(path, shard["bytes"], shard["sha256"]):
+                    continue
+                sums = np.asarray(entry["sums"], dtype=np.int64).reshape(2, -1)
+                done[s] = (shard, bytes.fromhex(entry["digest"]), sums, int(entry["pixels"]))
+            except (KeyError, TypeError, ValueError, AttributeError):    # absent or malformed: written again
+                continue
+            self.shards[str(s)] = entry
+        self._write()
+        return done
+
+    def add(self, s, result):
+        shard, digest, sums, pixels = result
+        self.shards[str(s)] = {"shard": shard, "digest": digest.hex(), "sums": sums.tolist(), "pixels": int(pixels)}
+        self._write()
+
+    def _write(self):
+        write_index(self.path, {"format": PROGRESS_FORMAT, "job": self.job, "shards": self.shards})
+
+    def remove(self):
+        if os.path.lexists(self.path):
+            os.remove(self.path)
+
+
+def _read_own(path, what, fmt, verb):
+    """The JSON file `path` if it is a `what` this writer made (format `fmt`), else the CCFSError that leaves
+    --out alone (`verb`: what is not done to it)."""
+    try:
+        meta = ccfs_io.read_json(path, what)
+    except DataError as exc:
+        raise CCFSError(f"--out: {exc}; it is not a ccfs {what}, so {verb}: choose another --out") from None
+    if not (isinstance(meta, dict) and meta.get("format") == fmt):
+        raise CCFSError(f"--out: {path} is not a ccfs {what} (no format {fmt!r}), so {verb}: choose another --out")
+    return meta
+
+
+def _read_manifest(path):
+    return _read_own(path, "shard progress manifest", PROGRESS_FORMAT, "it is not replaced")
+
+
+def _file_matches(path, size, sha256):
+    """Whether `path` is a regular file (not a link) of `size` bytes with that sha256."""
+    if not (isinstance(size, int) and isinstance(sha256, str)) or os.path.islink(path) or not os.path.isfile(path) \
+            or os.path.getsize(path) != size:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ_BUFFER), b""):
+            digest.update(block)
+    return digest.hexdigest() == sha256
 
 
 def _refuse_foreign(out_dir, split, index_path):
     """--overwrite replaces only shards this writer made: an existing `<split>.json` must be a ccfs shard
-    index (its format), and `<split>-NNNNNN.tar` files may exist only beside such an index."""
+    index (its format), and `<split>-NNNNNN.tar` files may exist only beside such an index or the progress
+    manifest of an unfinished write (_Manifest)."""
     if os.path.lexists(index_path):
-        try:
-            meta = ccfs_io.read_json(index_path, "shard index")
-        except DataError as exc:
-            raise CCFSError(f"--out: {exc}; it is not a ccfs shard index, so --overwrite does not replace it: "
-                            f"choose another --out") from None
-        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
-            raise CCFSError(f"--out: {index_path} is not a ccfs shard index (no format {FORMAT!r}), so "
-                            f"--overwrite does not replace it: choose another --out")
+        _read_own(index_path, "shard index", FORMAT, "--overwrite does not replace it")
+    elif os.path.lexists(os.path.join(out_dir, f"{split}.progress.json")):
+        _read_manifest(os.path.join(out_dir, f"{split}.progress.json"))     # an unfinished write of ours
     elif os.path.isdir(out_dir):
         ours = [n for n in os.listdir(out_dir) if n.startswith(f"{split}-") and SHARD_RE.match(n)]
         if ours:
@@ -404,7 +528,7 @@ def _refuse_foreign(out_dir, split, index_path):
 
 def remove_leftovers(out_dir, split):
     """Remove the temporary files a killed writer of `split` left in `out_dir` (shards, index)."""
-    leftover = re.compile(rf"^\.({split}-\d{{6}}\.tar|{split}\.json)\..+\.tmp$")
+    leftover = re.compile(rf"^\.({split}-\d{{6}}\.tar|{split}\.json|{split}\.progress\.json)\..+\.tmp$")
     for name in os.listdir(out_dir):
         if leftover.match(name) and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))

@@ -208,6 +208,11 @@ def test_shards_out_inside_the_data_or_over_foreign_files(data, tmp_path, capsys
     (other / "train-000000.tar").write_bytes(b"mine")
     refused(["shards", "--out", str(other), "--overwrite", "--split", "train"], capsys,
             "no train.json written by `ccfs shards`", tmp_path)
+    # a progress manifest makes the shards beside it ccfs's only if it is one (format ccfs-shards-progress/1)
+    (other / "train.progress.json").write_text('{"mine": 1}')
+    refused(["shards", "--out", str(other), "--overwrite", "--split", "train"], capsys,
+            "is not a ccfs shard progress manifest", tmp_path)
+    assert (other / "train-000000.tar").read_bytes() == b"mine"
 
 
 # -------------------------------------------------------------------------------------- ccfs report

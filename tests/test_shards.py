@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ccfs_dist import cli
+from ccfs_dist import shards as shards_module
 from ccfs_dist.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
@@ -267,6 +268,71 @@ def test_fetch_shared_by_two_ranks(pools, tmp_path, launch):
     assert np.array_equal(np.load(str(out) + ".S.npy", allow_pickle=False),
                           np.concatenate([ref_x.numpy()[:4], ref_x.numpy()]))
     assert got["shared_opened"].tolist() == [3, 2]
+
+
+WRITE_ONE = shards_module._write_one
+
+
+def _killed_after(monkeypatch, k):
+    """Make the writer's per-shard function fail after k shards (a killed write), and count the shards written."""
+    real, calls = WRITE_ONE, []
+
+    def write_one(job):
+        if len(calls) == k:
+            raise RuntimeError("killed")
+        calls.append(os.path.basename(job[0]))
+        return real(job)
+    monkeypatch.setattr(shards_module, "_write_one", write_one)
+    return calls
+
+
+def _same_files(folder, ref, split="train"):
+    names = sorted(n for n in os.listdir(ref) if n.startswith(split))
+    assert sorted(n for n in os.listdir(folder) if n.startswith(split) or n.startswith(".")) == names
+    for name in names:
+        assert open(os.path.join(folder, name), "rb").read() == open(os.path.join(ref, name), "rb").read(), name
+
+
+def test_killed_write_resumes_with_only_the_missing_shards(pools, tmp_path, monkeypatch, capsys):
+    # an image folder: the index's mean/std come from pixel sums, which the manifest carries over
+    out, total = tmp_path / "f", len(json.load(open(os.path.join(pools["folder"], "train.json")))["shards"])
+    assert total >= 3
+    _killed_after(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_shards(pools["folder_cfg"], out, "train", per_shard=7, workers=1, log=lambda m: None)
+    assert not os.path.exists(out / "train.json") and os.path.exists(out / "train.progress.json")
+    monkeypatch.setenv("CCFS_PROGRESS", "lines")
+    capsys.readouterr()
+    written = _killed_after(monkeypatch, total)
+    write_shards(pools["folder_cfg"], out, "train", per_shard=7, workers=1, log=print)
+    assert written == [f"train-{s:06d}.tar" for s in range(2, total)]      # the first two were kept
+    _same_files(out, pools["folder"])                                       # index and shards; no manifest left
+    err = capsys.readouterr()
+    assert f"shards train: {total}/{total} shard" in err.err and "2 kept from an earlier attempt" in err.out
+
+
+def test_killed_write_resumes_through_the_cli_and_distrusts_altered_shards(pools, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "d")
+    args = ["shards", "--out", out, "--split", "train", "--per-shard", "300", "--workers", "1", "data.source=digits"]
+    monkeypatch.setenv("CCFS_PROGRESS", "auto")                             # set_mode's change is undone
+    _killed_after(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.main(args)
+    listed = json.load(open(os.path.join(out, "train.progress.json")))["shards"]
+    assert sorted(listed) == ["0", "1", "2"]
+    data = bytearray(open(os.path.join(out, "train-000000.tar"), "rb").read())
+    data[700] ^= 1                                                          # same size, other bytes
+    open(os.path.join(out, "train-000000.tar"), "wb").write(bytes(data))
+    open(os.path.join(out, "train-000001.tar"), "r+b").truncate(1024)
+    # another job (other --per-shard) does not take over the unfinished one without --overwrite
+    assert cli.main(args[:6] + ["100"] + args[7:]) == 2
+    assert "unfinished write" in capsys.readouterr().err
+    written = _killed_after(monkeypatch, 100)
+    assert cli.main(args[:-1] + ["--progress", "lines", args[-1]]) == 0
+    assert written == ["train-000000.tar", "train-000001.tar", "train-000003.tar", "train-000004.tar"]
+    # only shard 2 was kept
+    _same_files(out, pools["digits5"])
+    assert "shards train: 5/5 shard" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------- errors
