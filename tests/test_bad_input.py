@@ -49,8 +49,10 @@ def finished(tmp_path_factory):
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shards") / "digits"
-    for split in ("train", "test"):
-        write_shards(dict(DIGITS_CFG), str(folder), split, per_shard=300, workers=1, log=lambda m: None)
+    with pytest.MonkeyPatch.context() as mp:             # quiet: a case's captured stderr is its error line alone
+        mp.setenv("CCFS_PROGRESS", "off")
+        for split in ("train", "test"):
+            write_shards(dict(DIGITS_CFG), str(folder), split, per_shard=300, workers=1, log=lambda m: None)
     return folder
 
 
