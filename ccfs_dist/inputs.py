@@ -2,7 +2,7 @@
 it; and, once the run starts, what it will make itself because an input was not given.
 
     check_present(cfg)                       raises DataError listing every missing input
-    made_here(cfg, n_train, n_distilled) -> [str]         one line per input the run computes itself, with its cost
+    made_here(cfg, n_train, n_distilled)     [str]: one line per input the run makes itself, with its cost
 """
 import os
 
@@ -20,8 +20,6 @@ def _given(cfg):
                 found.append((f"data.{key}", d[key], "`ccfs shards --out DIR` writes the index JSONs; docs/shards.md"))
     elif d["source"] != "digits" and d["root"] is not None and not d.get("download"):
         found.append(("data.root", d["root"], WHERE_TO_GET.get(d["source"], "docs/data.md")))
-    if d["test_root"] is not None and d["source"] != "webdataset":
-        found.append(("data.test_root", d["test_root"], "docs/data.md"))
     if d["distilled"]:
         found.append(("data.distilled", d["distilled"],
                       "the authors' CDA sets (docs/data.md), or null: the run distils its own"))
