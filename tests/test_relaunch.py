@@ -91,7 +91,7 @@ def test_ranks_that_ignore_a_forwarded_signal_are_killed_after_the_grace_period(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_process_that_asked_dies_with_its_parent(tmp_path):
     """die_with_parent: the grandchild ends when its parent (which started it, then exits) is gone."""
-    ready, pid_file = tmp_path / "ready", tmp_path / "pid"
+    pid_file = tmp_path / "pid"
     grandchild = ("import os, sys, time; from ccfs_dist.relaunch import die_with_parent; "
                   "assert die_with_parent(); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
     parent = (f"import subprocess, sys, time, os; subprocess.Popen([sys.executable, '-c', {grandchild!r}, "
