@@ -221,7 +221,7 @@ def fast_png_decoder():
     if not _FAST_PNG:
         op = None
         try:
-            import torchvision.io  # noqa: F401  (registers torch.ops.image)
+            _load_png_op()
             op = lambda t: torch.ops.image.decode_png(t, 0, False)  # noqa: E731  (mode 0: unchanged)
             probe = np.arange(2 * 3 * 5 * 5, dtype=np.uint8).reshape(2, 3, 5, 5) * 7
             for img in (probe[0], probe[1][:1]):
@@ -232,6 +232,29 @@ def fast_png_decoder():
             op = None
         _FAST_PNG.append(op)
     return _FAST_PNG[0]
+
+
+def _load_png_op():
+    """Register torch.ops.image: load torchvision's image op library alone (milliseconds) rather than
+    `import torchvision.io`, which imports all of torchvision (models, datasets, transforms: about 1 s of CPU)
+    in every process that decodes, the loader's fork server included. The package's import is the fallback
+    (another build's layout)."""
+    import importlib.machinery
+    import importlib.util
+    spec = importlib.util.find_spec("torchvision")
+    if spec is not None and spec.submodule_search_locations:
+        finder = importlib.machinery.FileFinder(
+            list(spec.submodule_search_locations)[0],
+            (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+        for name in ("image_stable", "image"):           # torchvision >= 0.29, before
+            lib = finder.find_spec(name)
+            if lib is not None:
+                try:
+                    torch.ops.load_library(lib.origin)
+                    return
+                except OSError:
+                    break
+    import torchvision.io  # noqa: F401  (registers torch.ops.image)
 
 
 def _png_as_is(data, mode, size):

@@ -91,12 +91,13 @@ def start_context():
     `forkserver` where the platform has it, else `spawn`; not `fork`. A rank runs threads (gloo's, the TCP
     store's, tqdm's monitor), and a process forked while another thread holds a lock (the interpreter's,
     malloc's) waits for it forever.
-    The fork server is a fresh single-threaded process that imports this module (torch, numpy, PIL,
-    torchvision's PNG decoder) once and forks every worker from there, so a worker starts in milliseconds."""
+    The fork server is a fresh single-threaded process that imports this module (torch, numpy, PIL) once and
+    forks every worker from there, so a worker starts in milliseconds. Not torchvision: a worker loads its PNG
+    op library alone (images.fast_png_decoder, milliseconds); the package would add about 1 s of CPU per server."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", __name__, "torchvision.io"])   # no effect once the server runs
+    ctx.set_forkserver_preload(["__main__", __name__])   # no effect once the server runs
     return ctx
 
 
