@@ -51,6 +51,23 @@ def launch():
     return accelerate_launch
 
 
+def worker_main_in_process(script, *args, **kw):
+    """`main(*args, **kw)` of the worker script `script` (tests/workers/...) called in this process, on one
+    thread as a launched rank (OMP_NUM_THREADS=1): the 1-process side of a 1-vs-2-process comparison
+    without a process start-up (and the loader's fork server, if any, is this process's, started once)."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(script))[0], script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return module.main(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- one pinned run per test session
 # A tiny whole run, in this process, with the trainings, the KD loss, the augmentation and the distiller
 # observed as the run calls them: tests/test_pins.py checks what it selected (against tests/selection_check.py)

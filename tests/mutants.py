@@ -21,12 +21,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL_SCORES = os.path.join(os.path.dirname(ROOT), "shared", "reference", "ccfs-official-scores")
 
 # the fast tests that pin answers (the whole-run ones share one small in-process run)
 PINNED_TESTS = ["tests/test_pins.py", "tests/test_selection.py", "tests/test_difficulty.py", "tests/test_recipes.py",
                 "tests/test_augment.py", "tests/test_official.py",
                 "tests/test_scores.py::test_forgetting_rule_last_presentation_and_never_learned",
-                "tests/test_scores.py::test_ccfs_run_with_computed_forgetting"]
+                "tests/test_scores.py::test_ccfs_run_with_computed_forgetting",
+                "tests/test_regimes.py::test_hard_regime_trains_without_the_teacher"]
 
 S, C, D, T, E, J, DI, SC, SE, A = ("ccfs_dist/selection.py", "ccfs_dist/curriculum.py", "ccfs_dist/difficulty.py",
                                    "ccfs_dist/train.py", "ccfs_dist/evaluate.py", "ccfs_dist/jobs.py",
@@ -89,8 +91,8 @@ MUTANTS = [
      'teacher=None, seed=seed,', "filters trained without KD"),
     ("eval-without-kd", E, 'evaluate_run(accelerator, images, labels, teacher=teacher if regime == "kd" else None,',
      'evaluate_run(accelerator, images, labels, teacher=None,', "evaluation models trained without KD"),
-    ("eval-regime-hard", J, 'def train_eval(acc, run, cfg, data, name, r, regime="kd", *,',
-     'def train_eval(acc, run, cfg, data, name, r, regime="hard", *,', "the default evaluation regime drops KD"),
+    ("hard-regime-keeps-teacher", E, 'teacher=teacher if regime == "kd" else None, **kw)', 'teacher=teacher, **kw)',
+     "eval.labels hard still distils from the teacher"),
     ("eval-one-seed", J, 'seed=seeds.eval_run(cfg["seed"], r)', 'seed=seeds.eval_run(cfg["seed"], 0)',
      "one seed for every evaluation model"),
     ("eval-seed-table", SE, 'return seed + 500 + run', 'return seed + 500', "one seed for every evaluation model"),
@@ -169,6 +171,8 @@ def try_mutant(mutant, tests, timeout):
         with open(os.path.join(tmp, path), "w") as f:
             f.write(text.replace(old, new))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=tmp, PYTHONDONTWRITEBYTECODE="1")
+        if os.path.isdir(OFFICIAL_SCORES):        # the copy is not beside ../shared: point its tests at the files
+            env.setdefault("CCFS_OFFICIAL_SCORES", OFFICIAL_SCORES)
         start = time.monotonic()
         try:
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],

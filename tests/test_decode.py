@@ -141,9 +141,7 @@ def test_device_decode_scores_do_not_depend_on_the_process_count(jpeg_pool, tmp_
     """tests/workers/shard_score_worker.py over the JPEG shards, decode cpu and device, 1 process and 2 through
     accelerate launch (2 loader workers, a shuffled subset): per decode the same records with 1 and 2
     processes, and the same predictions across the two decodes."""
-    import subprocess
-    import sys
-    from conftest import ROOT
+    from conftest import ROOT, worker_main_in_process
     worker = os.path.join(ROOT, "tests", "workers", "shard_score_worker.py")
     cases = [{"name": decode, "memory": jpeg_pool["cfg"], "train": os.path.join(jpeg_pool["shards"], "train.json"),
               "workers": 2, "subset": True, "decode": decode} for decode in ("cpu", "device")]
@@ -152,9 +150,7 @@ def test_device_decode_scores_do_not_depend_on_the_process_count(jpeg_pool, tmp_
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    proc = subprocess.run([sys.executable, worker, str(spec), str(one)], timeout=300, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker_main_in_process(worker, str(spec), str(one), memory=False)
     proc = launch([worker, str(spec), str(two)], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = {(d, n): np.load(folder / f"{d}.stream.npz") for d in ("cpu", "device") for n, folder in ((1, one), (2, two))}
@@ -280,7 +276,8 @@ def test_whole_run_with_device_decode_equals_cpu_decode_on_png_shards(tmp_path):
     """A whole run on digits shards (PNG members: decoded in the workers under both settings) with the teacher
     trained on the stream: data.decode=device moves every streamed pass (teacher training, scoring, test
     accuracy) onto the encoded-batch path, and the run's selections and figures stay byte-identical."""
-    from test_run import TINY, run_script
+    from ccfs_dist import cli
+    from test_run import TINY
     folder = str(tmp_path / "digits")
     for split in ("train", "test"):
         write_shards({"source": "digits"}, folder, split=split, per_shard=300, workers=1, log=lambda *a: None)
@@ -289,8 +286,7 @@ def test_whole_run_with_device_decode_equals_cpu_decode_on_png_shards(tmp_path):
     runs = {}
     for decode in ("cpu", "device"):
         out = tmp_path / decode
-        proc = run_script(["--out", str(out)] + base + [f"data.decode={decode}"])
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert cli.main(["run", "--out", str(out)] + base + [f"data.decode={decode}"]) == 0    # in this process
         runs[decode] = [open(out / name).read() for name in ("selected_indices.json", "summary.json")]
     assert runs["cpu"][0] == runs["device"][0]
     summaries = [untimed(json.loads(runs[d][1])) for d in ("cpu", "device")]

@@ -1,5 +1,6 @@
 """Tests for ccfs_dist.difficulty: score direction and score-file loading/validation."""
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 from ccfs_dist.difficulty import HARDER_IS_HIGHER, load_score_file, to_hardness
 from ccfs_dist.errors import ConfigError, DataError
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ccfs-official-scores"
+OFFICIAL = Path(os.environ.get("CCFS_OFFICIAL_SCORES",
+                              Path(__file__).resolve().parents[2] / "shared" / "reference" / "ccfs-official-scores"))
 needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason=f"official score files not found at {OFFICIAL}")
 
 

@@ -203,3 +203,24 @@ def check_official_run(out):
     expected = official_run(labels, teacher, phase_preds, forgetting, True, **cfg_c)
     assert json.load(open(os.path.join(out, "selected_indices.json")))["idx_selected"] == expected
     return expected
+
+
+@pytest.mark.parametrize("fine, sign", [("simple", 1), ("hard", -1)])
+def test_official_mode_fine_order_without_the_score_files(fine, sign):
+    """Recomputed here (the score-file tests skip where the files are absent): per class, in class order, the k
+    candidates (misclassified, teacher-correct, not selected before) of least hardness for "simple", of most
+    for "hard"; distinct hardness values, so no tie order is involved."""
+    rng = np.random.default_rng(3)
+    n, classes, k = 90, 3, 4
+    labels = np.arange(n) % classes
+    pred = np.where(rng.random(n) < 0.6, (labels + 1) % classes, labels)
+    h = rng.permutation(n).astype(np.float64)
+    teacher_ok = rng.random(n) < 0.9
+    before = [int(np.flatnonzero((pred != labels) & teacher_ok)[0])]
+    got = select_official(np.arange(n), labels, pred, h, k, selected=before, fine=fine, num_classes=classes,
+                          teacher_correct=teacher_ok)
+    want = []
+    for c in range(classes):
+        cands = [i for i in range(n) if labels[i] == c and pred[i] != labels[i] and teacher_ok[i] and i not in before]
+        want += sorted(cands, key=lambda i: sign * h[i])[:k]
+    assert got.indices.tolist() == want and got.per_class.tolist() == [k] * classes

@@ -95,15 +95,31 @@ def test_the_run_wires_the_recipe(pinned_run):
     assert ev["final"] == [r["final"] for r in runs] and ev["mean"] == pytest.approx(np.mean(ev["final"]))
 
 
+def starts_fresh(call, seed):
+    """Whether a training call began from the pinned run's model freshly built under torch.manual_seed(seed)."""
+    from ccfs_dist.models import build_model
+    torch.manual_seed(seed)
+    fresh = build_model({"name": "convnet", "width": 8, "depth": 3, "norm": "batchnorm"}, CLASSES, 1, 8)
+    return all(torch.equal(call["init"][key], value) for key, value in fresh.state_dict().items())
+
+
 def test_each_filter_starts_from_fresh_weights_of_its_own_seed(pinned_run):
     """ccfs.warm_start off (the default): filter j starts from a fresh model seeded seeds.filter_model(seed, j)."""
-    from ccfs_dist.models import build_model
     _, calls = pinned_run
     filters = [c for c in calls["train"] if c["desc"].startswith("phase ")]
     for j, c in enumerate(filters, 1):
-        torch.manual_seed(seeds.filter_model(0, j))
-        fresh = build_model({"name": "convnet", "width": 8, "depth": 3, "norm": "batchnorm"}, CLASSES, 1, 8)
-        assert all(torch.equal(c["init"][key], value) for key, value in fresh.state_dict().items()), j
+        assert starts_fresh(c, seeds.filter_model(0, j)), j
+
+
+def test_each_evaluation_model_starts_from_fresh_weights_of_its_own_seed(pinned_run):
+    """Evaluation model r (desc "eval ccfs r+1/R") starts from a fresh model seeded seeds.eval_run(seed, r): the
+    runs differ in their initial weights, not only in their batch order."""
+    _, calls = pinned_run
+    evals = [c for c in calls["train"] if c["desc"].startswith("eval ccfs")]
+    assert [c["desc"] for c in evals] == ["eval ccfs 1/2", "eval ccfs 2/2"]
+    for r, c in enumerate(evals):
+        assert starts_fresh(c, seeds.eval_run(0, r)), r
+    assert not starts_fresh(evals[1], seeds.eval_run(0, 0))
 
 
 # --------------------------------------------------------------------------- one owner of the phase budgets

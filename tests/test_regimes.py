@@ -4,27 +4,26 @@ import copy
 import hashlib
 import json
 import os
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT
-
 from ccfs_dist.config import load_config
 
-SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 # the tiny whole run of test_run.py, with enough evaluation epochs that a model learns from its labels
 TINY = ["data.source=digits", "teacher.epochs=3", "distill.iterations=20", "ccfs.ipc=6", "ccfs.alpha=0.34",
         "ccfs.phases=2", "train.epochs=8", "eval.runs=1", "model.width=16", "ccfs.difficulty=logits",
         "aug.scale_min=0.5", "aug.flip=false"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 
-def run_script(args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT] + args, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+def run_here(capsys, args):
+    """`ccfs run ARGS` in this process (the entry script is tested in test_run.py): exit status and output."""
+    from ccfs_dist import cli
+    capsys.readouterr()
+    code = cli.main(["run", *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def wrong(teacher):
@@ -74,13 +73,13 @@ def digests(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp_path):
+def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp_path, capsys):
     """A KD run resumed with eval.labels=both trains only the hard-label evaluations: every earlier artifact
     stays byte for byte (no KD evaluation retrained), both regimes are in summary.json, the printed table and
     report.md. Then a run given a teacher whose every prediction is wrong: the random baseline (a set that
     does not depend on the teacher) scores the same under hard labels, byte for byte, and not under KD."""
     a = tmp_path / "a"
-    proc = run_script(["--out", str(a)] + TINY)
+    proc = run_here(capsys, ["--out", str(a)] + TINY)
     assert proc.returncode == 0, proc.stderr[-4000:]
     before = digests(a)
     kd = sorted(p for p in before if p.startswith("eval"))
@@ -91,7 +90,7 @@ def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp
     assert json.load(open(a / "eval" / "ccfs_run0.json"))["regime"] == "kd"
     mtimes = {p: os.path.getmtime(a / p) for p in kd}
 
-    proc = run_script(["--out", str(a), "--resume"] + TINY + ["eval.labels=both"])
+    proc = run_here(capsys, ["--out", str(a), "--resume"] + TINY + ["eval.labels=both"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     for job in ("eval ccfs 0", "eval distilled+random 0", "eval random 0", "filter 1", "filter 2", "teacher"):
         assert f"{job}: resumed" in proc.stdout, job
@@ -122,7 +121,7 @@ def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp
         assert words in report, words
 
     # a regime is only ever added: going back to KD alone is refused before anything is touched
-    refused = run_script(["--out", str(a), "--resume"] + TINY + ["eval.labels=kd"])
+    refused = run_here(capsys, ["--out", str(a), "--resume"] + TINY + ["eval.labels=kd"])
     assert refused.returncode == 2 and "eval.labels: 'both' -> 'kd'" in refused.stderr
 
     from ccfs_dist.models import build_model
@@ -131,7 +130,7 @@ def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp
     teacher = Layout.load_model(str(a / "teacher.pt"), lambda: build_model(cfg["model"], 10, 1, 8))
     torch.save(wrong(teacher).state_dict(), tmp_path / "wrong.pt")
     b = tmp_path / "b"
-    proc = run_script(["--out", str(b)] + TINY + ["eval.labels=both", f"teacher.checkpoint={tmp_path / 'wrong.pt'}"])
+    proc = run_here(capsys, ["--out", str(b)] + TINY + ["eval.labels=both", f"teacher.checkpoint={tmp_path / 'wrong.pt'}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.load(open(b / "summary.json"))["teacher_test_acc"] < 0.1
     assert (b / "eval" / "random_hard_run0.json").read_bytes() == (a / "eval" / "random_hard_run0.json").read_bytes()

@@ -66,6 +66,26 @@ def exists(path):
     return lambda: os.path.exists(path)
 
 
+def check_killed(out, capsys, extra=()):
+    """What a kill leaves: no summary, only whole artifacts, and a run that refuses to start without --resume
+    (checked in this process: the refusal comes before any work)."""
+    from ccfs_dist import cli
+    assert not (out / "summary.json").exists()
+    check_artifacts_whole(out)
+    capsys.readouterr()
+    assert cli.main(["run", "--out", str(out)] + SETTINGS + list(extra)) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def check_same_result(out, reference):
+    assert json.load(open(out / "selected_indices.json")) == reference["selected_indices.json"]
+    assert json.load(open(out / "eval_ccfs.json"))["final"] == reference["eval_ccfs.json"]["final"]
+    leftovers = [p.name for p in out.rglob("*_state.pt")]
+    assert not leftovers, leftovers
+
+
+# a kill at each point in turn: killed after the teacher, the resume killed inside phase 2's filter training
+# (a checkpoint written), that resume killed inside the evaluation model's training; then resumed to the end
 CASES = {
     "after_teacher": lambda out: exists(out / "teacher.pt"),
     "phase_2_training": lambda out: exists(out / "phase_2" / "filter_state.pt"),
@@ -73,29 +93,32 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("point", list(CASES) + ["scoring", "phase_2_training_shared"])
-def test_killed_run_resumes_to_the_same_result(point, reference, tmp_path):
+def test_run_killed_at_each_point_resumes_to_the_same_result(reference, tmp_path, capsys):
+    """One run SIGKILLed at each point of CASES in turn (each kill but the first hits a resumed run): after
+    every kill the artifacts are whole and a plain start is refused; the last resume ends with the
+    uninterrupted run's selection and evaluation, and no training state left."""
+    out = tmp_path / "run"
+    for i, (point, ready) in enumerate(CASES.items()):
+        kill_when(out, ready(out), extra=["--resume"] if i else [])
+        check_killed(out, capsys)
+    run(out, extra=["--resume"])
+    check_same_result(out, reference)
+
+
+@pytest.mark.parametrize("point", ["scoring", "phase_2_training_shared"])
+def test_killed_run_resumes_to_the_same_result(point, reference, tmp_path, capsys):
     out = tmp_path / "run"
     extra = ["train.synthetic=shared"] if point.endswith("_shared") else []
     if point == "phase_2_training_shared":       # S_1 is in its file (S_0's removed); the filter trains on it
         kill_when(out, CASES["phase_2_training"](out), extra=extra)
         assert (out / "synthetic" / "S_1.npy").exists() and not (out / "synthetic" / "S_0.npy").exists()
-    elif point == "scoring":
+    else:
         marker = tmp_path / "scoring-started"
         kill_when(out, exists(marker), script=SLOW, env=dict(ENV, CCFS_TEST_MARKER=str(marker)))
         assert (out / "phase_1" / "metrics.json").exists() and not (out / "phase_2" / "metrics.json").exists()
         assert (out / "phase_2" / "filter.pt").exists()
-    else:
-        kill_when(out, CASES[point](out))
-    assert not (out / "summary.json").exists()
-    check_artifacts_whole(out)
-    refused = subprocess.run([sys.executable, SCRIPT, "--out", str(out)] + SETTINGS + extra, env=ENV, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
+    check_killed(out, capsys, extra)
     resumed = run(out, extra=extra + ["--resume"])
     if extra:          # S_1 is in place: S_0 (deleted) is not written again, S_2 is
         assert "written to synthetic/S_0.npy" not in resumed.stdout and "written to synthetic/S_2.npy" in resumed.stdout
-    assert json.load(open(out / "selected_indices.json")) == reference["selected_indices.json"]
-    assert json.load(open(out / "eval_ccfs.json"))["final"] == reference["eval_ccfs.json"]["final"]
-    leftovers = [p.name for p in out.rglob("*_state.pt")]
-    assert not leftovers, leftovers
+    check_same_result(out, reference)

@@ -5,8 +5,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,9 +19,9 @@ from ccfs_dist.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
 
-from conftest import ROOT
+from conftest import ROOT, worker_main_in_process
 from test_bad_input import swap_images
-from test_run import SCRIPT, TINY, check_artifacts, run_script
+from test_run import SCRIPT, TINY, check_artifacts
 
 WORKER = os.path.join(ROOT, "tests", "workers", "shard_score_worker.py")
 FETCH_WORKER = os.path.join(ROOT, "tests", "workers", "shard_fetch_worker.py")
@@ -232,10 +230,7 @@ def test_streaming_scores_equal_in_memory_with_1_and_2_processes(pools, tmp_path
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, WORKER, str(spec), str(one), "--memory"], env=env, timeout=300,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker_main_in_process(WORKER, str(spec), str(one), memory=True)
     proc = launch([WORKER, str(spec), str(two)], processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for c in cases:
@@ -527,10 +522,8 @@ def test_whole_ccfs_run_on_a_shard_pool(pools, tmp_path):
     common = TINY + [f"teacher.checkpoint={teacher}", "ccfs.difficulty=logits", "ccfs.teacher_correct=true"]
     shards = ["data.source=webdataset", f"data.root={pools['digits5']}/train.json",
               f"data.test_root={pools['digits5']}/test.json"]
-    proc = run_script(["--out", str(tmp_path / "shards")] + common + shards)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = run_script(["--out", str(tmp_path / "memory")] + common)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, source in (("shards", shards), ("memory", [])):     # in this process (the script: test_run.py)
+        assert cli.main(["run", "--out", str(tmp_path / name)] + common + source) == 0
     sel = json.load(open(tmp_path / "shards" / "selected_indices.json"))
     assert len(sel["idx_selected"]) == 40 and sel == json.load(open(tmp_path / "memory" / "selected_indices.json"))
     a = json.load(open(tmp_path / "shards" / "summary.json"))
