@@ -51,6 +51,17 @@ def launch():
     return accelerate_launch
 
 
+def run_here(capsys, args):
+    """`ccfs run ARGS` in this process, without a process start-up (the entry script has its own tests in
+    test_run.py): an object with the exit status and the output, as subprocess.run's."""
+    from types import SimpleNamespace
+    from ccfs_dist import cli
+    capsys.readouterr()
+    code = cli.main(["run", *args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def worker_main_in_process(script, *args, **kw):
     """`main(*args, **kw)` of the worker script `script` (tests/workers/...) called in this process, on one
     thread as a launched rank (OMP_NUM_THREADS=1): the 1-process side of a 1-vs-2-process comparison

@@ -4,26 +4,17 @@ import copy
 import hashlib
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ccfs_dist.config import load_config
+from conftest import run_here
 
 # the tiny whole run of test_run.py, with enough evaluation epochs that a model learns from its labels
 TINY = ["data.source=digits", "teacher.epochs=3", "distill.iterations=20", "ccfs.ipc=6", "ccfs.alpha=0.34",
         "ccfs.phases=2", "train.epochs=8", "eval.runs=1", "model.width=16", "ccfs.difficulty=logits",
         "aug.scale_min=0.5", "aug.flip=false"]
-
-
-def run_here(capsys, args):
-    """`ccfs run ARGS` in this process (the entry script is tested in test_run.py): exit status and output."""
-    from ccfs_dist import cli
-    capsys.readouterr()
-    code = cli.main(["run", *args])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def wrong(teacher):

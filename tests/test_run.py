@@ -1,4 +1,5 @@
-"""Whole small CCFS runs through the real entry script, and the CLI's user-facing errors."""
+"""Whole small CCFS runs through the real entry script (in this process where the script is not what is tested),
+and the CLI's user-facing errors."""
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 TINY = ["data.source=digits", "teacher.epochs=3", "distill.iterations=20", "ccfs.ipc=6", "ccfs.alpha=0.34",
         "ccfs.phases=2", "train.epochs=3", "eval.runs=1", "model.width=16"]
@@ -87,15 +88,15 @@ def test_small_run_one_process_and_run_dir_protection(one_process_run):
     assert open(os.path.join(out, "summary.json")).read() == before
 
 
-def test_small_run_official_compat(tmp_path):
+def test_small_run_official_compat(tmp_path, capsys):
     """ccfs.compat=official: the run selects what the official code selects from the run's own artifacts,
     in selection order, and trains with the official per-epoch warm-up + cosine schedule (and a teacher
     trained with the squeeze RandomCrop)."""
     from test_official import check_official_run
     out = str(tmp_path / "official")
-    proc = run_script(["--out", out] + TINY + ["ccfs.compat=official", "eval.baselines=false", "train.warmup_epochs=1",
-                                               "train.warmup_start=0.01", "train.schedule_step=epoch",
-                                               "teacher.crop=pad", "teacher.padding=1"])
+    proc = run_here(capsys, ["--out", out] + TINY + ["ccfs.compat=official", "eval.baselines=false",
+                                                     "train.warmup_epochs=1", "train.warmup_start=0.01",
+                                                     "train.schedule_step=epoch", "teacher.crop=pad", "teacher.padding=1"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     picks = check_official_run(out)
     assert len(picks) == len(set(picks)) and picks != sorted(picks)
@@ -104,12 +105,12 @@ def test_small_run_official_compat(tmp_path):
     assert recipe["schedule_step"] == "epoch" and recipe["warmup_start"] == 0.01 and recipe["warmup_epochs"] == 1
 
 
-def test_unfinished_run_dir_suggests_resume(tmp_path):
+def test_unfinished_run_dir_suggests_resume(tmp_path, capsys):
     out = tmp_path / "half"
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
     (out / ".ccfs-run").write_text("{}\n")                 # what a run writes first (rundir.MARKER)
-    proc = run_script(["--out", str(out)] + TINY)
+    proc = run_here(capsys, ["--out", str(out)] + TINY)
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
@@ -121,9 +122,13 @@ def test_unfinished_run_dir_suggests_resume(tmp_path):
     (["score.batch_size=64"], "error: config key 'score.batch_size' was renamed to 'predict.batch_size'\n"),
     (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
 ])
-def test_user_errors_exit_2_with_message(tmp_path, args, words):
-    proc = run_script(["--out", str(tmp_path / "x")] + TINY + args if "--config" not in args
-                      else args + ["--out", str(tmp_path / "x")], timeout=120)
+def test_user_errors_exit_2_with_message(tmp_path, args, words, capsys):
+    argv = (["--out", str(tmp_path / "x")] + TINY + args if "--config" not in args
+            else args + ["--out", str(tmp_path / "x")])
+    # an error found once the data are loaded: in this process (no start-up of torch to pay); the others,
+    # found before torch is imported, through the entry script
+    late = any(a.startswith(("ccfs.ipc=", "ccfs.phases=", "ccfs.difficulty_file=")) for a in args)
+    proc = run_here(capsys, argv) if late else run_script(argv, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert words in proc.stderr and "Traceback" not in proc.stderr
 
@@ -133,7 +138,7 @@ def test_help_explains():
     assert proc.returncode == 0 and "--resume" in proc.stdout and "key.sub=value" in proc.stdout
 
 
-def test_resume_after_phase_one_gives_the_same_selection(one_process_run, tmp_path):
+def test_resume_after_phase_one_gives_the_same_selection(one_process_run, tmp_path, capsys):
     """Simulate a run killed after phase 1 (a copy of the finished run): drop everything later, resume,
     compare the final selection."""
     import shutil
@@ -147,7 +152,7 @@ def test_resume_after_phase_one_gives_the_same_selection(one_process_run, tmp_pa
             p for p in os.listdir(out) if p.startswith("eval_")):
         if os.path.exists(out / name):
             os.remove(out / name)
-    proc = run_script(["--out", str(out), "--resume"] + TINY)
+    proc = run_here(capsys, ["--out", str(out), "--resume"] + TINY)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "phase 1: resumed" in proc.stdout and "phase 2: filter test acc" in proc.stdout
     assert os.path.getmtime(out / "teacher.pt") == teacher_mtime
