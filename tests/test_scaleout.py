@@ -150,31 +150,55 @@ def test_two_nodes_match_one(reference, tmp_path):
 # --------------------------------------------------------------------------- kill one rank, resume
 
 
-def killed(out, point, processes=2):
-    args = [KILL, point, "--out", str(out), *SETTINGS]
+def killed(out, point, processes=2, resume=False):
+    args = [KILL, point, "--out", str(out), *SETTINGS] + (["--resume"] if resume else [])
     proc = (accelerate_launch(args, processes=2) if processes == 2 else
             subprocess.run([sys.executable, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600))
     assert proc.returncode != 0, "the run was not killed"
     assert not (out / "summary.json").exists()
+    KILLED[point](out)
 
 
-@pytest.mark.parametrize("point, killed_with, resumed_with", [
-    ("teacher", 2, 2), ("distillation", 2, 2), ("scoring", 2, 2), ("evaluation", 2, 1), ("evaluation", 1, 2)])
-def test_killed_rank_resumes_to_the_same_result(point, killed_with, resumed_with, reference, tmp_path):
-    """SIGKILL of one rank, then --resume. At "evaluation" the rank training CCFS evaluation model 2 is
-    killed in its middle: of 2 processes (rank 1), resumed with 1, whose plan gives the training to rank 0;
-    of 1 process, resumed with 2, whose plan gives it to rank 1. Either continues from the checkpoint."""
+def killed_at_teacher(out):
+    assert (out / "teacher_state.pt").exists() and not (out / "teacher.pt").exists()
+
+
+def killed_at_distillation(out):
+    assert (out / "teacher.pt").exists() and not (out / "distilled").exists()
+
+
+def killed_at_scoring(out):
+    assert (out / "phase_1" / "metrics.json").exists() and (out / "phase_2" / "filter.pt").exists()
+    assert not (out / "phase_2" / "predictions.npz").exists()
+
+
+def killed_at_evaluation(out):
+    assert (out / "eval" / "ccfs_run1_state.pt").exists() and not (out / "eval_ccfs.json").exists()
+
+
+KILLED = {"teacher": killed_at_teacher, "distillation": killed_at_distillation, "scoring": killed_at_scoring,
+          "evaluation": killed_at_evaluation}
+
+
+def test_rank_killed_at_each_point_resumes_to_the_same_result(reference, tmp_path):
+    """SIGKILL of one rank of a 2-process run inside the teacher's training; its resume killed (one rank) in the
+    distillation; that resume killed when phase 2's scoring starts (each leaving what its point names); then
+    --resume with 2 processes: the 1-process run's artifacts, byte for byte."""
     out = tmp_path / "run"
-    killed(out, point, killed_with)
-    if point == "teacher":
-        assert (out / "teacher_state.pt").exists() and not (out / "teacher.pt").exists()
-    if point == "distillation":
-        assert (out / "teacher.pt").exists() and not (out / "distilled").exists()
-    if point == "scoring":
-        assert (out / "phase_1" / "metrics.json").exists() and (out / "phase_2" / "filter.pt").exists()
-        assert not (out / "phase_2" / "predictions.npz").exists()
-    if point == "evaluation":
-        assert (out / "eval" / "ccfs_run1_state.pt").exists() and not (out / "eval_ccfs.json").exists()
+    for i, point in enumerate(("teacher", "distillation", "scoring")):
+        killed(out, point, 2, resume=i > 0)
+    proc = two_processes(out, extra=["--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same(out, reference)
+
+
+@pytest.mark.parametrize("killed_with, resumed_with", [(2, 1), (1, 2)])
+def test_killed_rank_resumes_to_the_same_result_with_another_count(killed_with, resumed_with, reference, tmp_path):
+    """At "evaluation" the rank training CCFS evaluation model 2 is killed in its middle: of 2 processes (rank 1),
+    resumed with 1, whose plan gives the training to rank 0; of 1 process, resumed with 2, whose plan gives it
+    to rank 1. Either continues from the checkpoint."""
+    out = tmp_path / "run"
+    killed(out, "evaluation", killed_with)
     if resumed_with == 2:
         proc = two_processes(out, extra=["--resume"])
         assert proc.returncode == 0, proc.stderr[-3000:]
