@@ -95,3 +95,21 @@ def test_a_run_says_what_it_makes_itself():
                                "images (10,000,000 image passes); the paper's runs use the authors' files")
     assert lines[1].startswith("data.distilled not given: the base distiller")
     assert made_here(cfg, 50000, 0)[1:] == []                       # alpha 0: no distilled images to make
+
+
+def test_the_authors_files_are_named_only_where_they_exist():
+    """The CCFS authors published teachers and distilled sets for CIFAR and Tiny-ImageNet only: an image folder
+    (ImageNet-1K) run is not told that 'the paper's runs use the authors' files'."""
+    from ccfs_dist.config import load_config
+    from ccfs_dist.errors import DataError
+    from ccfs_dist.inputs import check_present, made_here
+    overrides = ["data.source=imagefolder", "data.root=.", "data.distilled=absent_syn", "teacher.checkpoint=absent.pt"]
+    with pytest.raises(DataError) as err:
+        check_present(load_config(None, overrides))
+    assert "authors" not in str(err.value)
+    assert "a checkpoint trained on these classes" in str(err.value)
+    assert "a distilled folder of these classes" in str(err.value)
+    lines = made_here(load_config(None, overrides[:2]), 1000, 10)
+    assert len(lines) == 2 and not any("authors" in line for line in lines)
+    tiny = made_here(load_config(None, ["data.source=tiny-imagenet", "data.root=."]), 1000, 10)
+    assert all(line.endswith("the paper's runs use the authors' files (docs/data.md)") for line in tiny)
