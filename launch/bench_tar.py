@@ -6,8 +6,9 @@
 Reading: shard_tar.iter_samples (strict ustar parser) against tarfile's stream mode ("r|", what a reader of
 a pipe or URL must use) grouping members into samples the same way; both read the same bytes from memory
 through shard_index.HashingReader. Writing: shard_tar.write_tar (hand-made headers) against
-tarfile.TarFile.addfile with the same fixed metadata. Prints samples/s (median of --repeats, alternating order), whether tarfile's
-headers are byte-identical to write_tar's, and what each reader does with a corrupt header in the middle.
+tarfile.TarFile.addfile with the same fixed metadata. Prints samples/s (median of --repeats, alternating order),
+whether tarfile's headers are byte-identical to write_tar's, and what each reader does with a corrupt header in
+the middle.
 """
 import argparse
 import io

@@ -1,7 +1,7 @@
-"""Loader workers (shard_loader.Workers): every pass is the round-robin merge of the workers' own streams, exactly
-as with fresh workers, while the workers are started once and reused; a stalled or dead worker fails the pass
-with an error naming the step and the shard; hundreds of loader starts in threaded ranks finish; stopping or
-killing the launcher of a 2-process streamed run leaves no process behind, and a TERMed run resumes.
+"""Loader workers (shard_loader.Workers): every pass is the round-robin merge of the workers' own streams, exactly as
+with fresh workers, while the workers are started once and reused; a stalled or dead worker fails the pass with an
+error naming the step and the shard; hundreds of loader starts in threaded ranks finish; stopping or killing the
+launcher of a 2-process streamed run leaves no process behind, and a TERMed run resumes.
 
 CCFS_LOADER_STRESS=N runs the stress test with N passes per rank (the on-demand long version,
 docs/tests-and-benchmarks.md)."""
@@ -175,7 +175,7 @@ def test_a_stalled_loader_fails_naming_the_step_and_the_shard(pool, tmp_path):
 
 
 def test_a_worker_that_dies_fails_the_pass(pool, tmp_path, monkeypatch):
-    monkeypatch.setattr(shard_loader, "LIVENESS_S", 0.2)                   # the rank's checks (not the workers')
+    monkeypatch.setattr(shard_loader, "LIVENESS_S", 0.2)             # the rank's checks (not the workers')
     index_path, fifo = stalled_pool(pool, tmp_path)
     split = ShardSplit(index_path, num_workers=1, allow_urls=True, worker_timeout=60)
     killed = []
