@@ -113,3 +113,21 @@ def test_the_authors_files_are_named_only_where_they_exist():
     assert len(lines) == 2 and not any("authors" in line for line in lines)
     tiny = made_here(load_config(None, ["data.source=tiny-imagenet", "data.root=."]), 1000, 10)
     assert all(line.endswith("the paper's runs use the authors' files (docs/data.md)") for line in tiny)
+
+
+def test_torchvision_imagenet_resnet18_state_dict_is_an_imagenet_teacher(tmp_path):
+    """configs/imagenet1k_ipc*.yaml step 2: torchvision's ResNet-18 saved with torch.save(model.state_dict())
+    loads as `model.name: resnet18_imagenet` over ImageNet-1K's 1,000 classes and predicts the same."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None, num_classes=1000).eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet18_imagenet1k.pt"
+    torch.save(reference.state_dict(), path)
+    ours = build_model({"name": "resnet18_imagenet", "width": 32, "depth": 3, "norm": "batchnorm"}, 1000, 3, 224).eval()
+    load_checkpoint(ours, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))
