@@ -1,0 +1,186 @@
+"""Fused trainings (issue 23): each model of a fused training against the same training run alone by
+train.train_model (parameters and BatchNorm statistics after N steps, per-sample predictions, accuracy),
+with and without KD, for ConvNet (BatchNorm) and ResNet-18, on tiny images; each model's own seed streams;
+the group's state files at every kill point."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ccfs_dist.dist import Local, make_accelerator
+from ccfs_dist.errors import DataError
+from ccfs_dist.fused import train_fused
+from ccfs_dist.models import build_model
+from ccfs_dist.train import Recipe, train_model
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+CONVNET = {"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}
+RESNET = {"name": "resnet18"}
+
+
+@pytest.fixture(scope="module")
+def local():
+    torch.set_num_threads(1)
+    return Local(make_accelerator())
+
+
+def tiny_set(seed, n=24, size=8, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+            torch.randint(0, classes, (n,), generator=g))
+
+
+class Float64(nn.Module):
+    """A model computing in float64: ResNet-18's float32 difference, alone vs fused, is float order amplified
+    by training (one step: ~3e-7; six steps at lr 0.01: up to 4e-2 in a 1x1-pixel BatchNorm's running
+    variance of 8 samples), in float64 it is ~1e-14 (the same training, exactly; the loss stays float32)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model.double()
+
+    def forward(self, x):
+        return self.m(x.double())
+
+
+def fresh(cfg, seed, size=8, classes=4):
+    torch.manual_seed(seed)
+    model = build_model(cfg, classes, 3, size)
+    return Float64(model) if cfg is RESNET else model
+
+
+def alone_and_fused(local, cfg, recipe, seeds, sets, teacher=None, **kw):
+    alone = [train_model(local, fresh(cfg, s), *data, recipe, mean=MEAN, std=STD, seed=s, teacher=teacher)
+             for s, data in zip(seeds, sets)]
+    fused = train_fused(local, [fresh(cfg, s) for s in seeds], sets, recipe, mean=MEAN, std=STD, seeds=seeds,
+                        teacher=teacher, **kw)
+    return alone, fused
+
+
+def close(a, b, tol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        if sa[key].is_floating_point():
+            assert torch.allclose(sa[key], sb[key], rtol=tol, atol=tol), (key, (sa[key] - sb[key]).abs().max())
+        else:
+            assert torch.equal(sa[key], sb[key]), key        # BatchNorm's num_batches_tracked
+
+
+def predictions(model, images):
+    from ccfs_dist.augment import normalize
+    with torch.no_grad():
+        return model.eval()(normalize(images, MEAN, STD))
+
+
+@pytest.mark.parametrize("cfg,kd", [(CONVNET, False), (CONVNET, True), (RESNET, False), (RESNET, True)],
+                         ids=["convnet-ce", "convnet-kd", "resnet18-ce", "resnet18-kd"])
+def test_each_fused_model_trains_as_it_would_alone(local, cfg, kd):
+    """Three models (ResNet-18: two) on their sets (one also the set of another), 2 epochs (ResNet-18: 1) of 3
+    steps (the last batch wraps around), the lr schedule with warm-up: each fused model ends with the weights, BatchNorm statistics,
+    predictions and accuracy of its training alone, up to float summation order (ResNet-18 in float64:
+    Float64)."""
+    recipe = Recipe(epochs=1 if cfg is RESNET else 2, batch_size=8, lr=0.05, warmup_epochs=1)
+    sets = [tiny_set(1, n=20), tiny_set(2, n=20), tiny_set(1, n=20)][:2 if cfg is RESNET else 3]
+    seeds = [3, 4, 5][:len(sets)]
+    teacher = fresh(CONVNET, 99).eval() if kd else None
+    alone, fused = alone_and_fused(local, cfg, recipe, seeds, sets, teacher=teacher)
+    test_x, test_y = tiny_set(7, n=32)
+    tol = 1e-9 if cfg is RESNET else 2e-5
+    for (a, sa), (f, sf) in zip(alone, fused):
+        close(a, f, tol)
+        pa, pf = predictions(a, test_x), predictions(f, test_x)
+        assert torch.allclose(pa, pf, rtol=tol, atol=tol)
+        assert torch.equal(pa.argmax(1), pf.argmax(1))
+        assert (pa.argmax(1) == test_y).float().mean() == (pf.argmax(1) == test_y).float().mean()
+        assert sa["lrs"] == sf["lrs"] and sa["steps"] == sf["steps"] == 3 * recipe.epochs
+    # the models did train, and differently: a test that cannot fail otherwise
+    moved = [(f.state_dict()["classifier.weight" if cfg is CONVNET else "m.fc.weight"]) for f, _ in fused]
+    assert not torch.allclose(moved[0], moved[1])
+
+
+def test_fused_models_keep_their_own_seed_streams(local):
+    """Two fused models with the same initial weights on the same set but different seeds end apart (their own
+    order and augmentation); with the same seed they end equal (the stream depends on the seed alone, not on
+    the model's place in the group); and model 1 of a group equals a group of it alone."""
+    recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
+    data = tiny_set(1, n=16)
+    same_init = [fresh(CONVNET, 0) for _ in range(3)]
+    out = train_fused(local, same_init, [data] * 3, recipe, mean=MEAN, std=STD, seeds=[10, 11, 10])
+    w = [m.state_dict()["classifier.weight"] for m, _ in out]
+    assert not torch.allclose(w[0], w[1], atol=1e-4)
+    assert torch.allclose(w[0], w[2], atol=1e-6)
+    (single, _), = train_fused(local, [fresh(CONVNET, 0)], [data], recipe, mean=MEAN, std=STD, seeds=[11])
+    close(single, out[1][0], 2e-5)
+
+
+def test_hooks_see_each_model_and_its_rows(local):
+    """on_epoch_end gets each model's live weights; on_batch each model's own rows and logits."""
+    recipe = Recipe(epochs=2, batch_size=8, lr=0.05)
+    sets, seeds = [tiny_set(1, n=16), tiny_set(2, n=16)], [3, 4]
+    rows = [[], []]
+    ends = [[], []]
+    alone_rows = []
+    train_model(local, fresh(CONVNET, 4), *sets[1], recipe, mean=MEAN, std=STD, seed=4,
+                on_batch=lambda idx, logits: alone_rows.append(idx.clone()))
+    out = train_fused(local, [fresh(CONVNET, s) for s in seeds], sets, recipe, mean=MEAN, std=STD, seeds=seeds,
+                      on_batch=[lambda idx, lg, k=k: rows[k].append((idx.clone(), lg.shape)) for k in range(2)],
+                      on_epoch_end=[lambda e, m, k=k: ends[k].append((e, m.state_dict()["classifier.bias"].clone()))
+                                    for k in range(2)])
+    assert [torch.equal(a, b) for a, (b, _) in zip(alone_rows, rows[1])] == [True] * 4
+    assert all(shape == (8, 4) for _, shape in rows[0])
+    assert [e for e, _ in ends[0]] == [0, 1]
+    assert torch.equal(ends[1][-1][1], out[1][0].state_dict()["classifier.bias"])
+
+
+def test_a_killed_fused_training_resumes_to_the_same_result(local, tmp_path, monkeypatch):
+    """Killed after an epoch's states were saved (between two epochs, and in the middle of the group's write:
+    some `.next` files written, or some renamed), the group resumes to the uninterrupted result exactly; the
+    per-model states are train_model's format (an unfused training resumes from them to its result)."""
+    recipe = Recipe(epochs=3, batch_size=8, lr=0.05, checkpoint_every=1)
+    sets, seeds = [tiny_set(1, n=16), tiny_set(2, n=16)], [3, 4]
+    paths = [str(tmp_path / f"run{k}_state.pt") for k in range(2)]
+
+    def run(**kw):
+        return train_fused(local, [fresh(CONVNET, s) for s in seeds], sets, recipe, mean=MEAN, std=STD,
+                           seeds=seeds, checkpoints=paths, **kw)
+
+    whole = [m.state_dict() for m, _ in run()]
+    assert not any(os.path.exists(p) for p in paths)
+
+    class Kill(Exception):
+        pass
+
+    def kill_after(epoch):
+        def hook(e, model):
+            if e == epoch:
+                raise Kill
+        return [hook, None]
+
+    for interrupt in ("between", "written", "renamed"):
+        with pytest.raises(Kill):              # "renamed": epoch 1's states saved, else epoch 0's
+            run(on_epoch_end=kill_after(2 if interrupt == "renamed" else 1))
+        states = [torch.load(p, weights_only=True) for p in paths]
+        if interrupt == "written":             # epoch 1's group write cut short: model 0's .next alone
+            torch.save(dict(states[0], epoch=1), paths[0] + ".next")
+        if interrupt == "renamed":             # cut short after renaming model 0's: model 1's still .next
+            os.replace(paths[1], paths[1] + ".next")
+            torch.save(epoch0[1], paths[1])
+        else:
+            assert [s["epoch"] for s in states] == [0, 0]
+            epoch0 = states
+        resumed = [m.state_dict() for m, _ in run()]
+        for a, b in zip(whole, resumed):
+            assert all(torch.equal(a[key], b[key]) for key in a), interrupt
+        assert not any(os.path.exists(p) or os.path.exists(p + ".next") for p in paths)
+
+    with pytest.raises(Kill):
+        run(on_epoch_end=kill_after(1))
+    alone, _ = train_model(local, fresh(CONVNET, 4), *sets[1], recipe, mean=MEAN, std=STD, seed=4,
+                           checkpoint=paths[1])
+    close(alone, train_model(local, fresh(CONVNET, 4), *sets[1], recipe, mean=MEAN, std=STD, seed=4)[0], 2e-5)
+    os.remove(paths[0])
+    torch.save({"epoch": 0}, paths[1])
+    with pytest.raises(DataError, match="another grouping"):
+        run()
