@@ -184,3 +184,85 @@ def test_a_killed_fused_training_resumes_to_the_same_result(local, tmp_path, mon
     torch.save({"epoch": 0}, paths[1])
     with pytest.raises(DataError, match="another grouping"):
         run()
+
+
+# --------------------------------------------------------------------------- the plan's fused groups
+
+SIZES = {"n_train": 1437, "num_classes": 10, "class_size": 143.7}
+
+
+def placed(stages):
+    return [job for s in stages for jobs in [s.split, *s.local] for job in jobs]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_plan_fuses_evaluation_runs_by_the_config_alone(world):
+    """plan.fuse=2: every evaluation run is in exactly one job; the groups (CCFS's among themselves, the
+    baselines' across sets, one regime each, at most 2) are the same with any process count; fuse=1 and an
+    fp16 run fuse nothing."""
+    from ccfs_dist.config import load_config
+    from ccfs_dist.plan import make_plan
+    cfg = load_config(None, ["plan.fuse=2", "eval.labels=both"])
+    jobs = placed(make_plan(cfg, world, **SIZES))
+    groups = sorted(job.name for job in jobs if job.kind == "fused")
+    assert groups == sorted(job.name for job in placed(make_plan(cfg, 1, **SIZES)) if job.kind == "fused")
+    assert "fused[eval ccfs 0, eval ccfs 1]" in groups and "fused[eval distilled+random 2, eval random 0]" in groups
+    assert "fused[eval ccfs 0 hard, eval ccfs 1 hard]" in groups and len(groups) == 8
+    runs = [m for job in jobs for m in (job.key if job.kind == "fused" else [job]) if m.kind == "eval"]
+    assert sorted(m.name for m in runs) == sorted({m.name for m in runs}) and len(runs) == 18
+    for job in jobs:
+        if job.kind == "fused":
+            members = job.key
+            assert 2 == len(members) and len({m.key[2:] for m in members}) == 1
+            assert len({m.key[0] == "ccfs" for m in members}) == 1
+            assert job.cost == sum(m.cost for m in members)
+    for off in (["plan.fuse=1"], ["plan.fuse=2", "train.mixed_precision=fp16"]):
+        assert not [j for j in placed(make_plan(load_config(None, off), world, **SIZES)) if j.kind == "fused"]
+
+
+def test_a_fused_group_is_done_only_when_all_its_runs_are(tmp_path):
+    """Resume: a group with one run's JSON written trains again whole (its floats depend on the group)."""
+    from ccfs_dist.jobs import done
+    from ccfs_dist.plan import Job
+
+    class Run:
+        def eval_run(self, name, r, state=False, regime="kd"):
+            return str(tmp_path / f"{name}_run{r}.json")
+
+        def done(self, path):
+            return os.path.exists(path)
+
+    group = Job("fused", (Job("eval", ("ccfs", 0), 1.0), Job("eval", ("ccfs", 1), 1.0)), 2.0)
+    open(tmp_path / "ccfs_run0.json", "w").close()
+    assert done(Run(), {}, group.key[0]) and not done(Run(), {}, group)
+    open(tmp_path / "ccfs_run1.json", "w").close()
+    assert done(Run(), {}, group)
+
+
+# --------------------------------------------------------------------------- 1 and 2 processes: the same bytes
+
+FUSED_RUN = ["data.source=digits", "teacher.epochs=3", "distill.iterations=10", "ccfs.ipc=6", "ccfs.alpha=0.34",
+             "ccfs.phases=2", "train.epochs=3", "eval.runs=2", "model.width=8", "plan.fuse=3"]
+
+
+def test_fused_evaluations_are_byte_identical_with_one_and_two_processes(tmp_path):
+    """plan.fuse=3 on a tiny run: CCFS's 2 runs fused, the baselines' (distilled+random 0, 1, random 0) fused,
+    random 1 alone; 1 process and 2 processes write the same evaluation bytes, and no state file is left."""
+    import subprocess
+    import sys
+    from conftest import ROOT, accelerate_launch
+    script = os.path.join(ROOT, "launch", "ccfs.py")
+    one = subprocess.run([sys.executable, script, "--out", str(tmp_path / "one"), *FUSED_RUN], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch([script, "--out", str(tmp_path / "two"), *FUSED_RUN], processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    plan = [line for line in one.stdout.splitlines() if "plan:" in line]
+    assert any("fused[eval ccfs 0, eval ccfs 1]" in line for line in plan), plan
+    assert any("fused[eval distilled+random 0, eval distilled+random 1, eval random 0]" in line for line in plan)
+    names = sorted(p.name for p in (tmp_path / "one" / "eval").iterdir())
+    assert names == sorted(f"{s}_run{r}.json" for s in ("ccfs", "distilled_random", "random") for r in (0, 1)), names
+    for name in names + ["../eval_ccfs.json", "../eval_random.json"]:
+        assert (tmp_path / "one" / "eval" / name).read_bytes() == (tmp_path / "two" / "eval" / name).read_bytes(), name
+    assert not [p for p in tmp_path.rglob("*_state.pt*")]
