@@ -6,7 +6,7 @@ the run directory, atomically, last of all; a job whose artifact exists is skipp
     score_run r    scores_runs/run<r>.npz  (the run's per-sample forgetting, loss, el2n)
     filter j       phase_<j>/filter.pt, phase_<j>/steps.json
     eval set r     eval/<set>_run<r>.json       (KD; hard labels: eval/<set>_hard_run<r>.json)
-    fused [...]    each of its evaluation runs' JSON (plan.fuse: one fused training of them all)
+    fused [...]    each of its runs' artifact (evaluation or score runs; plan.fuse: one fused training)
 
 Trainings keep their mid-training state in <artifact stem>_state.pt (train.checkpoint_every), which
 loads on any rank, so a resumed run continues a killed training wherever the new plan puts it.
@@ -18,7 +18,7 @@ from . import io, seeds
 from .dist import Local, main_says, wait_for_all
 from .evaluate import evaluate_fused, evaluate_in_regime, regime_of
 from .models import build_model, load_checkpoint, state_dict_of
-from .scores import DYNAMICS, dynamics_run
+from .scores import DYNAMICS, dynamics_run, dynamics_runs_fused
 from .stream_train import stream_options, train_stream
 from .train import Recipe, train_model
 
@@ -87,6 +87,16 @@ def train_score_run(acc, run, cfg, data, r):
     result, info = dynamics_run(acc, cfg, data, r, checkpoint=run.score_run(r, state=True))
     if acc.is_main_process:
         io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
+
+
+def train_score_group(acc, run, cfg, data, members):
+    """The score runs `members` (plan.fused_groups) as one fused training: each run's scores_runs/run<r>.npz."""
+    rs = [job.key[0] for job in members]
+    results = dynamics_runs_fused(acc, cfg, data, rs, checkpoints=[run.score_run(r, state=True) for r in rs])
+    if acc.is_main_process:
+        for r, (result, info) in zip(rs, results):
+            if not run.done(run.score_run(r)):
+                io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
 
 
 def score_runs(run, cfg):
@@ -175,7 +185,8 @@ class Trainings:
         """The teacher (unless given) and the training-dynamics score runs (ccfs.difficulty forgetting etc.)."""
         run, cfg, data = self.run, self.cfg, self.data
         run_stage(run, cfg, self.start, {"teacher": lambda acc: train_teacher(acc, run, cfg, data),
-                                         "score_run": lambda acc, r: train_score_run(acc, run, cfg, data, r)})
+                                         "score_run": lambda acc, r: train_score_run(acc, run, cfg, data, r),
+                                         "fused": lambda acc, *runs: train_score_group(acc, run, cfg, data, runs)})
 
     def filter(self, j, *, on, teacher, baselines):
         """filter_j trained on S_{j-1} (`on`) with KD from `teacher`; the plan's phase-j stage may also hold

@@ -19,7 +19,8 @@ Every training is seeded by seeds.py and writes its own artifact, so where it ru
 the wall time, and a resumed run (with any process count) skips the trainings whose artifacts exist.
 
 With plan.fuse K > 1 the evaluation runs of one regime are cut, in order, into fused groups of up to K
-(fused.py: one training of K models): the CCFS set's among themselves, the baselines' across their sets.
+(fused.py: one training of K models): the CCFS set's among themselves, the baselines' across their sets;
+so are the difficulty-score runs of an in-memory pool.
 The groups depend on the config alone (a fused model's floats differ from its training alone), never on
 the process count; a group is dealt, and skipped on resume, as one job (finished when all its models are).
 Split evaluation runs, and recipes fused.py cannot fuse (fp16, compile, channels_last), are not fused.
@@ -93,9 +94,10 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
                          streamed or split_training(te.batch_size, world, minimum)))
     if c["difficulty"] in DYNAMICS:
         s = Recipe.for_scores(cfg)
-        for r in range(cfg["scores"]["runs"]):
-            start.append(Job("score_run", (r,), training_cost(n_train, s.epochs, s.batch_size, False),
-                             streamed or split_training(s.batch_size, world, minimum)))
+        runs = [Job("score_run", (r,), training_cost(n_train, s.epochs, s.batch_size, False),
+                    streamed or split_training(s.batch_size, world, minimum)) for r in range(cfg["scores"]["runs"])]
+        in_memory = cfg["data"]["source"] != "webdataset"           # fused.py trains a set held in memory
+        start += fused_groups(runs, cfg["plan"]["fuse"] if in_memory and fusable(s, t["mixed_precision"]) else 1)
     _deal(stages[0], start)
 
     budgets = run_budgets(c)
@@ -134,8 +136,9 @@ def eval_jobs(cfg, world, *, num_classes, class_size):
 
 
 def fused_groups(jobs, fuse):
-    """`jobs` with each regime's whole ones cut, in order, into fused jobs of up to `fuse` (a group of one
-    stays the job itself); split jobs stay as they are. The cost of a group is its jobs' sum."""
+    """`jobs` (evaluation runs, or score runs) with each regime's whole ones cut, in order, into fused jobs of
+    up to `fuse` (a group of one stays the job itself); split jobs stay as they are. The cost of a group is
+    its jobs' sum."""
     out, regime_groups = [], {}
     for job in jobs:
         if job.split or fuse == 1:

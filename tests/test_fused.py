@@ -4,6 +4,7 @@ with and without KD, for ConvNet (BatchNorm) and ResNet-18, on tiny images; each
 the group's state files at every kill point."""
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -218,6 +219,9 @@ def test_the_plan_fuses_evaluation_runs_by_the_config_alone(world):
             assert job.cost == sum(m.cost for m in members)
     for off in (["plan.fuse=1"], ["plan.fuse=2", "train.mixed_precision=fp16"]):
         assert not [j for j in placed(make_plan(load_config(None, off), world, **SIZES)) if j.kind == "fused"]
+    scores = ["plan.fuse=2", "ccfs.difficulty=forgetting", "eval.baselines=false", "eval.runs=1"]
+    start = make_plan(load_config(None, scores), world, **SIZES)[0]
+    assert sorted(j.name for j in placed([start])) == ["fused[score_run 0, score_run 1]", "score_run 2", "teacher"]
 
 
 def test_a_fused_group_is_done_only_when_all_its_runs_are(tmp_path):
@@ -266,3 +270,21 @@ def test_fused_evaluations_are_byte_identical_with_one_and_two_processes(tmp_pat
     for name in names + ["../eval_ccfs.json", "../eval_random.json"]:
         assert (tmp_path / "one" / "eval" / name).read_bytes() == (tmp_path / "two" / "eval" / name).read_bytes(), name
     assert not [p for p in tmp_path.rglob("*_state.pt*")]
+
+
+def test_fused_score_runs_give_the_dynamics_of_the_runs_alone(local):
+    """Two forgetting / loss / EL2N score runs fused (scores.dynamics_runs_fused) against scores.dynamics_run
+    of each alone, on the digits pool: the same forgetting counts and learned samples, loss and EL2N to float
+    tolerance."""
+    from ccfs_dist.config import load_config
+    from ccfs_dist.scores import dynamics_run, dynamics_runs_fused
+    from ccfs_dist.sources import load_real
+    cfg = load_config(None, ["scores.epochs=3", "scores.batch_size=256", "model.width=8", "model.depth=2"])
+    data = load_real(cfg["data"])
+    alone = [dynamics_run(local, cfg, data, r) for r in (0, 1)]
+    fused = dynamics_runs_fused(local, cfg, data, [0, 1], checkpoints=None)
+    for (a, ai), (f, fi) in zip(alone, fused):
+        assert np.array_equal(a["forgetting"], f["forgetting"]) and ai["accuracy"] == fi["accuracy"]
+        assert np.allclose(a["loss"], f["loss"], rtol=1e-4, atol=1e-5)
+        assert np.allclose(a["el2n"], f["el2n"], rtol=1e-4, atol=1e-5)
+    assert not np.array_equal(fused[0][0]["loss"], fused[1][0]["loss"])
