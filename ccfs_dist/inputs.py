@@ -6,8 +6,8 @@ it; and, once the run starts, what it will make itself because an input was not 
 """
 import os
 
-from .data import WHERE_TO_GET
 from .errors import DataError
+from .memory import WHERE_TO_GET
 
 
 def _given(cfg):

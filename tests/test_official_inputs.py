@@ -10,7 +10,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from ccfs_dist.data import load_distilled
+from ccfs_dist.distilled import load_distilled
 from ccfs_dist.models import build_model, load_checkpoint
 
 
