@@ -3,7 +3,7 @@
 after another, and the default run with plan.fuse=1 against the default.
 
     PYTHONPATH=. python launch/bench_fused.py [--models convnet resnet18] [--ks 1 2 4 8] [--batches 32 64]
-                                             [--losses ce kd] [--size 32] [--steps 6] [--run] [--json OUT]
+                                             [--losses ce kd] [--size 32] [--steps 6] [--run [--run-fuse 3]] [--json OUT]
 
 Shapes: for each model (ConvNet-D3 width 32 BatchNorm, the CIFAR ResNet-18), batch, loss (cross-entropy, or
 KD from a teacher of the same architecture) and K: fused.train_fused of K fresh models on K random uint8
@@ -13,9 +13,8 @@ up each shape. images/s counts every model's images; speedup = fused / sequentia
 --steps small; the figure is the median of --repeats paired measurements (fused then sequential).
 
 --run: the default run (`ccfs run` with the default config into a temporary folder, in this process,
-1 process) with plan.fuse=1, then with the default plan.fuse, back to back; prints the wall time of the
-whole command and of its training stages (the sum of the trainings' `seconds` from the run's log-free
-artifacts: teacher.json, phase_<j>/steps.json, and the evaluation stage's time from the `eval` progress).
+1 process) with plan.fuse=1, then with each of --run-fuse, back to back; prints the wall time of the whole
+command and of its training stages (summary.json's wall_seconds, all but the distillation).
 """
 import argparse
 import json
@@ -72,23 +71,23 @@ def shape_rates(model_name, batch, loss, ks, size, steps, repeats):
 
 
 def default_run(fuse, overrides):
-    """Wall time of `ccfs run` (default config) and its trainings' seconds, with plan.fuse=`fuse` (None: default)."""
-    import glob
+    """`ccfs run` of the default config (plus `overrides`) into a temporary folder, in this process, with
+    plan.fuse=`fuse`: the whole command's wall time, the run's per-stage wall_seconds (summary.json) and the
+    sum of those that train (teacher + scores, the phases with their baseline evaluations, the evaluation)."""
     import os
     import tempfile
-    from ccfs_dist.cli import main
+    from ccfs_dist.cli import main as ccfs
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run")
-        args = ["run", "--out", out, "progress=off", *overrides] + ([f"plan.fuse={fuse}"] if fuse else [])
         t = time.perf_counter()
-        assert main(args) == 0
+        code = ccfs(["run", "--out", out, "--progress", "off", *overrides, f"plan.fuse={fuse}"])
         wall = time.perf_counter() - t
-        timing = json.load(open(os.path.join(out, "timing.json"))) if os.path.exists(
-            os.path.join(out, "timing.json")) else {}
+        assert code == 0, f"the run failed ({code})"
         summary = json.load(open(os.path.join(out, "summary.json")))
-        evals = sorted(glob.glob(os.path.join(out, "eval", "*.json")))
-        return {"fuse": fuse or "default", "wall_s": round(wall, 1), "timing": timing,
-                "evaluation": summary.get("evaluation"), "eval_files": len(evals)}
+    stages = summary["wall_seconds"]
+    training = sum(v for k, v in stages.items() if k != "distill")
+    return {"fuse": fuse, "wall_s": round(wall, 1), "training_stages_s": round(training, 1), "stages": stages,
+            "ccfs_final": summary["evaluation"]["ccfs"]["final"]}
 
 
 def main():
@@ -102,6 +101,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--run", action="store_true", help="also the default run, plan.fuse=1 against the default")
+    p.add_argument("--run-fuse", nargs="+", type=int, default=[3], help="plan.fuse values to compare with 1")
+    p.add_argument("--run-overrides", nargs="*", default=[], help="config overrides of the compared runs")
     p.add_argument("--skip-shapes", action="store_true")
     p.add_argument("--json")
     args = p.parse_args()
@@ -115,9 +116,9 @@ def main():
                     rows += shape_rates(model, batch, loss, args.ks, args.size, args.steps, args.repeats)
     runs = []
     if args.run:
-        for fuse in (1, None):
-            runs.append(default_run(fuse, []))
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "evaluation"}), flush=True)
+        for fuse in [1, *args.run_fuse]:
+            runs.append(default_run(fuse, args.run_overrides))
+            print(json.dumps(runs[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shapes": rows, "runs": runs}, f, indent=1)
