@@ -5,7 +5,7 @@ after another, and the default run with plan.fuse=1 against the default.
     PYTHONPATH=. python launch/bench_fused.py [--models convnet resnet18] [--ks 1 2 4 8] [--batches 32 64]
                                              [--losses ce kd] [--size 32] [--steps 6] [--run [--run-fuse 3]] [--json OUT]
 
-Shapes: for each model (ConvNet-D3 width 32 BatchNorm, the CIFAR ResNet-18), batch, loss (cross-entropy, or
+Shapes: for each model (ConvNet-D3 width --width, BatchNorm; the CIFAR ResNet-18), batch, loss (cross-entropy, or
 KD from a teacher of the same architecture) and K: fused.train_fused of K fresh models on K random uint8
 sets of `--size` px (1 epoch of --steps steps each), against train.train_model of the same K models one
 after another (the engine's paths, augmentation included). An untimed fused and sequential training warms
@@ -22,7 +22,7 @@ import statistics
 import time
 
 
-def shape_rates(model_name, batch, loss, ks, size, steps, repeats):
+def shape_rates(model_name, batch, loss, ks, size, steps, repeats, width=32):
     import torch
     from ccfs_dist.dist import Local, make_accelerator
     from ccfs_dist.fused import train_fused
@@ -31,7 +31,7 @@ def shape_rates(model_name, batch, loss, ks, size, steps, repeats):
     from ccfs_dist.train import Recipe, train_model
     set_mode("off")
     local = Local(make_accelerator())
-    cfg = {"name": model_name, "width": 32, "depth": 3, "norm": "batchnorm"}
+    cfg = {"name": model_name, "width": width, "depth": 3, "norm": "batchnorm"}
     classes, n = 10, steps * batch
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     teacher = build_model(cfg, classes, 3, size).eval() if loss == "kd" else None
@@ -63,7 +63,7 @@ def shape_rates(model_name, batch, loss, ks, size, steps, repeats):
         f = statistics.median(p[0] for p in pairs)
         s = statistics.median(p[1] for p in pairs)
         ratio = statistics.median(p[0] / p[1] for p in pairs)
-        rows.append({"model": model_name, "batch": batch, "loss": loss, "k": k, "fused_img_s": round(f, 1),
+        rows.append({"model": model_name, "size": size, "batch": batch, "loss": loss, "k": k, "fused_img_s": round(f, 1),
                      "sequential_img_s": round(s, 1), "speedup": round(ratio, 2)})
         print(f"{model_name:9s} b{batch:<3d} {loss} K={k}: fused {f:8.1f} img/s, sequential {s:8.1f} img/s, "
               f"speedup {ratio:.2f}", flush=True)
@@ -97,6 +97,7 @@ def main():
     p.add_argument("--batches", nargs="+", type=int, default=[32, 64])
     p.add_argument("--losses", nargs="+", default=["ce", "kd"])
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--width", type=int, default=32, help="ConvNet width (the demo's: 8)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
@@ -113,7 +114,7 @@ def main():
         for model in args.models:
             for batch in args.batches:
                 for loss in args.losses:
-                    rows += shape_rates(model, batch, loss, args.ks, args.size, args.steps, args.repeats)
+                    rows += shape_rates(model, batch, loss, args.ks, args.size, args.steps, args.repeats, args.width)
     runs = []
     if args.run:
         for fuse in [1, *args.run_fuse]:
