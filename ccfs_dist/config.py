@@ -144,10 +144,11 @@ DEFAULTS = {
                                    # (the filters follow train.kd); docs/pipeline.md
     },
     "plan": {                      # where and how the trainings run (plan.py)
-        "fuse": 1,                 # train up to this many evaluation models of one recipe as one fused step
+        "fuse": 1,                 # train up to this many evaluation models (or score runs) as one fused step
                                    # (fused.py; 1: each alone). Pays where a step is bound by per-operation
-                                   # overhead (small models and batches on a GPU); on the CPU it is slower
-                                   # (BENCHMARKS.md). Models match their trainings alone up to float order
+                                   # overhead (tiny models and batches; small trainings on a GPU); at the 32 px
+                                   # shapes on the CPU it is slower (BENCHMARKS.md). Models match their
+                                   # trainings alone up to float order
     },
 }
 
