@@ -147,7 +147,7 @@ def _save(paths, states):
 
 
 def _per_model(value, count):
-    """Hook k of `value`: None, or a list of K hooks / objects."""
+    """One value per model: K Nones for None, else the K given (hooks, state objects)."""
     if value is None:
         return [None] * count
     if len(value) != count:

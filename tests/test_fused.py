@@ -78,12 +78,13 @@ def predictions(model, images):
 @pytest.mark.parametrize("cfg,kd", [(CONVNET, False), (CONVNET, True), (RESNET, False), (RESNET, True)],
                          ids=["convnet-ce", "convnet-kd", "resnet18-ce", "resnet18-kd"])
 def test_each_fused_model_trains_as_it_would_alone(local, cfg, kd):
-    """Three models (ResNet-18: two) on their sets (one also the set of another), 2 epochs (ResNet-18: 1) of 3
-    steps (the last batch wraps around), the lr schedule with warm-up: each fused model ends with the weights, BatchNorm statistics,
+    """Three models (ResNet-18: two) on their sets (one also the set of another), 2 epochs of 3 steps
+    (ResNet-18: 1 of 2; the last batch wraps around), the lr schedule with warm-up: each fused model ends with the weights, BatchNorm statistics,
     predictions and accuracy of its training alone, up to float summation order (ResNet-18 in float64:
     Float64)."""
     recipe = Recipe(epochs=1 if cfg is RESNET else 2, batch_size=8, lr=0.05, warmup_epochs=1)
-    sets = [tiny_set(1, n=20), tiny_set(2, n=20), tiny_set(1, n=20)][:2 if cfg is RESNET else 3]
+    n = 12 if cfg is RESNET else 20                     # 2 or 3 steps an epoch, the last wrapping around
+    sets = [tiny_set(1, n=n), tiny_set(2, n=n), tiny_set(1, n=n)][:2 if cfg is RESNET else 3]
     seeds = [3, 4, 5][:len(sets)]
     teacher = fresh(CONVNET, 99).eval() if kd else None
     alone, fused = alone_and_fused(local, cfg, recipe, seeds, sets, teacher=teacher)
@@ -95,7 +96,7 @@ def test_each_fused_model_trains_as_it_would_alone(local, cfg, kd):
         assert torch.allclose(pa, pf, rtol=tol, atol=tol)
         assert torch.equal(pa.argmax(1), pf.argmax(1))
         assert (pa.argmax(1) == test_y).float().mean() == (pf.argmax(1) == test_y).float().mean()
-        assert sa["lrs"] == sf["lrs"] and sa["steps"] == sf["steps"] == 3 * recipe.epochs
+        assert sa["lrs"] == sf["lrs"] and sa["steps"] == sf["steps"] == -(-n // 8) * recipe.epochs
     # the models did train, and differently: a test that cannot fail otherwise
     moved = [(f.state_dict()["classifier.weight" if cfg is CONVNET else "m.fc.weight"]) for f, _ in fused]
     assert not torch.allclose(moved[0], moved[1])
@@ -246,12 +247,14 @@ def test_a_fused_group_is_done_only_when_all_its_runs_are(tmp_path):
 # --------------------------------------------------------------------------- 1 and 2 processes: the same bytes
 
 FUSED_RUN = ["data.source=digits", "teacher.epochs=3", "distill.iterations=10", "ccfs.ipc=6", "ccfs.alpha=0.34",
-             "ccfs.phases=2", "train.epochs=3", "eval.runs=2", "model.width=8", "plan.fuse=3"]
+             "ccfs.phases=2", "train.epochs=3", "eval.runs=2", "model.width=8", "plan.fuse=3",
+             "scores.runs=2", "scores.epochs=2"]
 
 
 def test_fused_evaluations_are_byte_identical_with_one_and_two_processes(tmp_path):
-    """plan.fuse=3 on a tiny run: CCFS's 2 runs fused, the baselines' (distilled+random 0, 1, random 0) fused,
-    random 1 alone; 1 process and 2 processes write the same evaluation bytes, and no state file is left."""
+    """plan.fuse=3 on a tiny run (configs/default.yaml: forgetting scores): the 2 score runs fused, CCFS's 2
+    evaluation runs fused, the baselines' (distilled+random 0, 1, random 0) fused, random 1 alone; 1 process
+    and 2 processes write the same score-run and evaluation bytes, and no state file is left."""
     import subprocess
     import sys
     from conftest import ROOT, accelerate_launch
@@ -265,6 +268,11 @@ def test_fused_evaluations_are_byte_identical_with_one_and_two_processes(tmp_pat
     plan = [line for line in one.stdout.splitlines() if "plan:" in line]
     assert any("fused[eval ccfs 0, eval ccfs 1]" in line for line in plan), plan
     assert any("fused[eval distilled+random 0, eval distilled+random 1, eval random 0]" in line for line in plan)
+    assert any("fused[score_run 0, score_run 1]" in line for line in plan), plan
+    for name in ("run0.npz", "run1.npz"):         # the same scores (info[0], the run's seconds, differs)
+        one_run, two_run = (np.load(tmp_path / side / "scores_runs" / name) for side in ("one", "two"))
+        assert all(np.array_equal(one_run[key], two_run[key]) for key in ("forgetting", "loss", "el2n")), name
+        assert one_run["info"][1] == two_run["info"][1]
     names = sorted(p.name for p in (tmp_path / "one" / "eval").iterdir())
     assert names == sorted(f"{s}_run{r}.json" for s in ("ccfs", "distilled_random", "random") for r in (0, 1)), names
     for name in names + ["../eval_ccfs.json", "../eval_random.json"]:
