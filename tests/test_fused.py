@@ -172,7 +172,9 @@ def test_a_killed_fused_training_resumes_to_the_same_result(local, tmp_path, mon
         else:
             assert [s["epoch"] for s in states] == [0, 0]
             epoch0 = states
-        resumed = [m.state_dict() for m, _ in run()]
+        out = run()
+        assert [len(stats["lrs"]) for _, stats in out] == [1 if interrupt == "renamed" else 2] * 2   # resumed
+        resumed = [m.state_dict() for m, _ in out]
         for a, b in zip(whole, resumed):
             assert all(torch.equal(a[key], b[key]) for key in a), interrupt
         assert not any(os.path.exists(p) or os.path.exists(p + ".next") for p in paths)
@@ -247,14 +249,16 @@ def test_a_fused_group_is_done_only_when_all_its_runs_are(tmp_path):
 # --------------------------------------------------------------------------- 1 and 2 processes: the same bytes
 
 FUSED_RUN = ["data.source=digits", "teacher.epochs=3", "distill.iterations=10", "ccfs.ipc=6", "ccfs.alpha=0.34",
-             "ccfs.phases=2", "train.epochs=3", "eval.runs=2", "model.width=8", "plan.fuse=3",
-             "scores.runs=2", "scores.epochs=2"]
+             "ccfs.phases=2", "train.epochs=6", "train.checkpoint_every=2", "eval.runs=2", "model.width=8",
+             "plan.fuse=3", "scores.runs=2", "scores.epochs=2"]
 
 
-def test_fused_evaluations_are_byte_identical_with_one_and_two_processes(tmp_path):
+def test_fused_runs_are_byte_identical_with_one_and_two_processes_and_after_a_kill(tmp_path):
     """plan.fuse=3 on a tiny run (configs/default.yaml: forgetting scores): the 2 score runs fused, CCFS's 2
     evaluation runs fused, the baselines' (distilled+random 0, 1, random 0) fused, random 1 alone; 1 process
-    and 2 processes write the same score-run and evaluation bytes, and no state file is left."""
+    and 2 processes write the same score-run and evaluation bytes, and no state file is left. A 1-process run
+    SIGKILLed in the 4th epoch of the fused CCFS evaluations (their states of epoch 2 saved) and resumed with
+    2 processes writes the same bytes too."""
     import subprocess
     import sys
     from conftest import ROOT, accelerate_launch
@@ -275,8 +279,19 @@ def test_fused_evaluations_are_byte_identical_with_one_and_two_processes(tmp_pat
         assert one_run["info"][1] == two_run["info"][1]
     names = sorted(p.name for p in (tmp_path / "one" / "eval").iterdir())
     assert names == sorted(f"{s}_run{r}.json" for s in ("ccfs", "distilled_random", "random") for r in (0, 1)), names
+    killed = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "kill_worker.py"), "fused",
+                             "--out", str(tmp_path / "killed"), *FUSED_RUN], cwd=ROOT, env=dict(
+                                 os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode != 0
+    states = sorted(p.name for p in (tmp_path / "killed" / "eval").glob("*_state.pt"))
+    assert states == ["ccfs_run0_state.pt", "ccfs_run1_state.pt"], states
+    resumed = accelerate_launch([script, "--out", str(tmp_path / "killed"), "--resume", *FUSED_RUN], processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in names + ["../eval_ccfs.json", "../eval_random.json"]:
-        assert (tmp_path / "one" / "eval" / name).read_bytes() == (tmp_path / "two" / "eval" / name).read_bytes(), name
+        for other in ("two", "killed"):
+            assert (tmp_path / "one" / "eval" / name).read_bytes() == (tmp_path / other / "eval" / name).read_bytes(), \
+                (other, name)
     assert not [p for p in tmp_path.rglob("*_state.pt*")]
 
 
