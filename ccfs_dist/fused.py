@@ -155,6 +155,13 @@ def _per_model(value, count):
     return list(value)
 
 
+def _moved(moved, x, device):
+    """`x` (a tensor, or a numpy array such as a shared set's memmap: copied) on `device`, once per object."""
+    if id(x) not in moved:
+        moved[id(x)] = (torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x).to(device)
+    return moved[id(x)]
+
+
 def train_fused(accelerator, models, sets, recipe, *, mean, std, seeds, teacher=None, desc="fused",
                 on_epoch_end=None, on_batch=None, checkpoints=None, extra_states=None):
     """Train the K `models` (one architecture) in place, model k on `sets[k]` = (uint8 images N,C,H,W as a
@@ -175,9 +182,9 @@ def train_fused(accelerator, models, sets, recipe, *, mean, std, seeds, teacher=
     steps_per_epoch = steps.pop()
     hooks, batch_hooks = _per_model(on_epoch_end, count), _per_model(on_batch, count)
     extras, paths = _per_model(extra_states, count), checkpoints
-    images = [torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x for x, _ in sets]   # a copy: small
-    images = [x.to(device) for x in images]
-    labels = [y.to(device) for _, y in sets]
+    moved = {}                                # a set given for several models is moved once
+    images = [_moved(moved, x, device) for x, _ in sets]
+    labels = [_moved(moved, y, device) for _, y in sets]
     augment = Augment(mean, std, images[0].shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
                       padding=r.padding)
     height, width = images[0].shape[2], images[0].shape[3]

@@ -311,3 +311,15 @@ def test_fused_score_runs_give_the_dynamics_of_the_runs_alone(local):
         assert np.allclose(a["loss"], f["loss"], rtol=1e-4, atol=1e-5)
         assert np.allclose(a["el2n"], f["el2n"], rtol=1e-4, atol=1e-5)
     assert not np.array_equal(fused[0][0]["loss"], fused[1][0]["loss"])
+
+
+def test_a_set_held_in_a_shared_file_trains_as_a_resident_one(local, tmp_path):
+    """train.synthetic=shared hands a set as a read-only numpy memmap: the same result as the tensor."""
+    recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
+    images, labels = tiny_set(1, n=16)
+    np.save(tmp_path / "set.npy", images.numpy())
+    mapped = np.load(tmp_path / "set.npy", mmap_mode="r")
+    resident, shared = (train_fused(local, [fresh(CONVNET, s) for s in (3, 4)], [(x, labels)] * 2, recipe, mean=MEAN,
+                                    std=STD, seeds=[3, 4]) for x in (images, mapped))
+    for (a, _), (b, _) in zip(resident, shared):
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
