@@ -120,7 +120,7 @@ def cmd_shards(args):
     from .sources import input_paths
     check_outputs([("--out", args.out)], input_paths(cfg, checkpoints=False))
     check_writable_folder(args.out, "--out")
-    from .shards import write_shards
+    from .shard_writer import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
         index = write_shards(cfg["data"], args.out, split=split, per_shard=args.per_shard,
                              overwrite=args.overwrite, workers=args.workers, resize=args.resize,
@@ -132,7 +132,7 @@ def cmd_shards(args):
 
 def verify_shards(args, cfg):
     """`ccfs shards --verify`: read the shards of --out's index(es) whole and check them against the index."""
-    from .shards import verify_shards as verify
+    from .shard_reader import verify_shards as verify
     splits = [args.split] if args.split else [s for s in ("train", "test")
                                              if os.path.exists(os.path.join(args.out, s + ".json"))]
     if not splits:

@@ -143,6 +143,13 @@ DEFAULTS = {
                                    # protocol), by cross-entropy on the true labels, or each set in both regimes
                                    # (the filters follow train.kd); docs/pipeline.md
     },
+    "plan": {                      # where and how the trainings run (plan.py)
+        "fuse": 1,                 # train up to this many evaluation models (or score runs) as one fused step
+                                   # (fused.py; 1: each alone). Pays where a step is bound by per-operation
+                                   # overhead (tiny models and batches; small trainings on a GPU); at the 32 px
+                                   # shapes on the CPU it is slower (BENCHMARKS.md). Models match their
+                                   # trainings alone up to float order
+    },
 }
 
 # keys whose default is None but that take a value of this type when set
@@ -243,6 +250,7 @@ RANGES = {
     "stream.interleave": Range(1, 4096),
     "eval.runs": AT_LEAST_1,
     "eval.best_after": Range(0, 1, hi_open=True),
+    "plan.fuse": Range(1, 64),
 }
 
 CHOICES = {

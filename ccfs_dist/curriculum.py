@@ -24,7 +24,7 @@ import torch
 
 from . import inputs, io, seeds
 from . import synthetic as held
-from .data import load_distilled, write_image_folder
+from .distilled import load_distilled, write_image_folder
 from .sources import input_paths, load_real
 from .difficulty import load_score_file, to_hardness
 from .dist import dealt, gather_rows

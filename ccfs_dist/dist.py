@@ -111,7 +111,7 @@ def tune_malloc():
     settles at exactly the size of the recurring buffers), so every batch page-faults them in again and
     a CPU scoring pass spends much of its time in the kernel (figures: BENCHMARKS.md, "The allocator").
     The price: blocks up to 64 MB now share the heap with small long-lived ones, which can fragment it
-    (predict.predict preallocates its records for this reason). Loader workers (shards.py) apply it too when
+    (predict.predict preallocates its records for this reason). Loader workers (shard_loader.py) apply it too when
     their rank did.
     CCFS_MALLOC_TUNING=0 keeps glibc's defaults. Returns True when the tuning is in effect.
     """

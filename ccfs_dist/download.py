@@ -2,6 +2,9 @@
 
     ensure(source, root) -> root        (a no-op where the extracted folder is already there)
 
+`root` is data.root: the folder that holds (or will hold) the release folder, or the release folder itself
+(`data/cifar-10-batches-py`, as the paper configs name it), which is then filled through its parent.
+
 The archive is streamed to a temporary file beside its final place while its MD5 (the digest the CIFAR
 page and torchvision publish) is computed; a wrong digest or a short read deletes it and fails with one
 `error:` line. Extraction accepts only regular files under the archive's one folder (no links, devices,
@@ -45,6 +48,11 @@ def ensure(source, root):
         raise ConfigError(f"data.download applies to cifar10 and cifar100, not data.source={source!r} "
                           f"(see docs/data.md for where to get it)")
     archive = ARCHIVES[source]
+    if os.path.basename(os.path.normpath(root)) == archive.folder:
+        # data.root names the release folder itself (as the paper configs do): the archive holds that folder,
+        # so it is extracted into the parent, and a folder already there (unpacked by hand) is used as it is
+        ensure(source, os.path.dirname(os.path.normpath(root)) or ".")
+        return root
     if os.path.isdir(os.path.join(root, archive.folder)):
         return root
     if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):

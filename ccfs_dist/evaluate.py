@@ -11,6 +11,7 @@ regime's carry "hard" (`regime_suffix`), so the two can never be mixed up.
 import numpy as np
 import torch
 
+from .fused import train_fused
 from .models import build_model
 from .predict import accuracy
 from .rundir import regime_suffix
@@ -27,19 +28,47 @@ def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teache
     is selected on the test set, so it is labelled as such wherever it is shown. (After a mid-training
     resume, over the epochs trained since, and always including the final epoch.)
     """
+    seen, track = _tracker(accelerator, data, recipe, best_after)
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, data.num_classes, data.channels, data.image_size)
+    model, _ = train_model(accelerator, model, images, labels, recipe, mean=data.mean, std=data.std, teacher=teacher,
+                           seed=seed, desc=desc, on_epoch_end=track, checkpoint=checkpoint)
+    return _result(accelerator, model, data, recipe, seen)
+
+
+def _tracker(accelerator, data, recipe, best_after):
+    """(the test accuracies seen, the on_epoch_end hook that measures them after best_after * epochs)."""
     seen = []
 
     def track(epoch, live_model):
         if epoch > best_after * recipe.epochs:
             seen.append(accuracy(accelerator, live_model, data.test, mean=data.mean, std=data.std))
+    return seen, track
 
-    torch.manual_seed(seed)
-    model = build_model(model_cfg, data.num_classes, data.channels, data.image_size)
-    model, _ = train_model(accelerator, model, images, labels, recipe, mean=data.mean, std=data.std, teacher=teacher,
-                           seed=seed, desc=desc, on_epoch_end=track, checkpoint=checkpoint)
+
+def _result(accelerator, model, data, recipe, seen):
     final = accuracy(accelerator, model, data.test, mean=data.mean, std=data.std)
     return {"final": final, "official": max(seen + [final]), "official_epochs": len(seen),
             "recipe": recipe.recorded()}
+
+
+def evaluate_fused(accelerator, sets, *, regime, teacher, data, model_cfg, recipe, seeds, desc, checkpoints,
+                   best_after=0.8):
+    """evaluate_in_regime of K models trained as one fused training (fused.py; plan.fuse): model k seeded
+    `seeds[k]` (its initial weights, order and augmentation, as evaluate_run's) on `sets[k]` = (images,
+    labels), with its own state file `checkpoints[k]`; the K results in order."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown evaluation regime {regime!r}")
+    models, trackers = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(model_cfg, data.num_classes, data.channels, data.image_size))
+        trackers.append(_tracker(accelerator, data, recipe, best_after))
+    trained = train_fused(accelerator, models, sets, recipe, mean=data.mean, std=data.std, seeds=seeds,
+                          teacher=teacher if regime == "kd" else None, desc=desc,
+                          on_epoch_end=[track for _, track in trackers], checkpoints=checkpoints)
+    return [{**_result(accelerator, model, data, recipe, seen), "regime": regime}
+            for (model, _), (seen, _) in zip(trained, trackers)]
 
 
 REGIMES = ("kd", "hard")

@@ -6,8 +6,8 @@ it; and, once the run starts, what it will make itself because an input was not 
 """
 import os
 
-from .data import WHERE_TO_GET
 from .errors import DataError
+from .memory import WHERE_TO_GET
 
 
 def _given(cfg):
@@ -22,15 +22,29 @@ def _given(cfg):
         found.append(("data.root", d["root"], WHERE_TO_GET.get(d["source"], "docs/data.md")))
     if d["distilled"]:
         found.append(("data.distilled", d["distilled"],
-                      "the authors' CDA sets (docs/data.md), or null: the run distils its own"))
+                      f"{_published(d['source'], 'CDA sets')} (docs/data.md), or null: the run distils its own"))
     if cfg["teacher"]["checkpoint"]:
         found.append(("teacher.checkpoint", cfg["teacher"]["checkpoint"],
-                      "the authors' checkpoints (docs/data.md), or null: the run trains its own"))
+                      f"{_published(d['source'], 'checkpoints')} (docs/data.md), or null: the run trains its own"))
     if c["difficulty"] == "file" and c["difficulty_file"]:
         found.append(("ccfs.difficulty_file", c["difficulty_file"],
                       "the official repository's scores/ files (docs/data.md), or `ccfs scores` makes one, "
                       "or ccfs.difficulty=forgetting computes it in the run"))
     return found
+
+
+PAPER_SOURCES = ("cifar10", "cifar100", "tiny-imagenet")    # the data sets the CCFS authors published inputs for
+
+
+def _published(source, what):
+    """Where `what` ('checkpoints', 'CDA sets') comes from: the authors' files exist only for the paper's data
+    sets (and shards, which may hold one of them); for an image folder (ImageNet) the user brings their own."""
+    if source in PAPER_SOURCES:
+        return f"the authors' {what}"
+    if source == "webdataset":
+        return f"for CIFAR / Tiny-ImageNet shards the authors' {what}"
+    return {"checkpoints": "a checkpoint trained on these classes",
+            "CDA sets": "a distilled folder of these classes"}[what]
 
 
 def check_present(cfg):
@@ -46,7 +60,13 @@ def made_here(cfg, n_train, n_distilled):
     unit BENCHMARKS.md's rates convert to time)."""
     lines = []
     t, d = cfg["teacher"], cfg["distill"]
-    paper = "" if cfg["data"]["source"] == "digits" else "; the paper's runs use the authors' files (docs/data.md)"
+    source = cfg["data"]["source"]
+    if source in PAPER_SOURCES:
+        paper = "; the paper's runs use the authors' files (docs/data.md)"
+    elif source == "webdataset":
+        paper = "; for CIFAR / Tiny-ImageNet the paper's runs use the authors' files (docs/data.md)"
+    else:          # digits, image folders (ImageNet): the CCFS authors published no inputs for them
+        paper = ""
     if not t["checkpoint"]:
         lines.append(f"teacher.checkpoint not given: training a teacher here, {t['epochs']} epochs over "
                      f"{n_train:,} images ({t['epochs'] * n_train:,} image passes){paper}")

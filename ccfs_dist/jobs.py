@@ -6,6 +6,7 @@ the run directory, atomically, last of all; a job whose artifact exists is skipp
     score_run r    scores_runs/run<r>.npz  (the run's per-sample forgetting, loss, el2n)
     filter j       phase_<j>/filter.pt, phase_<j>/steps.json
     eval set r     eval/<set>_run<r>.json       (KD; hard labels: eval/<set>_hard_run<r>.json)
+    fused [...]    each of its runs' artifact (evaluation or score runs; plan.fuse: one fused training)
 
 Trainings keep their mid-training state in <artifact stem>_state.pt (train.checkpoint_every), which
 loads on any rank, so a resumed run continues a killed training wherever the new plan puts it.
@@ -15,9 +16,9 @@ import torch
 
 from . import io, seeds
 from .dist import Local, main_says, wait_for_all
-from .evaluate import evaluate_in_regime, regime_of
+from .evaluate import evaluate_fused, evaluate_in_regime, regime_of
 from .models import build_model, load_checkpoint, state_dict_of
-from .scores import DYNAMICS, dynamics_run
+from .scores import DYNAMICS, dynamics_run, dynamics_runs_fused
 from .stream_train import stream_options, train_stream
 from .train import Recipe, train_model
 
@@ -45,7 +46,11 @@ def artifact(run, job):
 
 
 def done(run, cfg, job):
-    """Whether this rank sees `job`'s artifact (or what makes the job unneeded) in the run directory."""
+    """Whether this rank sees `job`'s artifact (or what makes the job unneeded) in the run directory; a fused
+    group's when it sees all its jobs' (else the whole group trains again: its models' floats depend on the
+    group, so a model finished alone would not be the same)."""
+    if job.kind == "fused":
+        return all(done(run, cfg, member) for member in job.key)
     if job.kind == "score_run" and run.done(run.scores(cfg["ccfs"]["difficulty"])):
         return True                          # the scores themselves exist: no run is needed
     if job.kind == "filter" and run.done(run.phase(job.key[0], "metrics.json")):
@@ -82,6 +87,16 @@ def train_score_run(acc, run, cfg, data, r):
     result, info = dynamics_run(acc, cfg, data, r, checkpoint=run.score_run(r, state=True))
     if acc.is_main_process:
         io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
+
+
+def train_score_group(acc, run, cfg, data, members):
+    """The score runs `members` (plan.fused_groups) as one fused training: each run's scores_runs/run<r>.npz."""
+    rs = [job.key[0] for job in members]
+    results = dynamics_runs_fused(acc, cfg, data, rs, checkpoints=[run.score_run(r, state=True) for r in rs])
+    if acc.is_main_process:
+        for r, (result, info) in zip(rs, results):
+            if not run.done(run.score_run(r)):
+                io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
 
 
 def score_runs(run, cfg):
@@ -125,6 +140,24 @@ def train_eval(acc, run, cfg, data, name, r, regime="kd", *, held, teacher, clas
         io.write_json(run.eval_run(name, r, regime=regime), result)
 
 
+def train_eval_group(acc, run, cfg, data, members, *, sets, teacher, class_size):
+    """The evaluation runs `members` (Jobs of one regime, plan.fused_groups) as one fused training; each
+    writes the JSON that train_eval writes for it (those missing)."""
+    c, regime = cfg["ccfs"], regime_of(members[0].key)
+    keys = [(job.key[0], job.key[1]) for job in members]
+    results = evaluate_fused(
+        acc, [(sets[name].images, sets[name].labels) for name, _ in keys], regime=regime, teacher=teacher,
+        data=data, model_cfg=cfg["model"],
+        recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"]),
+        seeds=[seeds.eval_run(cfg["seed"], r) for _, r in keys], best_after=cfg["eval"]["best_after"],
+        desc=f"eval fused {', '.join(f'{name} {r + 1}' for name, r in keys)}{'' if regime == 'kd' else ' ' + regime}",
+        checkpoints=[run.eval_run(name, r, state=True, regime=regime) for name, r in keys])
+    if acc.is_main_process:
+        for (name, r), result in zip(keys, results):
+            if not run.done(run.eval_run(name, r, regime=regime)):
+                io.write_json(run.eval_run(name, r, regime=regime), result)
+
+
 def run_stage(run, cfg, stage, trainers):
     """This rank's jobs of `stage`: the split ones (with every rank, in the same order), then its own;
     then every rank waits for all, so each job's artifact can be read by any rank. `trainers[kind]` trains
@@ -152,7 +185,8 @@ class Trainings:
         """The teacher (unless given) and the training-dynamics score runs (ccfs.difficulty forgetting etc.)."""
         run, cfg, data = self.run, self.cfg, self.data
         run_stage(run, cfg, self.start, {"teacher": lambda acc: train_teacher(acc, run, cfg, data),
-                                         "score_run": lambda acc, r: train_score_run(acc, run, cfg, data, r)})
+                                         "score_run": lambda acc, r: train_score_run(acc, run, cfg, data, r),
+                                         "fused": lambda acc, *runs: train_score_group(acc, run, cfg, data, runs)})
 
     def filter(self, j, *, on, teacher, baselines):
         """filter_j trained on S_{j-1} (`on`) with KD from `teacher`; the plan's phase-j stage may also hold
@@ -161,13 +195,17 @@ class Trainings:
         run_stage(run, cfg, self.phases[j - 1], {
             "filter": lambda acc, j: train_filter(acc, run, cfg, data, j, synthetic=on, teacher=teacher,
                                                   class_size=class_size),
-            "eval": self._evaluation(baselines, teacher)})
+            **self._evaluation(baselines, teacher)})
 
     def evaluations(self, sets, teacher):
         """The evaluation runs the final stage holds, of the sets {name: held set}."""
-        run_stage(self.run, self.cfg, self.final, {"eval": self._evaluation(sets, teacher)})
+        run_stage(self.run, self.cfg, self.final, self._evaluation(sets, teacher))
 
     def _evaluation(self, sets, teacher):
+        """The trainers of evaluation runs of `sets`, alone ("eval") and fused ("fused")."""
         run, cfg, data, class_size = self.run, self.cfg, self.data, self.class_size
-        return lambda acc, name, r, regime="kd": train_eval(acc, run, cfg, data, name, r, regime, held=sets[name],
-                                                            teacher=teacher, class_size=class_size)
+        return {"eval": lambda acc, name, r, regime="kd": train_eval(acc, run, cfg, data, name, r, regime,
+                                                                     held=sets[name], teacher=teacher,
+                                                                     class_size=class_size),
+                "fused": lambda acc, *members: train_eval_group(acc, run, cfg, data, members, sets=sets,
+                                                                teacher=teacher, class_size=class_size)}

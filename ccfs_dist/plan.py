@@ -17,12 +17,20 @@ the baseline evaluations, which need only the teacher and the distilled set, go 
 rank adds the least to the run's wall time (a rank is otherwise idle while another trains a filter).
 Every training is seeded by seeds.py and writes its own artifact, so where it runs changes nothing but
 the wall time, and a resumed run (with any process count) skips the trainings whose artifacts exist.
+
+With plan.fuse K > 1 the evaluation runs of one regime are cut, in order, into fused groups of up to K
+(fused.py: one training of K models): the CCFS set's among themselves, the baselines' across their sets;
+so are the difficulty-score runs of an in-memory pool.
+The groups depend on the config alone (a fused model's floats differ from its training alone), never on
+the process count; a group is dealt, and skipped on resume, as one job (finished when all its models are).
+Split evaluation runs, and recipes fused.py cannot fuse (fp16, compile, channels_last), are not fused.
 """
 import math
 from dataclasses import dataclass, field
 
 from .difficulty import DYNAMICS
 from .evaluate import eval_key, regimes
+from .fused import fusable
 from .selection import run_budgets
 from .train import Recipe
 
@@ -31,14 +39,16 @@ KD_COST = 4 / 3          # a KD step adds the teacher's forward pass (about a th
 
 @dataclass(frozen=True)
 class Job:
-    kind: str            # teacher | score_run | filter | eval
+    kind: str            # teacher | score_run | filter | eval | fused
     key: tuple           # score_run: (r,); filter: (phase,); eval: (set name, run) under KD,
-                         # (set name, run, "hard") under hard labels (evaluate.eval_key)
+                         # (set name, run, "hard") under hard labels (evaluate.eval_key); fused: its Jobs
     cost: float          # images processed (epochs x steps x batch size), x KD_COST with a teacher
     split: bool = False  # data-parallel over all ranks (else whole on one rank)
 
     @property
     def name(self):
+        if self.kind == "fused":
+            return f"fused[{', '.join(job.name for job in self.key)}]"
         return " ".join([self.kind, *map(str, self.key)])
 
 
@@ -84,9 +94,10 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
                          streamed or split_training(te.batch_size, world, minimum)))
     if c["difficulty"] in DYNAMICS:
         s = Recipe.for_scores(cfg)
-        for r in range(cfg["scores"]["runs"]):
-            start.append(Job("score_run", (r,), training_cost(n_train, s.epochs, s.batch_size, False),
-                             streamed or split_training(s.batch_size, world, minimum)))
+        runs = [Job("score_run", (r,), training_cost(n_train, s.epochs, s.batch_size, False),
+                    streamed or split_training(s.batch_size, world, minimum)) for r in range(cfg["scores"]["runs"])]
+        in_memory = cfg["data"]["source"] != "webdataset"           # fused.py trains a set held in memory
+        start += fused_groups(runs, cfg["plan"]["fuse"] if in_memory and fusable(s, t["mixed_precision"]) else 1)
     _deal(stages[0], start)
 
     budgets = run_budgets(c)
@@ -101,8 +112,10 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
 
     stages.append(Stage("final", local=[[] for _ in range(world)]))
     evals = eval_jobs(cfg, world, num_classes=num_classes, class_size=class_size)
-    _deal(stages[-1], [j for j in evals if j.key[0] == "ccfs"])
-    background = [j for j in evals if j.key[0] != "ccfs"]
+    fuse = cfg["plan"]["fuse"] if fusable(Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size,
+                                                           per_class=c["ipc"]), t["mixed_precision"]) else 1
+    _deal(stages[-1], fused_groups([j for j in evals if j.key[0] == "ccfs"], fuse))
+    background = fused_groups([j for j in evals if j.key[0] != "ccfs"], fuse)
     split = any(j.split for j in evals)
     if split:
         stages[-1].split.extend(background)
@@ -120,6 +133,23 @@ def eval_jobs(cfg, world, *, num_classes, class_size):
     return [Job("eval", eval_key(name, r, regime),
                 training_cost(c["ipc"] * num_classes, rec.epochs, rec.batch_size, regime == "kd"), split)
             for regime in regimes(cfg) for name in eval_sets(cfg) for r in range(cfg["eval"]["runs"])]
+
+
+def fused_groups(jobs, fuse):
+    """`jobs` (evaluation runs, or score runs) with each regime's whole ones cut, in order, into fused jobs of
+    up to `fuse` (a group of one stays the job itself); split jobs stay as they are. The cost of a group is
+    its jobs' sum."""
+    out, regime_groups = [], {}
+    for job in jobs:
+        if job.split or fuse == 1:
+            out.append(job)
+        else:
+            regime_groups.setdefault(job.key[2:], []).append(job)
+    for group in regime_groups.values():
+        for i in range(0, len(group), fuse):
+            part = tuple(group[i:i + fuse])
+            out.append(part[0] if len(part) == 1 else Job("fused", part, sum(j.cost for j in part)))
+    return out
 
 
 def _deal(stage, jobs):

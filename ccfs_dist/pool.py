@@ -1,8 +1,8 @@
 """The pool: what every split of real data offers, declared once.
 
 Every pool (`Pool`) has `labels`, a length, an image `shape`, `fetch` and `batches`; selection, scoring
-and the curriculum use nothing else, so they run alike on an in-memory split (`Split`, data.py's
-sources) and a streamed one (`shards.ShardSplit`). Only an in-memory pool (`in_memory` True) holds its
+and the curriculum use nothing else, so they run alike on an in-memory split (`Split`, memory.py's
+sources) and a streamed one (`shard_reader.ShardSplit`). Only an in-memory pool (`in_memory` True) holds its
 `images` tensor resident, which a training over the whole set can index directly; code asks
 `pool.in_memory`, never the class.
 """

@@ -10,7 +10,7 @@ still running STOP_GRACE_S after a forwarded signal are killed).
 
 Nothing outlives its launcher: the supervisor, and every rank it starts (or torchrun starts), asks the kernel
 for a signal when its parent dies (`die_with_parent`), so a launcher killed outright (SIGKILL, which nobody
-can forward) still ends its ranks, and a rank's end ends its loader workers (shards.py).
+can forward) still ends its ranks, and a rank's end ends its loader workers (shard_loader.py).
 Starting the ranks directly instead of through torchrun saves one torch import on the critical path
 (BENCHMARKS.md, "Scale-out"); `CCFS_RELAUNCH=torchrun` switches back to torchrun.
 """

@@ -182,7 +182,7 @@ def _distilled_grid(run, cfg, summary, data, notes):
     if not folder or not os.path.isdir(folder) or per_class == 0:
         notes.append("no distilled images to show (no distilled folder, or alpha gives 0 per class)")
         return None
-    from .data import load_distilled
+    from .distilled import load_distilled
     if data is not None:
         classes, channels, size = data.classes, data.channels, data.image_size
     else:   # read the folder's own class list and image shape

@@ -52,6 +52,7 @@ from . import io, seeds
 from .difficulty import CHECKPOINT, DYNAMICS, HARDER_IS_HIGHER, METHODS, labels_fingerprint, load_score_file
 from .dist import Local, dealt, gather_rows, log, step_rank_key
 from .errors import CCFSError, ConfigError, DataError
+from .fused import train_fused
 from .models import build_model, load_checkpoint
 from .plan import split_training
 from .predict import predict
@@ -182,17 +183,35 @@ class TrainingDynamics:
         return {"forgetting": forgetting, "loss": self.loss.copy(), "el2n": self.el2n.copy()}
 
 
+def _fresh_run(accelerator, cfg, data, r):
+    """Score run r's seed, freshly initialised model and empty TrainingDynamics."""
+    s = cfg["scores"]
+    epochs, seed = s["epochs"], seeds.score_run(cfg["seed"], r)
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
+    dyn = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
+                           gaussian_last_weights(epochs, s["loss_sigma"]))
+    return seed, model, dyn
+
+
+def _ended(accelerator, cfg, r, seed, dyn, seconds):
+    """(scores, info) of a finished score run, logged."""
+    runs = cfg["scores"]["runs"]
+    info = {"seconds": seconds, "accuracy": float(dyn.previous.mean()),
+            "never_learned": int((~dyn.learned).sum()), "events": int(dyn.events.sum())}
+    log(accelerator, f"scores run {r + 1}/{runs} (seed {seed}): last-epoch training accuracy "
+                      f"{info['accuracy']:.4f}, never learned {info['never_learned']}, "
+                      f"forgetting events {info['events']}")
+    return dyn.result(), info
+
+
 def dynamics_run(accelerator, cfg, data, r, checkpoint=None):
     """Training run `r` of the training-dynamics scores: ({method: float64 array}, info). `accelerator` is a
     dist.Local for a run trained whole on one rank, or the Accelerator for one split over the ranks.
     `checkpoint`: where the run keeps its training state and running scores (train.checkpoint_every), so
     that a killed run continues from its last checkpoint to the same scores."""
     s, rec = cfg["scores"], Recipe.for_scores(cfg)
-    epochs, seed = rec.epochs, seeds.score_run(cfg["seed"], r)
-    torch.manual_seed(seed)
-    model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
-    dyn = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
-                           gaussian_last_weights(epochs, s["loss_sigma"]))
+    seed, model, dyn = _fresh_run(accelerator, cfg, data, r)
     kw = dict(mean=data.mean, std=data.std, seed=seed, desc=f"scores run {r + 1}/{s['runs']}",
               on_batch=dyn.on_batch, on_epoch_end=lambda epoch, _model: dyn.end_epoch(epoch),
               checkpoint=checkpoint, extra_state=dyn)
@@ -200,12 +219,23 @@ def dynamics_run(accelerator, cfg, data, r, checkpoint=None):
         _, stats = train_model(accelerator, model, data.train.images, data.train.labels, rec, **kw)
     else:                                     # a streamed pool: train on the shards (stream_train)
         _, stats = train_stream(accelerator, model, data.train, rec, **kw, **stream_options(cfg))
-    info = {"seconds": stats["seconds"], "accuracy": float(dyn.previous.mean()),
-            "never_learned": int((~dyn.learned).sum()), "events": int(dyn.events.sum())}
-    log(accelerator, f"scores run {r + 1}/{s['runs']} (seed {seed}): last-epoch training accuracy "
-                      f"{info['accuracy']:.4f}, never learned {info['never_learned']}, "
-                      f"forgetting events {info['events']}")
-    return dyn.result(), info
+    return _ended(accelerator, cfg, r, seed, dyn, stats["seconds"])
+
+
+def dynamics_runs_fused(accelerator, cfg, data, runs, checkpoints):
+    """Score runs `runs` (an in-memory pool) as one fused training (fused.py, plan.fuse), each as dynamics_run
+    trains it alone up to float order: [(scores, info)] in order; `checkpoints`: one state file per run."""
+    s, rec = cfg["scores"], Recipe.for_scores(cfg)
+    fresh = [_fresh_run(accelerator, cfg, data, r) for r in runs]
+    dyns = [dyn for _, _, dyn in fresh]
+    trained = train_fused(accelerator, [model for _, model, _ in fresh], [(data.train.images, data.train.labels)] *
+                          len(runs), rec, mean=data.mean, std=data.std, seeds=[seed for seed, _, _ in fresh],
+                          desc=f"scores runs {', '.join(str(r + 1) for r in runs)}/{s['runs']} fused",
+                          on_batch=[dyn.on_batch for dyn in dyns],
+                          on_epoch_end=[lambda epoch, _model, dyn=dyn: dyn.end_epoch(epoch) for dyn in dyns],
+                          checkpoints=checkpoints, extra_states=dyns)
+    return [_ended(accelerator, cfg, r, seed, dyn, stats["seconds"])
+            for r, (seed, _, dyn), (_, stats) in zip(runs, fresh, trained)]
 
 
 def combine_runs(runs):

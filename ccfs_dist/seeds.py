@@ -71,7 +71,7 @@ def stream_buffer(seed, epoch, rank):
 
 def stream_interleave(seed, epoch, rank):
     """Rank `rank`'s interleaving of the shards its loader workers read in epoch `epoch` (each worker
-    appends its id: shards.ShardSplit.stream)."""
+    appends its id: shard_reader.ShardSplit.stream)."""
     return _entropy(seed, epoch, 2, rank)
 
 

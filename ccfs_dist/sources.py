@@ -1,15 +1,17 @@
-"""The real data a run uses, by `data.source`: an in-memory source (data.py) or WebDataset shards
-(shards.py). The one place that chooses between them, above both, so that neither imports the other's
+"""The real data a run uses, by `data.source`: an in-memory source (memory.py) or WebDataset shards
+(shard_reader.py). The one place that chooses between them, above both, so that neither imports the other's
 reader; and the one list of what a command reads (`input_paths`), which no output may overlap."""
 import os
 
 import torch
 
 from . import seeds
-from .data import image_places, load_source, set_normalisation
 from .errors import DataError
+from .folders import image_places
+from .memory import load_source, set_normalisation
 from .pool import RealData, Split
-from .shards import index_places, load_shards
+from .shard_index import index_places
+from .shard_reader import load_shards
 
 VALIDATION_FRACTION = 0.2
 

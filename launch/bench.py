@@ -58,7 +58,7 @@ from ccfs_dist import seeds
 from ccfs_dist.augment import normalize
 from ccfs_dist.cli import add_timeout_arg
 from ccfs_dist.config import load_config
-from ccfs_dist.data import load_distilled
+from ccfs_dist.distilled import load_distilled
 from ccfs_dist.pool import RealData, Split
 from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share

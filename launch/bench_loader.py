@@ -55,7 +55,8 @@ def main():
     import numpy as np
     import torch
     import ccfs_dist
-    from ccfs_dist.shards import ShardSplit, write_shards
+    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.shard_writer import write_shards
     torch.set_num_threads(1)
     source = os.path.join(args.out, "cifar")
     if args.step is None:                    # each step in a fresh process: each pays its own process starts

@@ -64,7 +64,7 @@ def parse_args(argv):
 def make_cifar_like(folder, c=CIFAR):
     """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class); `c` as CIFAR."""
     import torch
-    from ccfs_dist.data import write_image_folder
+    from ccfs_dist.distilled import write_image_folder
     g = torch.Generator().manual_seed(0)
     for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
         n = per_class * c["classes"]

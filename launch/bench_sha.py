@@ -20,11 +20,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bench_shards  # noqa: E402  (launch/: its synthetic shard generator)
-from ccfs_dist import shards  # noqa: E402
+from ccfs_dist import shard_index, shard_reader  # noqa: E402
 
 
 def stream(index_path, workers, batch_size=512):
-    split = shards.ShardSplit(index_path, num_workers=workers)
+    split = shard_reader.ShardSplit(index_path, num_workers=workers)
     start, n = time.perf_counter(), 0
     for _, labels, _ in split.batches(np.arange(len(split)), batch_size, 0, 1, torch.device("cpu")):
         n += len(labels)
@@ -42,7 +42,7 @@ def main():
     gen = argparse.Namespace(out=args.out, samples=args.samples, small=args.samples, classes=1000, image_size=16,
                              per_shard=2000, seed=0, gen_workers=min(4, os.cpu_count() or 1))
     index, _ = bench_shards.generate(gen)
-    hashing_read, hashing_check = shards._HashingReader.read, shards._HashingReader.check
+    hashing_read, hashing_check = shard_index.HashingReader.read, shard_index.HashingReader.check
 
     def unhashed_read(self, n):             # the same reader without the digest
         data = self.stream.read(n)
@@ -53,8 +53,8 @@ def main():
     for r in range(args.repeats):
         for name in (["checked", "unchecked"] if r % 2 else ["unchecked", "checked"]):
             on = name == "checked"
-            shards._HashingReader.read = hashing_read if on else unhashed_read
-            shards._HashingReader.check = hashing_check if on else (lambda *a: None)
+            shard_index.HashingReader.read = hashing_read if on else unhashed_read
+            shard_index.HashingReader.check = hashing_check if on else (lambda *a: None)
             rates[name].append(stream(index, args.workers))
             print(f"{name}: {rates[name][-1]:,.0f} img/s", flush=True)
     ratios = [c / u for c, u in zip(rates["checked"], rates["unchecked"])]
@@ -62,7 +62,7 @@ def main():
     t = time.perf_counter()
     hashlib.sha256(blob).hexdigest()
     sha_rate = len(blob) / (time.perf_counter() - t) / 1e6
-    size = sum(s["bytes"] for s in shards.read_index(index)[1])
+    size = sum(s["bytes"] for s in shard_index.read_index(index)[1])
     print(f"median checked / unchecked: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
           f"{max(ratios):.3f}); {size / args.samples:.0f} bytes a sample; sha256 alone {sha_rate:,.0f} MB/s")
 

@@ -55,7 +55,7 @@ GEN = {}   # generation parameters, inherited by the writer processes (fork)
 
 def _gen_shard(job):
     from ccfs_dist.images import encode_png
-    from ccfs_dist.shards import write_tar
+    from ccfs_dist.shard_tar import write_tar
     s, first, count = job
     rng = np.random.default_rng([GEN["seed"], s])
     size, labels, width = GEN["size"], GEN["labels"], GEN["width"]
@@ -73,7 +73,7 @@ def _gen_shard(job):
 def generate(args):
     """Write the synthetic shard set and its two index JSONs (skipped when they exist with these parameters)."""
     import multiprocessing
-    from ccfs_dist.shards import FORMAT, key_width, write_index
+    from ccfs_dist.shard_index import FORMAT, key_width, write_index
     params = {"samples": args.samples, "classes": args.classes, "size": args.image_size,
               "per_shard": args.per_shard, "seed": args.seed}
     full, small = os.path.join(args.out, "train.json"), os.path.join(args.out, "train_small.json")
@@ -153,7 +153,7 @@ def child(args):
     from ccfs_dist.dist import gather_rows, make_accelerator
     from ccfs_dist.models import build_model
     from ccfs_dist.predict import predict
-    from ccfs_dist.shards import ShardSplit
+    from ccfs_dist.shard_reader import ShardSplit
     torch.set_num_threads(args.threads)
     acc = make_accelerator(args.mixed_precision)
     device = acc.device
@@ -261,7 +261,8 @@ def write_photos(folder, n, seed=0):
 def decode_bench(args):
     """--decode: images/s of the CPU decode path vs the batch decode path, on full-size and pre-resized shards."""
     import torch
-    from ccfs_dist.shards import ShardSplit, write_shards
+    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.shard_writer import write_shards
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     base = os.path.join(args.out, "decode")

@@ -59,7 +59,7 @@ def main():
     from ccfs_dist.sources import load_real
     from ccfs_dist.dist import make_accelerator
     from ccfs_dist.scores import training_dynamics
-    from ccfs_dist.shards import load_shards
+    from ccfs_dist.shard_reader import load_shards
 
     acc = make_accelerator()
     recipe = [f"scores.runs={args.runs}", f"scores.epochs={args.epochs}", "scores.batch_size=256",
@@ -100,7 +100,7 @@ def throughput(args):
     from ccfs_dist.config import load_config
     from ccfs_dist.dist import Local, make_accelerator
     from ccfs_dist.scores import dynamics_run
-    from ccfs_dist.shards import load_shards
+    from ccfs_dist.shard_reader import load_shards
     from ccfs_dist.stream_train import epoch_batches, epoch_plan
 
     acc = Local(make_accelerator())
@@ -142,7 +142,7 @@ def bias(args):
     from ccfs_dist.config import load_config
     from ccfs_dist.dist import Local, make_accelerator
     from ccfs_dist.scores import dynamics_run
-    from ccfs_dist.shards import load_shards
+    from ccfs_dist.shard_reader import load_shards
     from ccfs_dist.sources import load_real
 
     acc = Local(make_accelerator())

@@ -37,7 +37,7 @@ def child(args):
     from ccfs_dist.augment import Augment
     from ccfs_dist.dist import make_accelerator
     from ccfs_dist.models import build_model
-    from ccfs_dist.shards import ShardSplit
+    from ccfs_dist.shard_reader import ShardSplit
     from ccfs_dist.stream_train import train_stream
     from ccfs_dist.train import Recipe
     torch.set_num_threads(args.threads)

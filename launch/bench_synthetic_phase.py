@@ -47,7 +47,7 @@ def child(args):
     from ccfs_dist.models import build_model
     from ccfs_dist.predict import predict
     from ccfs_dist.selection import random_per_class, select
-    from ccfs_dist.shards import ShardSplit
+    from ccfs_dist.shard_reader import ShardSplit
     from ccfs_dist.train import Recipe, train_model
     from ccfs_dist.difficulty import to_hardness
     torch.set_num_threads(1)

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Python's tarfile against shards.py's own tar code, on one shard as `ccfs shards` writes it.
+"""Python's tarfile against shard_tar.py's own tar code, on one shard as `ccfs shards` writes it.
 
     python launch/bench_tar.py                    # 2,000 samples of 16x16 RGB PNGs (+ .cls), in memory
 
-Reading: shards.iter_samples (strict ustar parser) against tarfile's stream mode ("r|", what a reader of
+Reading: shard_tar.iter_samples (strict ustar parser) against tarfile's stream mode ("r|", what a reader of
 a pipe or URL must use) grouping members into samples the same way; both read the same bytes from memory
-through shards._HashingReader. Writing: shards.write_tar (hand-made headers) against tarfile.TarFile.addfile
-with the same fixed metadata. Prints samples/s (median of --repeats, alternating order), whether tarfile's
-headers are byte-identical to write_tar's, and what each reader does with a corrupt header in the middle.
+through shard_index.HashingReader. Writing: shard_tar.write_tar (hand-made headers) against
+tarfile.TarFile.addfile with the same fixed metadata. Prints samples/s (median of --repeats, alternating order),
+whether tarfile's headers are byte-identical to write_tar's, and what each reader does with a corrupt header in
+the middle.
 """
 import argparse
 import io
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ccfs_dist import shards  # noqa: E402
+from ccfs_dist import shard_index, shard_tar  # noqa: E402
 from ccfs_dist.errors import DataError  # noqa: E402
 from ccfs_dist.images import encode_png  # noqa: E402
 
@@ -38,7 +39,7 @@ def samples_of(n, size, seed=0):
 def tar_info(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = \
-        size, 0o444, shards.TAR_MTIME, 0, 0, "", ""
+        size, 0o444, shard_tar.TAR_MTIME, 0, 0, "", ""
     return info
 
 
@@ -52,7 +53,7 @@ def write_with_tarfile(samples):
 
 
 def read_with_tarfile(stream):
-    """(key, {ext: bytes}) as shards.iter_samples groups them, from tarfile's stream mode."""
+    """(key, {ext: bytes}) as shard_tar.iter_samples groups them, from tarfile's stream mode."""
     key, files = None, {}
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
@@ -73,12 +74,12 @@ def read_with_tarfile(stream):
 
 
 def read_own(stream):
-    return shards.iter_samples(stream, "bench")
+    return shard_tar.iter_samples(stream, "bench")
 
 
 def rate(read, data, n):
     start = time.perf_counter()
-    got = sum(1 for _ in read(shards._HashingReader(io.BytesIO(data))))
+    got = sum(1 for _ in read(shard_index.HashingReader(io.BytesIO(data))))
     assert got == n, (got, n)
     return n / (time.perf_counter() - start)
 
@@ -98,7 +99,7 @@ def main():
             for name in (["own", "tarfile"] if r % 2 else ["tarfile", "own"]):
                 start = time.perf_counter()
                 if name == "own":
-                    shards.write_tar(path, samples)
+                    shard_tar.write_tar(path, samples)
                     write_times.append(time.perf_counter() - start)
                 else:
                     lib = write_with_tarfile(samples)

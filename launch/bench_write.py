@@ -6,7 +6,7 @@
 
 Generates (once, into --out/photos) --images photos of 375-500 x 333-500 px, quality 90 (bench_shards.py's
 write_photos: ImageNet's typical size and quality), as an image folder with a train and a test split, then
-times shards.write_shards of the train split twice: as stored (files copied byte for byte; the train split
+times shard_writer.write_shards of the train split twice: as stored (files copied byte for byte; the train split
 decodes every image once for its mean/std) and with --resize 224 (decode, resize, re-encode at quality 95).
 Prints seconds and GB of shards per 100k images, extrapolated linearly from the measured set, and the
 input's size per 100k images.
@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_shards import write_photos  # noqa: E402
-from ccfs_dist.shards import write_shards  # noqa: E402
+from ccfs_dist.shard_writer import write_shards  # noqa: E402
 
 
 def folder_bytes(folder):

@@ -13,7 +13,8 @@ import torch
 
 from ccfs_dist.pool import RealData, Split
 from ccfs_dist.images import encode_png
-from ccfs_dist.shards import FORMAT, key_width, write_index, write_tar
+from ccfs_dist.shard_index import FORMAT, key_width, write_index
+from ccfs_dist.shard_tar import write_tar
 
 import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))

@@ -13,7 +13,8 @@ from PIL import Image
 from ccfs_dist.config import load_config
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.images import decode_jpeg_batch, resize_center_crop
-from ccfs_dist.shards import ShardSplit, write_shards
+from ccfs_dist.shard_reader import ShardSplit
+from ccfs_dist.shard_writer import write_shards
 from ccfs_dist.stream_train import epoch_batches, epoch_plan
 
 CPU = torch.device("cpu")
@@ -181,7 +182,7 @@ def test_sha256_is_checked_while_streaming_under_device_decode(jpeg_pool, tmp_pa
     """Shards whose bytes differ from the index's sha256 (a byte changed inside a JPEG's data, which decodes
     anyway): the stream stops with the sha256 error naming the shard, as under decode=cpu."""
     import shutil
-    from ccfs_dist.shards import read_index
+    from ccfs_dist.shard_index import read_index
     folder = tmp_path / "shards"
     shutil.copytree(jpeg_pool["shards"], folder)
     _, shards = read_index(folder / "train.json")
@@ -238,7 +239,8 @@ def test_pre_resized_shards_read_as_resizing_on_read(jpeg_pool, quality):
     the shorter side 32; read back, PNG members give the very pixels of resizing on read, re-encoded JPEGs
     lie within the stated tolerance, and decode=device (nothing left to resize) equals decode=cpu."""
     from ccfs_dist.cli import main
-    from ccfs_dist.shards import iter_samples, read_index
+    from ccfs_dist.shard_index import read_index
+    from ccfs_dist.shard_tar import iter_samples
     out = str(jpeg_pool["base"] / f"resized{quality}")
     cfg_file = jpeg_pool["base"] / "folder.yaml"
     cfg_file.write_text(f"data:\n  source: imagefolder\n  root: {jpeg_pool['root']}\n  image_size: {SIZE}\n")

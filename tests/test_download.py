@@ -116,3 +116,23 @@ def test_download_of_a_source_without_an_archive_is_a_config_error(tmp_path):
 def test_missing_cifar_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="data.download=true"):
         load_real(cfg("cifar10", tmp_path / "absent"))
+
+
+def test_root_naming_the_release_folder_downloads_beside_it_and_keeps_a_hand_unpacked_copy(tmp_path, server,
+                                                                                           monkeypatch):
+    """The paper configs set data.root to the release folder itself (data/cifar-10-batches-py): the archive is
+    extracted into its parent, not into data/cifar-10-batches-py/cifar-10-batches-py, and a folder unpacked
+    there by hand is used as it is, without a download."""
+    www, base = server
+    archive, batches = cifar_archive(tmp_path)
+    publish(monkeypatch, www, base, archive)
+    root = tmp_path / "data" / "cifar-10-batches-py"
+    data = load_real(dict(cfg("cifar10", root), download=True))
+    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py"]
+    assert "data_batch_1" in os.listdir(root)
+    assert data.train.labels.tolist() == [l for b in batches for l in b[1]]
+    by_hand = tmp_path / "by_hand" / "cifar-10-batches-py"
+    make_cifar10(str(by_hand), np.random.default_rng(1))
+    (www / "cifar-10-python.tar.gz").unlink()           # a fetch would now fail
+    assert load_real(dict(cfg("cifar10", by_hand), download=True)).train.images.shape[0] == 10
+    assert sorted(os.listdir(by_hand.parent)) == ["cifar-10-batches-py"]

@@ -23,7 +23,7 @@ from PIL import Image
 from ccfs_dist.cli import main
 from ccfs_dist.errors import DataError
 from ccfs_dist.models import build_model, load_checkpoint
-from ccfs_dist.shards import iter_tar
+from ccfs_dist.shard_tar import iter_tar
 from ccfs_dist.sources import load_real
 
 from test_bad_input import DIGITS, TINY, digit_shards, distilled_folder  # noqa: F401  (fixture)

@@ -70,21 +70,29 @@ def find_cycle(graph, modules):
 
 
 def test_the_checker_sees_function_level_imports_and_circles():
-    src = "import os\nfrom . import io, seeds\ndef f():\n    from .shards import load_shards\n" \
-          "    from ccfs_dist.data import x\n    import ccfs_dist.pool\n"
-    assert engine_imports(src) == {"<top>os", "io", "seeds", "shards", "data", "pool"}
+    src = "import os\nfrom . import io, seeds\ndef f():\n    from .shard_reader import load_shards\n" \
+          "    from ccfs_dist.memory import x\n    import ccfs_dist.pool\n"
+    assert engine_imports(src) == {"<top>os", "io", "seeds", "shard_reader", "memory", "pool"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}, {"a", "b", "c"}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}, {"a", "b", "c"}) is None
 
 
 def test_engine_has_no_import_circles():
     modules, graph = package_graph()
-    assert {"data", "shards", "images", "pool", "sources"} <= modules
+    in_memory = {"memory", "folders", "distilled"}
+    shards = {"shard_tar", "shard_index", "shard_writer", "shard_reader", "shard_loader"}
+    assert in_memory | shards | {"images", "pool", "sources"} <= modules
     cycle = find_cycle(graph, modules)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
     # the two sources share images.py and pool.py; the dispatch by data.source sits above both
-    assert "shards" not in graph["data"] and "sources" not in graph["shards"]
-    assert {"images", "pool"} <= graph["data"] and {"images", "pool", "data"} <= graph["shards"]
+    assert not any(graph[m] & (shards | {"sources"}) for m in in_memory)
+    assert not any("sources" in graph[m] for m in shards)
+    assert {"images", "pool"} <= graph["memory"] and {"images", "pool"} <= graph["shard_reader"]
+    assert {"memory", "folders"} <= graph["shard_writer"]          # shards are written from any source
+    # what a loader worker's fork server imports (shard_loader, shard_reader) leaves the writer and the
+    # in-memory sources out
+    assert not (graph["shard_loader"] | graph["shard_reader"]) & (in_memory | {"shard_writer"})
+    assert not graph["shard_loader"] & shards
 
 
 def test_engine_does_not_import_benchmarks_or_launch_scripts():
@@ -107,7 +115,8 @@ def test_architecture_page_names_every_module():
 def test_both_pools_satisfy_the_protocol(tmp_path):
     import torch
 
-    from ccfs_dist.shards import ShardSplit, write_shards
+    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.shard_writer import write_shards
     split = Split(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.arange(6) % 2)
     assert isinstance(split, Pool) and isinstance(split, InMemoryPool) and split.in_memory
     write_shards({"source": "digits"}, tmp_path, split="test", per_shard=200, workers=1, log=lambda *a: None)
@@ -123,7 +132,7 @@ def test_both_pools_satisfy_the_protocol(tmp_path):
 def test_pool_methods_take_the_same_arguments(name):
     import inspect
 
-    from ccfs_dist.shards import ShardSplit
+    from ccfs_dist.shard_reader import ShardSplit
     declared = list(inspect.signature(getattr(Pool, name)).parameters)
     for cls in (Split, ShardSplit):
         assert list(inspect.signature(getattr(cls, name)).parameters) == declared, cls.__name__

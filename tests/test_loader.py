@@ -1,7 +1,7 @@
-"""Loader workers (shards._Workers): every pass is the round-robin merge of the workers' own streams, exactly
-as with fresh workers, while the workers are started once and reused; a stalled or dead worker fails the pass
-with an error naming the step and the shard; hundreds of loader starts in threaded ranks finish; stopping or
-killing the launcher of a 2-process streamed run leaves no process behind, and a TERMed run resumes.
+"""Loader workers (shard_loader.Workers): every pass is the round-robin merge of the workers' own streams, exactly as
+with fresh workers, while the workers are started once and reused; a stalled or dead worker fails the pass with an
+error naming the step and the shard; hundreds of loader starts in threaded ranks finish; stopping or killing the
+launcher of a 2-process streamed run leaves no process behind, and a TERMed run resumes.
 
 CCFS_LOADER_STRESS=N runs the stress test with N passes per rank (the on-demand long version,
 docs/tests-and-benchmarks.md)."""
@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from ccfs_dist import cli, shards
+from ccfs_dist import cli, shard_loader, shard_writer
 from ccfs_dist.errors import CCFSError
-from ccfs_dist.shards import ShardSplit, _InterleavedStream, _ShardStream, _unpack, write_shards
+from ccfs_dist.shard_loader import unpack
+from ccfs_dist.shard_reader import ShardSplit, _InterleavedStream, _ShardStream
+from ccfs_dist.shard_writer import write_shards
 from ccfs_dist.stream_train import epoch_batches, epoch_plan
 
 from conftest import ROOT, free_port
@@ -98,7 +100,7 @@ def test_every_pass_is_the_merge_of_the_workers_own_streams(pool):
                 return list(sp.stream(positions, mask, batch, interleave=3, seed=seed))
         got, zero, single = run(split), run(ref), run(one)
         n = min(3, len(positions))
-        want = [_unpack(*item, batch, ref.shape)
+        want = [unpack(*item, batch, ref.shape)
                 for item in round_robin(own_streams(make, [ref.shards[i] for i in positions], n))]
         assert len(got) == len(want) and n >= 2, (kind, world, rank)
         for (x, y, i), (wx, wy, wi) in zip(got, want):
@@ -173,7 +175,7 @@ def test_a_stalled_loader_fails_naming_the_step_and_the_shard(pool, tmp_path):
 
 
 def test_a_worker_that_dies_fails_the_pass(pool, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "LIVENESS_S", 0.2)                   # the rank's checks (not the workers')
+    monkeypatch.setattr(shard_loader, "LIVENESS_S", 0.2)             # the rank's checks (not the workers')
     index_path, fifo = stalled_pool(pool, tmp_path)
     split = ShardSplit(index_path, num_workers=1, allow_urls=True, worker_timeout=60)
     killed = []
@@ -210,7 +212,7 @@ def test_the_writer_in_a_process_with_threads_starts_no_fork(tmp_path):
     thread = threading.Thread(target=stop.wait)
     thread.start()
     try:
-        assert shards._writer_context().get_start_method() != "fork"
+        assert shard_writer._writer_context().get_start_method() != "fork"
         write_shards(DIGITS, tmp_path / "a", "train", per_shard=300, workers=2, log=lambda m: None)
     finally:
         stop.set()

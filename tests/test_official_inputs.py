@@ -10,7 +10,7 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from ccfs_dist.data import load_distilled
+from ccfs_dist.distilled import load_distilled
 from ccfs_dist.models import build_model, load_checkpoint
 
 
@@ -95,3 +95,39 @@ def test_a_run_says_what_it_makes_itself():
                                "images (10,000,000 image passes); the paper's runs use the authors' files")
     assert lines[1].startswith("data.distilled not given: the base distiller")
     assert made_here(cfg, 50000, 0)[1:] == []                       # alpha 0: no distilled images to make
+
+
+def test_the_authors_files_are_named_only_where_they_exist():
+    """The CCFS authors published teachers and distilled sets for CIFAR and Tiny-ImageNet only: an image folder
+    (ImageNet-1K) run is not told that 'the paper's runs use the authors' files'."""
+    from ccfs_dist.config import load_config
+    from ccfs_dist.errors import DataError
+    from ccfs_dist.inputs import check_present, made_here
+    overrides = ["data.source=imagefolder", "data.root=.", "data.distilled=absent_syn", "teacher.checkpoint=absent.pt"]
+    with pytest.raises(DataError) as err:
+        check_present(load_config(None, overrides))
+    assert "authors" not in str(err.value)
+    assert "a checkpoint trained on these classes" in str(err.value)
+    assert "a distilled folder of these classes" in str(err.value)
+    lines = made_here(load_config(None, overrides[:2]), 1000, 10)
+    assert len(lines) == 2 and not any("authors" in line for line in lines)
+    tiny = made_here(load_config(None, ["data.source=tiny-imagenet", "data.root=."]), 1000, 10)
+    assert all(line.endswith("the paper's runs use the authors' files (docs/data.md)") for line in tiny)
+
+
+def test_torchvision_imagenet_resnet18_state_dict_is_an_imagenet_teacher(tmp_path):
+    """configs/imagenet1k_ipc*.yaml step 2: torchvision's ResNet-18 saved with torch.save(model.state_dict())
+    loads as `model.name: resnet18_imagenet` over ImageNet-1K's 1,000 classes and predicts the same."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None, num_classes=1000).eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet18_imagenet1k.pt"
+    torch.save(reference.state_dict(), path)
+    ours = build_model({"name": "resnet18_imagenet", "width": 32, "depth": 3, "norm": "batchnorm"}, 1000, 3, 224).eval()
+    load_checkpoint(ours, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), reference(x))

@@ -14,10 +14,12 @@ import torch
 from PIL import Image
 
 from ccfs_dist import cli
-from ccfs_dist import shards as shards_module
+from ccfs_dist import shard_writer
 from ccfs_dist.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.shards import ShardSplit, iter_samples, load_shards, write_shards
+from ccfs_dist.shard_reader import ShardSplit, load_shards
+from ccfs_dist.shard_tar import iter_samples
+from ccfs_dist.shard_writer import write_shards
 
 from conftest import ROOT, worker_main_in_process
 from test_bad_input import swap_images
@@ -162,7 +164,7 @@ def test_shards_interoperate_with_webdataset(pools, tmp_path):
 def test_own_tar_writer_is_ustar_with_fixed_metadata(tmp_path):
     """write_tar (kept instead of tarfile: BENCHMARKS.md) writes what tarfile reads as plain ustar members
     with one mode, owner and mtime, ending after the two zero blocks."""
-    from ccfs_dist.shards import TAR_MTIME, write_tar
+    from ccfs_dist.shard_tar import TAR_MTIME, write_tar
     samples = [("00000007", {"png": b"\x89PNG" + bytes(700), "cls": b"3"}), ("00000008", {"cls": b"0", "jpg": b""})]
     size, sha = write_tar(tmp_path / "t.tar", samples)
     raw = (tmp_path / "t.tar").read_bytes()
@@ -265,7 +267,7 @@ def test_fetch_shared_by_two_ranks(pools, tmp_path, launch):
     assert got["shared_opened"].tolist() == [3, 2]
 
 
-WRITE_ONE = shards_module._write_one
+WRITE_ONE = shard_writer._write_one
 
 
 def _killed_after(monkeypatch, k):
@@ -277,7 +279,7 @@ def _killed_after(monkeypatch, k):
             raise RuntimeError("killed")
         calls.append(os.path.basename(job[0]))
         return real(job)
-    monkeypatch.setattr(shards_module, "_write_one", write_one)
+    monkeypatch.setattr(shard_writer, "_write_one", write_one)
     return calls
 
 

@@ -16,7 +16,7 @@ from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.models import build_model
 from ccfs_dist.dist import share_sizes
 from ccfs_dist.scores import TrainingDynamics, gaussian_last_weights, training_dynamics
-from ccfs_dist.shards import ShardSplit, load_shards
+from ccfs_dist.shard_reader import ShardSplit, load_shards
 from ccfs_dist.stream_train import ShuffleBuffer, epoch_batches, epoch_plan, rank_run, train_stream
 from ccfs_dist.train import Recipe, train_model
 

@@ -75,7 +75,8 @@ def test_a_failed_write_leaves_no_set_file(acc, tmp_path, monkeypatch):
 
 
 def test_fetch_shares_needs_unique_indices(tmp_path):
-    from ccfs_dist.shards import ShardSplit, write_shards
+    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.shard_writer import write_shards
     write_shards({"source": "digits", "root": None, "image_size": None}, tmp_path, per_shard=500, workers=1,
                  log=lambda *_: None)
     split = ShardSplit(tmp_path / "train.json")

@@ -8,6 +8,8 @@ kill_worker.py POINT [ccfs run args ...]; POINT is one of KILLS:
   scoring       rank 1, when phase 2's pool scoring starts (phase 1 finished, filter 2 trained)
   evaluation    rank 1, after the 4th epoch of CCFS evaluation model 2 (the one rank 1 trains in the
                 2-process plan)
+  fused         rank 0, after the 4th epoch of the fused training of CCFS evaluation models 1 and 2
+                (plan.fuse >= 2; the group's states of an earlier epoch exist with train.checkpoint_every 2)
 """
 import os
 import signal
@@ -17,7 +19,7 @@ from ccfs_dist import curriculum, evaluate, jobs
 from ccfs_dist.cli import main
 from ccfs_dist.dist import relaunch_cpu_processes
 
-KILLS = {"teacher": 0, "distillation": 1, "scoring": 1, "evaluation": 1}
+KILLS = {"teacher": 0, "distillation": 1, "scoring": 1, "evaluation": 1, "fused": 0}
 
 
 def die():
@@ -32,6 +34,21 @@ def killing_training(real, prefix):
             if epoch == 3:
                 die()
         return real(*args, desc=desc, on_epoch_end=hook if desc.startswith(prefix) else on_epoch_end, **kwargs)
+    return train
+
+
+def killing_fused(real, prefix):
+    """train_fused, killed after its 4th epoch (the first model's hook) when its desc starts with `prefix`."""
+    def train(*args, desc="", on_epoch_end=None, **kwargs):
+        if desc.startswith(prefix):
+            first = on_epoch_end[0]
+
+            def hook(epoch, model):
+                first(epoch, model)
+                if epoch == 3:
+                    die()
+            on_epoch_end = [hook, *on_epoch_end[1:]]
+        return real(*args, desc=desc, on_epoch_end=on_epoch_end, **kwargs)
     return train
 
 
@@ -62,6 +79,8 @@ if __name__ == "__main__":
             curriculum.recover = killing_recover(curriculum.recover)
         elif point == "scoring":
             curriculum.predict = killing_predict(curriculum.predict)
+        elif point == "fused":
+            evaluate.train_fused = killing_fused(evaluate.train_fused, "eval fused ccfs")
         else:
             evaluate.train_model = killing_training(evaluate.train_model, "eval ccfs 2/")
     sys.exit(main(["run", *sys.argv[2:]]))

@@ -32,7 +32,7 @@ def main(index_path, passes, per_pool):
     import torch
     from tqdm import tqdm
     from ccfs_dist.dist import exit_process, make_accelerator
-    from ccfs_dist.shards import ShardSplit
+    from ccfs_dist.shard_reader import ShardSplit
 
     acc = make_accelerator(timeout_s=120)
     rank, world = acc.process_index, acc.num_processes

@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist import shards, synthetic
+from ccfs_dist import shard_reader, synthetic
 from ccfs_dist.dist import exit_process, gather_rows, gather_rows_in_pieces, make_accelerator, relaunch_cpu_processes
 
 OPENED = []
-_samples = shards._ShardStream._samples
+_samples = shard_reader._ShardStream._samples
 
 
 def counting(self, shard):
@@ -26,9 +26,9 @@ def counting(self, shard):
 
 
 def main(index_path, out):
-    shards._ShardStream._samples = counting
+    shard_reader._ShardStream._samples = counting
     acc = make_accelerator(timeout_s=120)
-    split = shards.ShardSplit(index_path)
+    split = shard_reader.ShardSplit(index_path)
     index = np.random.default_rng(3).permutation(len(split))[:len(split) // 3]
     x, y = split.fetch(index, batch_size=7, accelerator=acc)
     opened = gather_rows(acc, {"n": torch.tensor([len(OPENED)])})["n"]

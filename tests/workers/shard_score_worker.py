@@ -17,7 +17,7 @@ from ccfs_dist.sources import load_real
 from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.models import build_model
 from ccfs_dist.predict import predict
-from ccfs_dist.shards import ShardSplit
+from ccfs_dist.shard_reader import ShardSplit
 
 
 def model_for(num_classes, shape):
