@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 SLOW = os.path.join(ROOT, "tests", "workers", "slow_score_worker.py")
@@ -69,12 +69,10 @@ def exists(path):
 def check_killed(out, capsys, extra=()):
     """What a kill leaves: no summary, only whole artifacts, and a run that refuses to start without --resume
     (checked in this process: the refusal comes before any work)."""
-    from ccfs_dist import cli
     assert not (out / "summary.json").exists()
     check_artifacts_whole(out)
-    capsys.readouterr()
-    assert cli.main(["run", "--out", str(out)] + SETTINGS + list(extra)) == 2
-    assert "--resume" in capsys.readouterr().err
+    refused = run_here(capsys, ["--out", str(out)] + SETTINGS + list(extra))
+    assert refused.returncode == 2 and "--resume" in refused.stderr
 
 
 def check_same_result(out, reference):
@@ -98,7 +96,7 @@ def test_run_killed_at_each_point_resumes_to_the_same_result(reference, tmp_path
     every kill the artifacts are whole and a plain start is refused; the last resume ends with the
     uninterrupted run's selection and evaluation, and no training state left."""
     out = tmp_path / "run"
-    for i, (point, ready) in enumerate(CASES.items()):
+    for i, ready in enumerate(CASES.values()):
         kill_when(out, ready(out), extra=["--resume"] if i else [])
         check_killed(out, capsys)
     run(out, extra=["--resume"])
