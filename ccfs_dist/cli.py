@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from .errors import CCFSError
+from ccfs_dist.errors import CCFSError
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = os.path.join(REPO_CONFIGS, "default.yaml")
@@ -44,37 +44,37 @@ def add_run_args(p):
 
 
 def cmd_run(args):
-    from .config import load_config
+    from ccfs_dist.config import load_config
     cfg = load_config(args.config, args.overrides)
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
-    from .dist import make_accelerator
+    from ccfs_dist.runtime.dist import make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
                                    deterministic=cfg["train"]["deterministic"])
-    from .curriculum import run_ccfs
-    from .rundir import release_locks
+    from ccfs_dist.ccfs.curriculum import run_ccfs
+    from ccfs_dist.runtime.rundir import release_locks
     try:
         run_ccfs(accelerator, cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         release_locks()                    # also on failure: the lock file and an uncommitted staged run go
-    from .dist import log
+    from ccfs_dist.runtime.dist import log
     log(accelerator, f"outputs: {os.path.abspath(out)} (summary.json, report.md, eval_*.json; docs/outputs.md)")
     accelerator.end_training()
     return 0
 
 
 def cmd_scores(args):
-    from .config import load_config
+    from ccfs_dist.config import load_config
     cfg = load_config(args.config, args.overrides)
-    from .scores import METHODS
+    from ccfs_dist.training.scores import METHODS
     methods = [m.strip() for m in (args.method or cfg["scores"]["method"]).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise CCFSError(f"--method must name one or more of {', '.join(METHODS)} (comma-separated), "
                         f"got {args.method!r}")
     methods = list(dict.fromkeys(methods))
-    from .io import check_outputs
-    from .sources import input_paths, load_real
+    from ccfs_dist.runtime.io import check_outputs
+    from ccfs_dist.data.sources import input_paths, load_real
     given = input_paths(cfg)                   # before anything is read in full or written
     data = load_real(cfg["data"])
     out = args.out or os.path.join("scores", f"{data.name}_{{method}}.npy")
@@ -84,7 +84,7 @@ def cmd_scores(args):
     if not out.endswith(".npy"):
         raise CCFSError(f"--out {out!r} must end in .npy (a JSON file with the same stem is written beside it)")
     paths = {m: out.replace("{method}", m) for m in methods}
-    from .io import check_writable_folder
+    from ccfs_dist.runtime.io import check_writable_folder
     written = [(what, p) for m in methods for what, p in (("--out", paths[m]),
                                                          ("--out's sidecar", os.path.splitext(paths[m])[0] + ".json"))]
     check_outputs(written, given)
@@ -96,13 +96,13 @@ def cmd_scores(args):
     if existing and not args.overwrite:
         raise CCFSError(f"{', '.join(existing)} already exist(s); pass --overwrite to recompute, "
                         f"or choose another --out")
-    from .scores import written_by_scores
+    from ccfs_dist.training.scores import written_by_scores
     for m in methods:                      # --overwrite replaces only score files `ccfs scores` wrote
         written_by_scores(paths[m])
-    from .dist import log, make_accelerator
+    from ccfs_dist.runtime.dist import log, make_accelerator
     accelerator = make_accelerator(cfg["train"]["mixed_precision"], timeout_s=args.timeout,
                                    deterministic=cfg["train"]["deterministic"])
-    from .scores import compute_score_files
+    from ccfs_dist.training.scores import compute_score_files
     scores = compute_score_files(accelerator, cfg, data, paths, reuse=False)
     for m, values in scores.items():
         log(accelerator, f"{m}: {paths[m]} (+ .json): n={len(values)}, min {values.min():.4g}, "
@@ -112,15 +112,15 @@ def cmd_scores(args):
 
 
 def cmd_shards(args):
-    from .config import load_config
+    from ccfs_dist.config import load_config
     cfg = load_config(args.config, args.overrides)
     if args.verify:
         return verify_shards(args, cfg)
-    from .io import check_outputs, check_writable_folder
-    from .sources import input_paths
+    from ccfs_dist.runtime.io import check_outputs, check_writable_folder
+    from ccfs_dist.data.sources import input_paths
     check_outputs([("--out", args.out)], input_paths(cfg, checkpoints=False))
     check_writable_folder(args.out, "--out")
-    from .shard_writer import write_shards
+    from ccfs_dist.data.shards.writer import write_shards
     for split in [args.split] if args.split else ["train", "test"]:
         index = write_shards(cfg["data"], args.out, split=split, per_shard=args.per_shard,
                              overwrite=args.overwrite, workers=args.workers, resize=args.resize,
@@ -132,7 +132,7 @@ def cmd_shards(args):
 
 def verify_shards(args, cfg):
     """`ccfs shards --verify`: read the shards of --out's index(es) whole and check them against the index."""
-    from .shard_reader import verify_shards as verify
+    from ccfs_dist.data.shards.reader import verify_shards as verify
     splits = [args.split] if args.split else [s for s in ("train", "test")
                                              if os.path.exists(os.path.join(args.out, s + ".json"))]
     if not splits:
@@ -160,7 +160,7 @@ def cmd_bench(args):
 
 
 def cmd_report(args):
-    from .report import write_report
+    from ccfs_dist.report import write_report
     print(write_report(args.run_dir), flush=True)
     return 0
 
@@ -254,7 +254,7 @@ def main(argv=None):
     collective fails within --timeout."""
     args = build_parser().parse_args(argv)
     if getattr(args, "progress", None):
-        from .progress import set_mode
+        from ccfs_dist.runtime.progress import set_mode
         set_mode(args.progress)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):     # set but empty: as if unset (accelerate reads them too)
         if os.environ.get(name) == "":
@@ -280,7 +280,7 @@ def main(argv=None):
         traceback.print_exc()
         print(f"{prefix}failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
-    from .dist import exit_process
+    from ccfs_dist.runtime.dist import exit_process
     return exit_process(status)                # several processes: no interpreter finalisation (see there)
 
 

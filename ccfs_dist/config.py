@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import yaml
 
-from .errors import ConfigError, DataError
+from ccfs_dist.errors import ConfigError, DataError
 
 MAX_DEPTH = 64                 # nesting of a YAML or JSON file the engine reads (io.py); none needs > 8
 MAX_YAML_BYTES = 1 << 20       # a run config is a few kB

@@ -19,10 +19,10 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from . import io
-from .errors import CCFSError, DataError
-from .evaluate import REGIME_LABELS, REGIMES, lead_key, summary_key
-from .rundir import Layout
+from ccfs_dist.runtime import io
+from ccfs_dist.errors import CCFSError, DataError
+from ccfs_dist.training.evaluate import REGIME_LABELS, REGIMES, lead_key, summary_key
+from ccfs_dist.runtime.rundir import Layout
 
 SET_LABELS = {"ccfs": "CCFS (distilled + selected real)", "distilled+random": "distilled + random real",
               "random": "random real only"}
@@ -45,7 +45,7 @@ def write_report(run_dir, data=None, name=None):
 def _write_report(run_dir, data, name):
     run_dir = os.fspath(run_dir)
     run = Layout(run_dir)
-    from .rundir import MARKER, is_run
+    from ccfs_dist.runtime.rundir import MARKER, is_run
     if not is_run(run_dir) or not os.path.exists(run.config()):
         raise CCFSError(f"{run_dir} is not a run directory (no {MARKER} or no config.yaml in it); a report is "
                         f"written only into a ccfs run")
@@ -56,7 +56,7 @@ def _write_report(run_dir, data, name):
 
     cfg = None
     try:
-        from .config import load_config
+        from ccfs_dist.config import load_config
         cfg = load_config(run.config())
     except CCFSError as e:
         notes.append(f"config.yaml could not be read ({e}); image grids skipped")
@@ -95,7 +95,7 @@ def _hardness(run, cfg, data, j):
     spec, c = cfg["ccfs"]["difficulty"], cfg["ccfs"]
     path = c["difficulty_file"] if spec == "file" else run.scores(spec)   # a given score file, or computed in the run
     if spec != "logits" and os.path.isfile(path):
-        from .difficulty import load_score_file, to_hardness
+        from ccfs_dist.ccfs.difficulty import load_score_file, to_hardness
         scores, method = load_score_file(path, len(data.train), method=c["difficulty_file_method"])
         return index, to_hardness(scores, method)[index], f"{method} score ({path})"
     if spec == "logits":
@@ -182,7 +182,7 @@ def _distilled_grid(run, cfg, summary, data, notes):
     if not folder or not os.path.isdir(folder) or per_class == 0:
         notes.append("no distilled images to show (no distilled folder, or alpha gives 0 per class)")
         return None
-    from .distilled import load_distilled
+    from ccfs_dist.data.distilled import load_distilled
     if data is not None:
         classes, channels, size = data.classes, data.channels, data.image_size
     else:   # read the folder's own class list and image shape

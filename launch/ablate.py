@@ -37,14 +37,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ccfs_dist import io  # noqa: E402
+from ccfs_dist.runtime import io  # noqa: E402
 from ccfs_dist.cli import DEFAULT_CONFIG  # noqa: E402
 from ccfs_dist.config import load_config  # noqa: E402
-from ccfs_dist.dist import dealt, log  # noqa: E402
+from ccfs_dist.runtime.dist import dealt, log  # noqa: E402
 from ccfs_dist.errors import CCFSError  # noqa: E402
-from ccfs_dist.evaluate import REGIME_LABELS, REGIMES, regimes, summary_key  # noqa: E402
-from ccfs_dist.rundir import Layout, regime_suffix  # noqa: E402
-from ccfs_dist.selection import phase_budgets  # noqa: E402
+from ccfs_dist.training.evaluate import REGIME_LABELS, REGIMES, regimes, summary_key  # noqa: E402
+from ccfs_dist.runtime.rundir import Layout, regime_suffix  # noqa: E402
+from ccfs_dist.ccfs.selection import phase_budgets  # noqa: E402
 
 COARSE, FINE = ("misclassified", "correct"), ("simple", "hard", "random")
 COMPUTED = ("forgetting", "loss", "el2n")
@@ -120,8 +120,8 @@ def resolve_scores(args, acc, cfg, centre):
         else:
             raise CCFSError(f"--scores: {s!r} is neither logits, {', '.join(COMPUTED)} nor an existing score file")
     if todo:
-        from ccfs_dist.sources import load_real
-        from ccfs_dist.scores import compute_score_files
+        from ccfs_dist.data.sources import load_real
+        from ccfs_dist.training.scores import compute_score_files
         compute_score_files(acc, cfg, load_real(cfg["data"]), todo, reuse=True)
         resolved.update(todo)
     return resolved
@@ -146,7 +146,7 @@ def make_base(acc, args, per_class):
     The base is an ordinary CCFS run at IPC per_class + 1 holding per_class distilled images per class,
     with one phase and 1-epoch filter/evaluation training: only its teacher.pt and distilled/ are used.
     """
-    from ccfs_dist.curriculum import run_ccfs
+    from ccfs_dist.ccfs.curriculum import run_ccfs
     cfg = load_config(args.config, args.overrides)
     base = os.path.abspath(os.path.join(args.out, "base"))
     given_teacher, given_distilled = cfg["teacher"]["checkpoint"], cfg["data"]["distilled"]
@@ -254,8 +254,8 @@ def main(argv=None):
     centre = {"alpha": c["alpha"], "coarse": c["coarse"], "fine": c["fine"], "phases": c["phases"],
               "difficulty": c["difficulty_file"] if c["difficulty"] == "file" else c["difficulty"]}
 
-    from ccfs_dist.curriculum import run_ccfs
-    from ccfs_dist.dist import Local, make_accelerator, wait_for_all
+    from ccfs_dist.ccfs.curriculum import run_ccfs
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, wait_for_all
     wanted = grid(args, centre)
     acc = make_accelerator(cfg["train"]["mixed_precision"], deterministic=cfg["train"]["deterministic"])
     scores = resolve_scores(args, acc, cfg, centre)
@@ -276,8 +276,8 @@ def main(argv=None):
     base = make_base(acc, args, per_class)
     log(acc, f"ablation: {len(cells)} cells in {os.path.join(args.out, 'cells')}")
 
-    # cells are independent runs: each runs whole on one rank (dist.Local), dealt round-robin in grid order
-    local, mine = Local(acc), dealt(acc, len(cells))
+    # cells are independent runs: each runs whole on one rank (dist.OneRankAccelerator), dealt round-robin in grid order
+    local, mine = OneRankAccelerator(acc), dealt(acc, len(cells))
     for i, (name, s) in enumerate(cells.items(), 1):
         out = os.path.join(args.out, "cells", name)
         if i - 1 not in mine:
@@ -330,9 +330,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from ccfs_dist.relaunch import relaunch_cpu_processes
+    from ccfs_dist.runtime.relaunch import relaunch_cpu_processes
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
-    from ccfs_dist.dist import exit_process
+    from ccfs_dist.runtime.dist import exit_process
     try:
         sys.exit(exit_process(main()))
     except CCFSError as exc:

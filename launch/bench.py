@@ -54,19 +54,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 
-from ccfs_dist import seeds
-from ccfs_dist.augment import normalize
+from ccfs_dist.runtime import seeds
+from ccfs_dist.training.augment import normalize
 from ccfs_dist.cli import add_timeout_arg
 from ccfs_dist.config import load_config
-from ccfs_dist.distilled import load_distilled
-from ccfs_dist.pool import RealData, Split
-from ccfs_dist.sources import load_real
-from ccfs_dist.dist import exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share
+from ccfs_dist.data.distilled import load_distilled
+from ccfs_dist.data.pool import RealData, TensorPool
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.runtime.dist import exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share
 from ccfs_dist.errors import CCFSError
-from ccfs_dist.models import build_model, load_checkpoint
-from ccfs_dist.predict import predict
-from ccfs_dist.selection import phase_budgets, random_per_class, select
-from ccfs_dist.train import Recipe, compiled, train_model, train_step
+from ccfs_dist.training.models import build_model, load_checkpoint
+from ccfs_dist.training.predict import predict
+from ccfs_dist.ccfs.selection import phase_budgets, random_per_class, select
+from ccfs_dist.training.train import Recipe, compiled, train_model, train_step
 
 PHASES = ("filter_train", "score", "select", "select_1k", "eval_train")
 LABELS = {"filter_train": "filter training", "score": "scoring", "select": "selection",
@@ -157,8 +157,8 @@ def generated_data(classes, pool, size, channels, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (pool, channels, size, size), dtype=torch.uint8, generator=g)
     labels = torch.randperm(pool, generator=g) % classes
-    train = Split(images, labels)
-    test = Split(images[:0], labels[:0])
+    train = TensorPool(images, labels)
+    test = TensorPool(images[:0], labels[:0])
     return RealData("generated", [str(c) for c in range(classes)], train, test, (0.5,) * channels,
                     (0.25,) * channels)
 

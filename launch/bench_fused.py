@@ -24,13 +24,13 @@ import time
 
 def shape_rates(model_name, batch, loss, ks, size, steps, repeats, width=32):
     import torch
-    from ccfs_dist.dist import Local, make_accelerator
-    from ccfs_dist.fused import train_fused
-    from ccfs_dist.models import build_model
-    from ccfs_dist.progress import set_mode
-    from ccfs_dist.train import Recipe, train_model
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+    from ccfs_dist.training.fused import train_fused
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.runtime.progress import set_mode
+    from ccfs_dist.training.train import Recipe, train_model
     set_mode("off")
-    local = Local(make_accelerator())
+    local = OneRankAccelerator(make_accelerator())
     cfg = {"name": model_name, "width": width, "depth": 3, "norm": "batchnorm"}
     classes, n = 10, steps * batch
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What the loader workers cost to start and how fast they deliver: repeated passes over a generated
-CIFAR-shaped shard set (32 x 32 RGB PNGs) through ShardSplit.batches with --workers loader workers, no model.
+CIFAR-shaped shard set (32 x 32 RGB PNGs) through ShardPool.batches with --workers loader workers, no model.
 
 Prints the shard writer's seconds (`ccfs shards` with --write-workers processes), then per pass the
 seconds to its first batch and its images/s: the first pass of a split pays the workers' start (with a
@@ -55,8 +55,8 @@ def main():
     import numpy as np
     import torch
     import ccfs_dist
-    from ccfs_dist.shard_reader import ShardSplit
-    from ccfs_dist.shard_writer import write_shards
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.data.shards.writer import write_shards
     torch.set_num_threads(1)
     source = os.path.join(args.out, "cifar")
     if args.step is None:                    # each step in a fresh process: each pays its own process starts
@@ -77,7 +77,7 @@ def main():
               f"processes (in a fresh process, this one's process starts included)")
         return
     t = time.perf_counter()
-    split = ShardSplit(os.path.join(shards, "train.json"), num_workers=args.workers)
+    split = ShardPool(os.path.join(shards, "train.json"), num_workers=args.workers)
     index = np.arange(len(split))
     rows = []
     for i in range(args.passes):

@@ -64,7 +64,7 @@ def parse_args(argv):
 def make_cifar_like(folder, c=CIFAR):
     """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class); `c` as CIFAR."""
     import torch
-    from ccfs_dist.distilled import write_image_folder
+    from ccfs_dist.data.distilled import write_image_folder
     g = torch.Generator().manual_seed(0)
     for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
         n = per_class * c["classes"]
@@ -134,9 +134,9 @@ def predict(cfg, world, sizes, rates):
     """Predicted wall seconds of a run on `world` devices: per stage, the most loaded rank's trainings
     (plan.py) at the measured rates, plus the collective steps split W ways (distillation at the CE
     training rate, scoring of the pool at the scoring rate)."""
-    from ccfs_dist.evaluate import regime_of
-    from ccfs_dist.plan import KD_COST, make_plan
-    from ccfs_dist.selection import phase_budgets
+    from ccfs_dist.training.evaluate import regime_of
+    from ccfs_dist.runtime.plan import KD_COST, make_plan
+    from ccfs_dist.ccfs.selection import phase_budgets
     stages = make_plan(cfg, world, **sizes)
 
     def seconds(job):
@@ -179,9 +179,9 @@ def split_sweep_worker(out):
     """Under 2 processes: seconds per step of one training whole on rank 0 (rank 1 idle) and split over both
     (DDP), per global batch size, ConvNet-D3 on CIFAR-shaped images; rank 0 writes them to `out` (JSON)."""
     import torch
-    from ccfs_dist.dist import Local, make_accelerator, wait_for_all
-    from ccfs_dist.models import build_model
-    from ccfs_dist.train import Recipe, train_model
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, wait_for_all
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.training.train import Recipe, train_model
     acc = make_accelerator()
     steps, rows = 12, []
     for batch in SWEEP_BATCHES:
@@ -192,7 +192,7 @@ def split_sweep_worker(out):
             if mode == "split" or acc.is_main_process:
                 torch.manual_seed(0)
                 model = build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, 10, 3, 32)
-                _, stats = train_model(acc if mode == "split" else Local(acc), model, images, labels,
+                _, stats = train_model(acc if mode == "split" else OneRankAccelerator(acc), model, images, labels,
                                        Recipe(epochs=2, batch_size=batch, lr=0.01), mean=(0.5,) * 3, std=(0.25,) * 3)
                 times[mode] = stats["seconds"] / stats["steps"]
             wait_for_all(acc)
@@ -255,7 +255,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from ccfs_dist.relaunch import relaunch_cpu_processes
+    from ccfs_dist.runtime.relaunch import relaunch_cpu_processes
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
-    from ccfs_dist.dist import exit_process
+    from ccfs_dist.runtime.dist import exit_process
     sys.exit(exit_process(main()))

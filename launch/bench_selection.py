@@ -1,4 +1,4 @@
-"""Benchmark ccfs_dist.selection.select against per-class Python sorting (the official approach).
+"""Benchmark ccfs_dist.ccfs.selection.select against per-class Python sorting (the official approach).
 
 Builds a synthetic ImageNet-1K-sized pool (default 1,281,167 samples, 1000 classes) with random
 labels, filter predictions (30 % wrong), teacher correctness (80 % right) and a forgetting-like
@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import make_pool  # noqa: E402  (launch/bench.py, beside this script: shared with its select_1k phase)
-from ccfs_dist.io import write_json  # noqa: E402
-from ccfs_dist.selection import _random_keys, select  # noqa: E402
+from ccfs_dist.runtime.io import write_json  # noqa: E402
+from ccfs_dist.ccfs.selection import _random_keys, select  # noqa: E402
 
 COMBOS = [(c, f) for c in ("misclassified", "correct") for f in ("simple", "hard", "random")]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What checking every shard's sha256 while streaming costs: the loader alone (ShardSplit.batches, no model,
+"""What checking every shard's sha256 while streaming costs: the loader alone (ShardPool.batches, no model,
 the case where the hash is the largest share), with the check and with the hashing taken out, alternated.
 
     python launch/bench_sha.py                 # 64,000 16x16 RGB PNGs in 32 shards, in /tmp/ccfs_bench_sha
@@ -20,11 +20,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import bench_shards  # noqa: E402  (launch/: its synthetic shard generator)
-from ccfs_dist import shard_index, shard_reader  # noqa: E402
+from ccfs_dist.data.shards import index as shard_index, reader as shard_reader  # noqa: E402
 
 
 def stream(index_path, workers, batch_size=512):
-    split = shard_reader.ShardSplit(index_path, num_workers=workers)
+    split = shard_reader.ShardPool(index_path, num_workers=workers)
     start, n = time.perf_counter(), 0
     for _, labels, _ in split.batches(np.arange(len(split)), batch_size, 0, 1, torch.device("cpu")):
         n += len(labels)

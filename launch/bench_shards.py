@@ -5,14 +5,14 @@
    ImageNet-1K's training set): random 16x16 RGB PNGs, random labels over 1000 classes, --per-shard per
    shard, written by --gen-workers processes; plus a second index over its first --small samples.
 2. Scores each pool (small, then full) in a fresh process (under torch.distributed.run when --processes > 1)
-   with predict.predict over ShardSplit.batches, --workers DataLoader workers per rank. During the pass, after
+   with predict.predict over ShardPool.batches, --workers DataLoader workers per rank. During the pass, after
    every pass/--pairs streamed batches, the same model's forward (normalise + forward, the compute-only
    ceiling) runs on a batch already in memory for a quarter as many batches: each streamed window and
    the ceiling window after it make a pair, and the throughput ratio is the median over the pairs (this
    machine's speed swings by 2x with load and allocator state; a pair sees the same conditions). Per
    rank it reports peak RSS of the rank (getrusage) and of its largest loader worker; streaming images/s
    over the whole pass (ceiling windows taken out); and, right after, the forward alone, predict.predict
-   over an in-memory pool of generated images, and the loader alone (ShardSplit.batches without a
+   over an in-memory pool of generated images, and the loader alone (ShardPool.batches without a
    model) over the first --loader-images samples.
 3. Prints the RSS ratio full / small (target <= 1.15, peak <= 1.5 GB per rank) and the paired streaming /
    forward throughput ratio (target >= 80 %), and writes everything to --out/result.json.
@@ -27,7 +27,7 @@ With --decode, instead: decode throughput at --decode-size px (224) of ImageNet-
 into --out/decode: --decode-images photos of 375-500 x 333-500 px, quality 90, as an image folder, then
 written by `ccfs shards` twice, --decode-per-shard per shard: as stored, and with --resize --decode-size).
 For each shard set it times
-ShardSplit.batches over every sample (no model), twice each, best of the two: data.decode cpu (--workers
+ShardPool.batches over every sample (no model), twice each, best of the two: data.decode cpu (--workers
 loader workers decode with PIL) and data.decode device (the workers read bytes, the rank decodes each batch
 with decode_jpeg on its device: CUDA when there is one and no --cpu, else the CPU with --threads threads);
 then, untimed, the mean and max |difference| between the two paths' pixels (the tolerance on that device).
@@ -48,14 +48,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ccfs_dist.io import write_json  # noqa: E402
+from ccfs_dist.runtime.io import write_json  # noqa: E402
 
 GEN = {}   # generation parameters, inherited by the writer processes (fork)
 
 
 def _gen_shard(job):
-    from ccfs_dist.images import encode_png
-    from ccfs_dist.shard_tar import write_tar
+    from ccfs_dist.data.images import encode_png
+    from ccfs_dist.data.shards.tar import write_tar
     s, first, count = job
     rng = np.random.default_rng([GEN["seed"], s])
     size, labels, width = GEN["size"], GEN["labels"], GEN["width"]
@@ -73,7 +73,7 @@ def _gen_shard(job):
 def generate(args):
     """Write the synthetic shard set and its two index JSONs (skipped when they exist with these parameters)."""
     import multiprocessing
-    from ccfs_dist.shard_index import FORMAT, key_width, write_index
+    from ccfs_dist.data.shards.index import FORMAT, key_width, write_index
     params = {"samples": args.samples, "classes": args.classes, "size": args.image_size,
               "per_shard": args.per_shard, "seed": args.seed}
     full, small = os.path.join(args.out, "train.json"), os.path.join(args.out, "train_small.json")
@@ -148,16 +148,16 @@ class Paired:
 def child(args):
     """One measurement in a fresh process (or one per rank): stream-score the pool, then the ceilings."""
     import torch
-    from ccfs_dist.augment import normalize
-    from ccfs_dist.pool import Split
-    from ccfs_dist.dist import gather_rows, make_accelerator
-    from ccfs_dist.models import build_model
-    from ccfs_dist.predict import predict
-    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.training.augment import normalize
+    from ccfs_dist.data.pool import TensorPool
+    from ccfs_dist.runtime.dist import gather_rows, make_accelerator
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.training.predict import predict
+    from ccfs_dist.data.shards.reader import ShardPool
     torch.set_num_threads(args.threads)
     acc = make_accelerator(args.mixed_precision)
     device = acc.device
-    split = ShardSplit(args.child, num_workers=args.workers)
+    split = ShardPool(args.child, num_workers=args.workers)
     mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
     torch.manual_seed(0)
     model = build_model({"name": args.model, "width": args.width, "depth": args.depth, "norm": "batchnorm"},
@@ -202,8 +202,8 @@ def child(args):
     loader_ips = n_load / (time.perf_counter() - start)
 
     n_mem = args.forward_images
-    pool = Split(torch.randint(0, 256, (n_mem,) + split.shape, dtype=torch.uint8),
-                 torch.randint(0, len(split.classes), (n_mem,)))
+    pool = TensorPool(torch.randint(0, 256, (n_mem,) + split.shape, dtype=torch.uint8),
+                      torch.randint(0, len(split.classes), (n_mem,)))
     _, mem_stats = predict(acc, model, pool, np.arange(n_mem), mean=mean, std=std, batch_size=args.batch_size,
                            desc="memory")
     local = {"rss_rank": torch.tensor([rss_rank]), "rss_worker": torch.tensor([rss_worker]),
@@ -261,8 +261,8 @@ def write_photos(folder, n, seed=0):
 def decode_bench(args):
     """--decode: images/s of the CPU decode path vs the batch decode path, on full-size and pre-resized shards."""
     import torch
-    from ccfs_dist.shard_reader import ShardSplit
-    from ccfs_dist.shard_writer import write_shards
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.data.shards.writer import write_shards
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     base = os.path.join(args.out, "decode")
@@ -289,9 +289,9 @@ def decode_bench(args):
     rows = []
     for name in ("full", "resized"):
         index = os.path.join(base, name, "train.json")
-        nbytes = sum(s["bytes"] for s in ShardSplit(index).shards)
+        nbytes = sum(s["bytes"] for s in ShardPool(index).shards)
         for decode in ("cpu", "device"):
-            split = ShardSplit(index, num_workers=args.workers, decode=decode)
+            split = ShardPool(index, num_workers=args.workers, decode=decode)
             best = math.inf
             for _ in range(2):                   # the first pass also warms the page cache
                 start = time.perf_counter()
@@ -305,7 +305,7 @@ def decode_bench(args):
                          "decoded_on": "cpu (loader workers)" if decode == "cpu" else str(device)})
         # the tolerance: device-decoded against CPU-path pixels, batch by batch (the same samples, in order)
         total, peak, count = 0, 0, 0
-        pair = [ShardSplit(index, num_workers=args.workers, decode=d).batches(
+        pair = [ShardPool(index, num_workers=args.workers, decode=d).batches(
             np.arange(len(split)), args.batch_size, 0, 1, device) for d in ("cpu", "device")]
         for (x, _, ids), (dx, _, dids) in zip(*pair):
             assert torch.equal(ids.cpu(), dids.cpu())

@@ -56,10 +56,10 @@ def main():
     from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
     from test_scores import auroc, spearman
     from ccfs_dist.config import load_config
-    from ccfs_dist.sources import load_real
-    from ccfs_dist.dist import make_accelerator
-    from ccfs_dist.scores import training_dynamics
-    from ccfs_dist.shard_reader import load_shards
+    from ccfs_dist.data.sources import load_real
+    from ccfs_dist.runtime.dist import make_accelerator
+    from ccfs_dist.training.scores import training_dynamics
+    from ccfs_dist.data.shards.reader import load_shards
 
     acc = make_accelerator()
     recipe = [f"scores.runs={args.runs}", f"scores.epochs={args.epochs}", "scores.batch_size=256",
@@ -98,12 +98,12 @@ def main():
 def throughput(args):
     from stream_pools import generated_pool, write_pool_shards
     from ccfs_dist.config import load_config
-    from ccfs_dist.dist import Local, make_accelerator
-    from ccfs_dist.scores import dynamics_run
-    from ccfs_dist.shard_reader import load_shards
-    from ccfs_dist.stream_train import epoch_batches, epoch_plan
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+    from ccfs_dist.training.scores import dynamics_run
+    from ccfs_dist.data.shards.reader import load_shards
+    from ccfs_dist.training.stream_train import epoch_batches, epoch_plan
 
-    acc = Local(make_accelerator())
+    acc = OneRankAccelerator(make_accelerator())
     default = os.path.join(ROOT, "configs", "default.yaml")
     print(f"one score run of {args.throughput_epochs} epochs (224 px: 1), median of {args.repeat} (224 px: 1) after a "
           f"warm-up round, images trained per second")
@@ -140,12 +140,12 @@ def bias(args):
     from stream_pools import write_pool_shards
     from test_scores import spearman
     from ccfs_dist.config import load_config
-    from ccfs_dist.dist import Local, make_accelerator
-    from ccfs_dist.scores import dynamics_run
-    from ccfs_dist.shard_reader import load_shards
-    from ccfs_dist.sources import load_real
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+    from ccfs_dist.training.scores import dynamics_run
+    from ccfs_dist.data.shards.reader import load_shards
+    from ccfs_dist.data.sources import load_real
 
-    acc = Local(make_accelerator())
+    acc = OneRankAccelerator(make_accelerator())
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"), [f"stream.shuffle_buffer={args.buffer}"])
     memory = load_real({"source": "digits"})
     streamed = load_shards(write_pool_shards(memory, os.path.join(args.out, "digits_200"), per_shard=200))

@@ -34,15 +34,15 @@ def child(args):
     import copy
     import statistics
     import torch
-    from ccfs_dist.augment import Augment
-    from ccfs_dist.dist import make_accelerator
-    from ccfs_dist.models import build_model
-    from ccfs_dist.shard_reader import ShardSplit
-    from ccfs_dist.stream_train import train_stream
-    from ccfs_dist.train import Recipe
+    from ccfs_dist.training.augment import Augment
+    from ccfs_dist.runtime.dist import make_accelerator
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.training.stream_train import train_stream
+    from ccfs_dist.training.train import Recipe
     torch.set_num_threads(args.threads)
     acc = make_accelerator()
-    split = ShardSplit(args.child, num_workers=args.workers)
+    split = ShardPool(args.child, num_workers=args.workers)
     cfg = {"name": "convnet", "width": args.width, "depth": 3, "norm": "batchnorm"}
     torch.manual_seed(0)
     model = build_model(cfg, len(split.classes), 3, split.shape[1])

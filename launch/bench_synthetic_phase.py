@@ -42,17 +42,17 @@ def _status_kb(field, path="/proc/self/status"):
 def child(args):
     import numpy as np
     import torch
-    from ccfs_dist import synthetic
-    from ccfs_dist.dist import exit_process, make_accelerator
-    from ccfs_dist.models import build_model
-    from ccfs_dist.predict import predict
-    from ccfs_dist.selection import random_per_class, select
-    from ccfs_dist.shard_reader import ShardSplit
-    from ccfs_dist.train import Recipe, train_model
-    from ccfs_dist.difficulty import to_hardness
+    from ccfs_dist.data import synthetic
+    from ccfs_dist.runtime.dist import exit_process, make_accelerator
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.training.predict import predict
+    from ccfs_dist.ccfs.selection import random_per_class, select
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.training.train import Recipe, train_model
+    from ccfs_dist.ccfs.difficulty import to_hardness
     torch.set_num_threads(1)
     acc = make_accelerator()
-    split = ShardSplit(args.child)
+    split = ShardPool(args.child)
     mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
     labels = split.labels.numpy()
     folder = os.path.join(args.out, f"synthetic_{args.store}_{len(split)}")

@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ccfs_dist import shard_index, shard_tar  # noqa: E402
+from ccfs_dist.data.shards import index as shard_index, tar as shard_tar  # noqa: E402
 from ccfs_dist.errors import DataError  # noqa: E402
-from ccfs_dist.images import encode_png  # noqa: E402
+from ccfs_dist.data.images import encode_png  # noqa: E402
 
 
 def samples_of(n, size, seed=0):

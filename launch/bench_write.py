@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_shards import write_photos  # noqa: E402
-from ccfs_dist.shard_writer import write_shards  # noqa: E402
+from ccfs_dist.data.shards.writer import write_shards  # noqa: E402
 
 
 def folder_bytes(folder):

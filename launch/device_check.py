@@ -48,11 +48,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_scaling import COMPARED, make_cifar_like  # noqa: E402
-from ccfs_dist.augment import Augment  # noqa: E402
-from ccfs_dist.dist import Local, make_accelerator, set_determinism  # noqa: E402
-from ccfs_dist.io import check_writable_folder, write_json, write_text  # noqa: E402
-from ccfs_dist.models import build_model  # noqa: E402
-from ccfs_dist.train import Recipe, kd_loss, train_model  # noqa: E402
+from ccfs_dist.training.augment import Augment  # noqa: E402
+from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, set_determinism  # noqa: E402
+from ccfs_dist.runtime.io import check_writable_folder, write_json, write_text  # noqa: E402
+from ccfs_dist.training.models import build_model  # noqa: E402
+from ccfs_dist.training.train import Recipe, kd_loss, train_model  # noqa: E402
 
 MIN_RATIO = 0.5        # engine images/s over the plain loop's, for the engine check to pass
 JPEG_MEAN_TOL = 1.0    # mean |difference| in levels, nvjpeg against the CPU path (docs/shards.md)
@@ -151,7 +151,7 @@ def kd_training(acc, sz, deterministic):
     try:
         images, labels = generated(sz["det_n"], sz["size"], 10, seed=1)
         student, teacher = model_pair(sz, acc.device)
-        model, stats = train_model(Local(acc), student, images, labels, Recipe(sz["det_epochs"], 32, lr=0.05),
+        model, stats = train_model(OneRankAccelerator(acc), student, images, labels, Recipe(sz["det_epochs"], 32, lr=0.05),
                                    mean=MEAN, std=STD, teacher=teacher, seed=3, desc="determinism")
         return flat(model), stats["seconds"], stats["steps"]
     finally:
@@ -242,9 +242,9 @@ def engine(acc, sz, device):
         student, teacher = model_pair(sz, device)
         rec = Recipe(epochs, batch, lr=0.05)
         kw = dict(mean=MEAN, std=STD, teacher=teacher if kd else None, seed=4, desc=name)
-        train_model(Local(acc), model_pair(sz, device)[0], images[:batch * 4], labels[:batch * 4],
+        train_model(OneRankAccelerator(acc), model_pair(sz, device)[0], images[:batch * 4], labels[:batch * 4],
                     rec.replace(epochs=1), **kw)                                              # warm-up
-        _, stats = train_model(Local(acc), student, images, labels, rec, **kw)
+        _, stats = train_model(OneRankAccelerator(acc), student, images, labels, rec, **kw)
         ceiling = 1000 * batch / plain_step_ms(sz, device, batch, "fp32", kd=kd, steps=sz["steps"])
         ratio = stats["images_per_s"] / ceiling
         ok = ok and ratio >= MIN_RATIO
@@ -300,7 +300,7 @@ def photos(n, seed=0):
 
 
 def jpeg_decode(device, n=256, size=224, batch=64):
-    from ccfs_dist.images import decode_image, decode_jpeg_batch
+    from ccfs_dist.data.images import decode_image, decode_jpeg_batch
     payloads = photos(n)
     start = time.perf_counter()
     cpu = [decode_image(p, "RGB", (3, size, size)) for p in payloads]

@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ccfs_dist.cli import main  # noqa: E402
-from ccfs_dist.relaunch import relaunch_cpu_processes  # noqa: E402
+from ccfs_dist.runtime.relaunch import relaunch_cpu_processes  # noqa: E402
 
 if __name__ == "__main__":
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])

@@ -94,10 +94,10 @@ PINNED = ["data.source=digits", "ccfs.difficulty=logits", "teacher.epochs=2", "d
 @pytest.fixture(scope="session")
 def pinned_run(tmp_path_factory):
     """(run folder, calls): `calls` lists what the run handed to each piece, in call order."""
-    import ccfs_dist.curriculum as curriculum
-    import ccfs_dist.evaluate as evaluate
-    import ccfs_dist.jobs as jobs
-    import ccfs_dist.train as train
+    import ccfs_dist.ccfs.curriculum as curriculum
+    import ccfs_dist.training.evaluate as evaluate
+    import ccfs_dist.runtime.jobs as jobs
+    import ccfs_dist.training.train as train
     from ccfs_dist import cli
 
     calls = {"train": [], "kd": [], "augment": [], "recover": []}

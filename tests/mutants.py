@@ -30,10 +30,10 @@ PINNED_TESTS = ["tests/test_pins.py", "tests/test_selection.py", "tests/test_dif
                 "tests/test_scores.py::test_ccfs_run_with_computed_forgetting",
                 "tests/test_regimes.py::test_hard_regime_trains_without_the_teacher"]
 
-S, C, D, T, E, J, DI, SC, SE, A = ("ccfs_dist/selection.py", "ccfs_dist/curriculum.py", "ccfs_dist/difficulty.py",
-                                   "ccfs_dist/train.py", "ccfs_dist/evaluate.py", "ccfs_dist/jobs.py",
-                                   "ccfs_dist/distill.py", "ccfs_dist/scores.py", "ccfs_dist/seeds.py",
-                                   "ccfs_dist/augment.py")
+S, C, D, T, E, J, DI, SC, SE, A = ("ccfs_dist/ccfs/selection.py", "ccfs_dist/ccfs/curriculum.py", "ccfs_dist/ccfs/difficulty.py",
+                                   "ccfs_dist/training/train.py", "ccfs_dist/training/evaluate.py", "ccfs_dist/runtime/jobs.py",
+                                   "ccfs_dist/training/distill.py", "ccfs_dist/training/scores.py", "ccfs_dist/runtime/seeds.py",
+                                   "ccfs_dist/training/augment.py")
 
 MUTANTS = [
     # --- selection: coarse, fine, ties, tiers, budgets

@@ -1,7 +1,7 @@
 """An independent re-computation of what a finished run had to select, from its own saved artifacts.
 
 Written from the paper's rule (CCFS, CVPR 2025, Algorithm 1) in plain Python, sharing no code with
-ccfs_dist.selection or ccfs_dist.curriculum, so that a bug in the engine's selection path (or in how a
+ccfs_dist.ccfs.selection or ccfs_dist.ccfs.curriculum, so that a bug in the engine's selection path (or in how a
 run wires difficulty, teacher predictions and the pool into it) makes the run disagree with it:
 
     pool_j      every training sample not selected in phases 1..j-1

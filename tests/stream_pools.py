@@ -11,10 +11,10 @@ import os
 import numpy as np
 import torch
 
-from ccfs_dist.pool import RealData, Split
-from ccfs_dist.images import encode_png
-from ccfs_dist.shard_index import FORMAT, key_width, write_index
-from ccfs_dist.shard_tar import write_tar
+from ccfs_dist.data.pool import RealData, TensorPool
+from ccfs_dist.data.images import encode_png
+from ccfs_dist.data.shards.index import FORMAT, key_width, write_index
+from ccfs_dist.data.shards.tar import write_tar
 
 import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
@@ -48,7 +48,7 @@ def generated_pool(classes=10, per_class=150, test_per_class=30, size=8, noise=6
     y, planted = flip_labels(y, classes, fraction, seed)
     flat = x.float().div(255).transpose(0, 1).reshape(3, -1)
     mean, std = tuple(flat.mean(1).tolist()), tuple(flat.std(1).tolist())
-    return RealData("generated", [str(c) for c in range(classes)], Split(x, y), Split(tx, ty), mean, std), planted
+    return RealData("generated", [str(c) for c in range(classes)], TensorPool(x, y), TensorPool(tx, ty), mean, std), planted
 
 
 def write_pool_shards(data, folder, per_shard=200):
@@ -80,10 +80,10 @@ def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
     """[(in-memory, from-shards test accuracy)] per seed of the teacher recipe (ConvNet-D3 width 32, 30 epochs,
     batch 128, lr 0.1), trained with train_model on `memory` and with train_stream on `streamed` (same data),
     streamed through a 256-sample shuffle buffer (a pool within the buffer would be read once: train_model)."""
-    from ccfs_dist.models import build_model
-    from ccfs_dist.predict import accuracy
-    from ccfs_dist.stream_train import train_stream
-    from ccfs_dist.train import Recipe, train_model
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.training.predict import accuracy
+    from ccfs_dist.training.stream_train import train_stream
+    from ccfs_dist.training.train import Recipe, train_model
     out = []
     for seed in seeds:
         rec = Recipe(epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4)

@@ -1,10 +1,10 @@
-"""ccfs_dist.augment: batched RandomResizedCrop + flip on the device, reproducible, exact geometry."""
+"""ccfs_dist.training.augment: batched RandomResizedCrop + flip on the device, reproducible, exact geometry."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ccfs_dist.augment import Augment, apply_boxes, crop_boxes, normalize, resized_crop_flip
+from ccfs_dist.training.augment import Augment, apply_boxes, crop_boxes, normalize, resized_crop_flip
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from ccfs_dist.cli import main
-from ccfs_dist.distilled import write_image_folder
-from ccfs_dist.sources import load_real
-from ccfs_dist.models import build_model
-from ccfs_dist.shard_writer import write_shards
+from ccfs_dist.data.distilled import write_image_folder
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.training.models import build_model
+from ccfs_dist.data.shards.writer import write_shards
 
 from test_data import Payload, make_cifar10, write_pickle
 

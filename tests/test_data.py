@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ccfs_dist.distilled import load_distilled, write_image_folder
-from ccfs_dist.images import channel_stats
-from ccfs_dist.sources import load_real
+from ccfs_dist.data.distilled import load_distilled, write_image_folder
+from ccfs_dist.data.images import channel_stats
+from ccfs_dist.data.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
 
 
@@ -291,7 +291,7 @@ def test_imagefolder_mixed_sizes_need_image_size(tmp_path):
 
 def test_shards_of_an_image_folder_check_its_root_and_size_as_loading_does(tmp_path):
     """`ccfs shards` from an image folder refuses what loading it refuses (memory.source_root, images.square_side)."""
-    from ccfs_dist.shard_writer import write_shards
+    from ccfs_dist.data.shards.writer import write_shards
     folder = cfg("imagefolder", tmp_path / "data")
     with pytest.raises(ConfigError, match="needs 'data.root'"):
         write_shards(dict(folder, root=None), str(tmp_path / "out"))
@@ -439,7 +439,7 @@ def test_distilled_too_few_images(tmp_path):
 
 def test_digits_read_without_sklearn_equal_load_digits(monkeypatch):
     """The digits CSV read directly gives scikit-learn's arrays, and so does the load_digits fallback."""
-    import ccfs_dist.memory as memory
+    import ccfs_dist.data.memory as memory
     from sklearn.datasets import load_digits
     bunch = load_digits()
     images, labels = memory.digits_arrays()
@@ -470,7 +470,7 @@ def flat_imagenet(tmp_path, labels_file=None):
 
 @pytest.mark.parametrize("labels_file", ["LOC_val_solution.csv", "val_labels.txt"])
 def test_imagenet_flat_validation_folder_with_its_ground_truth(tmp_path, labels_file):
-    from ccfs_dist.folders import image_files
+    from ccfs_dist.data.folders import image_files
     flat_imagenet(tmp_path, labels_file)
     files, labels, classes = image_files("imagefolder", str(tmp_path), "test")
     assert classes == ["n01440764", "n01443537"]
@@ -479,7 +479,7 @@ def test_imagenet_flat_validation_folder_with_its_ground_truth(tmp_path, labels_
 
 
 def test_imagenet_flat_validation_folder_without_ground_truth_says_what_to_add(tmp_path):
-    from ccfs_dist.folders import image_files
+    from ccfs_dist.data.folders import image_files
     flat_imagenet(tmp_path)
     with pytest.raises(DataError, match="holds 3 images and no class sub-folders .* LOC_val_solution.csv"):
         image_files("imagefolder", str(tmp_path), "test")

@@ -12,10 +12,10 @@ from PIL import Image
 
 from ccfs_dist.config import load_config
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.images import decode_jpeg_batch, resize_center_crop
-from ccfs_dist.shard_reader import ShardSplit
-from ccfs_dist.shard_writer import write_shards
-from ccfs_dist.stream_train import epoch_batches, epoch_plan
+from ccfs_dist.data.images import decode_jpeg_batch, resize_center_crop
+from ccfs_dist.data.shards.reader import ShardPool
+from ccfs_dist.data.shards.writer import write_shards
+from ccfs_dist.training.stream_train import epoch_batches, epoch_plan
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -80,14 +80,14 @@ def stream_all(split, index=None, batch_size=16, world=1):
 @pytest.mark.parametrize("workers,world", [(0, 1), (2, 2)])
 def test_device_decode_matches_the_cpu_path_within_tolerance(jpeg_pool, workers, world):
     index_path = os.path.join(jpeg_pool["shards"], "train.json")
-    cpu = stream_all(ShardSplit(index_path, num_workers=workers), world=world)
-    dev = stream_all(ShardSplit(index_path, num_workers=workers, decode="device"), world=world)
+    cpu = stream_all(ShardPool(index_path, num_workers=workers), world=world)
+    dev = stream_all(ShardPool(index_path, num_workers=workers, decode="device"), world=world)
     assert torch.equal(cpu[1], dev[1]) and torch.equal(cpu[2], dev[2])     # same samples, same order
     assert dev[0].dtype == torch.uint8 and dev[0].shape == cpu[0].shape == (120, 3, SIZE, SIZE)
     diff = (cpu[0].int() - dev[0].int()).abs()
     assert diff.float().mean() <= MEAN_TOL and diff.max() <= MAX_TOL, (diff.float().mean(), diff.max())
     assert diff.max() > 0               # the resize really ran on the tensor path (PIL's differs in rounding)
-    split = ShardSplit(index_path)
+    split = ShardPool(index_path)
     files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(jpeg_pool["root"], "train")) for f in fs)
     png = [i for i, f in enumerate(files) if f.endswith(".png")]
     assert len(png) == 1 and split.labels[png[0]] == 2
@@ -116,13 +116,13 @@ def test_grey_mode_and_geometry_of_the_batch_decoder():
 
 
 def test_predictions_agree_between_the_two_paths(jpeg_pool):
-    from ccfs_dist.dist import make_accelerator
-    from ccfs_dist.models import build_model
-    from ccfs_dist.predict import predict
-    from ccfs_dist.train import Recipe, train_model
+    from ccfs_dist.runtime.dist import make_accelerator
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.training.predict import predict
+    from ccfs_dist.training.train import Recipe, train_model
     acc = make_accelerator()
     index_path = os.path.join(jpeg_pool["shards"], "train.json")
-    cpu, dev = ShardSplit(index_path), ShardSplit(index_path, decode="device")
+    cpu, dev = ShardPool(index_path), ShardPool(index_path, decode="device")
     images, labels = cpu.fetch(np.arange(len(cpu)))
     mean, std = tuple(cpu.meta["mean"]), tuple(cpu.meta["std"])
     torch.manual_seed(0)
@@ -172,7 +172,7 @@ def test_a_corrupt_jpeg_gives_the_cpu_paths_error(jpeg_pool):
     errors = []
     for decode in ("cpu", "device"):
         with pytest.raises(DataError) as e:
-            stream_all(ShardSplit(index_path, num_workers=2, decode=decode))
+            stream_all(ShardPool(index_path, num_workers=2, decode=decode))
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "\n" not in errors[1], errors
     assert "sample 00000008:" in errors[1]                   # c0's 8 JPEGs come first, then the truncated one and "test-000000.tar" in errors[1] and "truncated" in errors[1]
@@ -182,7 +182,7 @@ def test_sha256_is_checked_while_streaming_under_device_decode(jpeg_pool, tmp_pa
     """Shards whose bytes differ from the index's sha256 (a byte changed inside a JPEG's data, which decodes
     anyway): the stream stops with the sha256 error naming the shard, as under decode=cpu."""
     import shutil
-    from ccfs_dist.shard_index import read_index
+    from ccfs_dist.data.shards.index import read_index
     folder = tmp_path / "shards"
     shutil.copytree(jpeg_pool["shards"], folder)
     _, shards = read_index(folder / "train.json")
@@ -193,7 +193,7 @@ def test_sha256_is_checked_while_streaming_under_device_decode(jpeg_pool, tmp_pa
     open(path, "wb").write(bytes(raw))
     for decode in ("cpu", "device"):
         with pytest.raises(DataError, match="train-000001.tar: content differs from its index"):
-            stream_all(ShardSplit(folder / "train.json", num_workers=1, decode=decode))
+            stream_all(ShardPool(folder / "train.json", num_workers=1, decode=decode))
 
 
 def test_stream_train_batches_under_device_decode(jpeg_pool):
@@ -201,7 +201,7 @@ def test_stream_train_batches_under_device_decode(jpeg_pool):
     index_path = os.path.join(jpeg_pool["shards"], "train.json")
     plan = epoch_plan(120, 32, 2)
     for rank in (0, 1):
-        got = [list(epoch_batches(ShardSplit(index_path, num_workers=1, decode=d), plan, 0, 0, rank,
+        got = [list(epoch_batches(ShardPool(index_path, num_workers=1, decode=d), plan, 0, 0, rank,
                                   shuffle_buffer=40, interleave=2, device=CPU)) for d in ("cpu", "device")]
         assert len(got[0]) == len(got[1]) == len(plan)
         for (x, y, ids), (dx, dy, dids) in zip(*got):
@@ -212,7 +212,7 @@ def test_stream_train_batches_under_device_decode(jpeg_pool):
 def test_decode_config(jpeg_pool):
     cfg = load_config(None, ["data.source=webdataset", "data.root=a.json", "data.decode=device"])
     assert cfg["data"]["decode"] == "device" and load_config(None, [])["data"]["decode"] == "cpu"
-    from ccfs_dist.sources import load_real
+    from ccfs_dist.data.sources import load_real
     shards = {"source": "webdataset", "root": os.path.join(jpeg_pool["shards"], "train.json"),
               "test_root": os.path.join(jpeg_pool["shards"], "test.json")}
     data = load_real(dict(cfg["data"], **shards))
@@ -223,7 +223,7 @@ def test_decode_config(jpeg_pool):
     with pytest.raises(ConfigError, match="webdataset only"):
         load_config(None, ["data.decode=device"])
     with pytest.raises(ConfigError, match="data.decode"):
-        ShardSplit("unused.json", decode="cuda")
+        ShardPool("unused.json", decode="cuda")
 
 
 # ------------------------------------------------------------------------------------ pre-resized shards
@@ -239,8 +239,8 @@ def test_pre_resized_shards_read_as_resizing_on_read(jpeg_pool, quality):
     the shorter side 32; read back, PNG members give the very pixels of resizing on read, re-encoded JPEGs
     lie within the stated tolerance, and decode=device (nothing left to resize) equals decode=cpu."""
     from ccfs_dist.cli import main
-    from ccfs_dist.shard_index import read_index
-    from ccfs_dist.shard_tar import iter_samples
+    from ccfs_dist.data.shards.index import read_index
+    from ccfs_dist.data.shards.tar import iter_samples
     out = str(jpeg_pool["base"] / f"resized{quality}")
     cfg_file = jpeg_pool["base"] / "folder.yaml"
     cfg_file.write_text(f"data:\n  source: imagefolder\n  root: {jpeg_pool['root']}\n  image_size: {SIZE}\n")
@@ -255,11 +255,11 @@ def test_pre_resized_shards_read_as_resizing_on_read(jpeg_pool, quality):
         for _, files in iter_samples(f):
             (ext,) = set(files) - {"cls"}
             assert min(Image.open(io.BytesIO(files[ext])).size) == SIZE
-    full = stream_all(ShardSplit(os.path.join(jpeg_pool["shards"], "train.json")))
+    full = stream_all(ShardPool(os.path.join(jpeg_pool["shards"], "train.json")))
     png = int(torch.nonzero(full[1] == 2)[0, 0])                          # c2's first file is the PNG
     read = {}
     for decode in ("cpu", "device"):
-        read[decode] = got = stream_all(ShardSplit(os.path.join(out, "train.json"), decode=decode))
+        read[decode] = got = stream_all(ShardPool(os.path.join(out, "train.json"), decode=decode))
         assert torch.equal(got[2], full[2])
         diff = (got[0].int() - full[0].int()).abs()
         mean_tol, max_tol = RESIZED_TOL[quality]

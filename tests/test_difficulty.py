@@ -1,4 +1,4 @@
-"""Tests for ccfs_dist.difficulty: score direction and score-file loading/validation."""
+"""Tests for ccfs_dist.ccfs.difficulty: score direction and score-file loading/validation."""
 import json
 import os
 import pickle
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ccfs_dist.difficulty import HARDER_IS_HIGHER, load_score_file, to_hardness
+from ccfs_dist.ccfs.difficulty import HARDER_IS_HIGHER, load_score_file, to_hardness
 from ccfs_dist.errors import ConfigError, DataError
 
 OFFICIAL = Path(os.environ.get("CCFS_OFFICIAL_SCORES",

@@ -1,4 +1,4 @@
-"""Process set-up in ccfs_dist.dist: the C allocator tuning every entry point gets from make_accelerator."""
+"""Process set-up in ccfs_dist.runtime.dist: the C allocator tuning every entry point gets from make_accelerator."""
 import os
 import subprocess
 import sys
@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # of the last 10 batches (the first 5 settle the heap)
 CHURN = """
 import resource, torch
-from ccfs_dist.dist import make_accelerator, tune_malloc
-from ccfs_dist.models import build_model
+from ccfs_dist.runtime.dist import make_accelerator, tune_malloc
+from ccfs_dist.training.models import build_model
 make_accelerator()
 torch.set_num_threads(1)
 model = build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, 100, 3, 16).eval()
@@ -57,7 +57,7 @@ def test_tuning_can_be_switched_off():
 
 EXIT = """
 import atexit, sys
-from ccfs_dist.dist import exit_process
+from ccfs_dist.runtime.dist import exit_process
 atexit.register(lambda: print("finalised"))
 print("work done", end="")                 # unflushed: exit_process must flush it
 sys.exit(exit_process(3))
@@ -77,7 +77,7 @@ def test_exit_process_skips_finalisation_only_with_several_processes(world):
 def test_dealt_deals_items_round_robin():
     from types import SimpleNamespace
 
-    from ccfs_dist.dist import dealt
+    from ccfs_dist.runtime.dist import dealt
     shares = [list(dealt(SimpleNamespace(process_index=r, num_processes=3), 7)) for r in range(3)]
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
 
@@ -87,7 +87,7 @@ def test_rank_arithmetic_covers_every_item_once():
     balanced, earlier ranks taking the remainder; round-robin; runs laid end to end in rank order)."""
     from types import SimpleNamespace
 
-    from ccfs_dist.dist import deal, most_per_rank, rank_slice, rank_world, run_of, share, share_sizes, step_rank_key
+    from ccfs_dist.runtime.dist import deal, most_per_rank, rank_slice, rank_world, run_of, share, share_sizes, step_rank_key
     assert rank_world(None) == (0, 1)
     for n in (0, 1, 5, 7, 12):
         for world in (1, 2, 3, 5):

@@ -1,13 +1,13 @@
-"""ccfs_dist.distill: SRe2L/CDA recovery against a BatchNorm teacher trained on sklearn's digits."""
+"""ccfs_dist.training.distill: SRe2L/CDA recovery against a BatchNorm teacher trained on sklearn's digits."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ccfs_dist.augment import normalize
-from ccfs_dist.distill import cda_min_scale, recover
+from ccfs_dist.training.augment import normalize
+from ccfs_dist.training.distill import cda_min_scale, recover
 from ccfs_dist.errors import ConfigError
-from ccfs_dist.models import build_model
+from ccfs_dist.training.models import build_model
 
 MODEL = {"name": "convnet", "width": 32, "depth": 2, "norm": "batchnorm"}
 # recover hyper-parameters that work on 8x8 digits

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from ccfs_dist import download
+from ccfs_dist.data import download
 from ccfs_dist.errors import DataError
-from ccfs_dist.sources import load_real
+from ccfs_dist.data.sources import load_real
 from test_data import cfg, make_cifar10
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ccfs_dist.dist import Local, make_accelerator
+from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
 from ccfs_dist.errors import DataError
-from ccfs_dist.fused import train_fused
-from ccfs_dist.models import build_model
-from ccfs_dist.train import Recipe, train_model
+from ccfs_dist.training.fused import train_fused
+from ccfs_dist.training.models import build_model
+from ccfs_dist.training.train import Recipe, train_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CONVNET = {"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}
@@ -23,7 +23,7 @@ RESNET = {"name": "resnet18"}
 @pytest.fixture(scope="module")
 def local():
     torch.set_num_threads(1)
-    return Local(make_accelerator())
+    return OneRankAccelerator(make_accelerator())
 
 
 def tiny_set(seed, n=24, size=8, classes=4):
@@ -70,7 +70,7 @@ def close(a, b, tol):
 
 
 def predictions(model, images):
-    from ccfs_dist.augment import normalize
+    from ccfs_dist.training.augment import normalize
     with torch.no_grad():
         return model.eval()(normalize(images, MEAN, STD))
 
@@ -205,7 +205,7 @@ def test_the_plan_fuses_evaluation_runs_by_the_config_alone(world):
     baselines' across sets, one regime each, at most 2) are the same with any process count; fuse=1 and an
     fp16 run fuse nothing."""
     from ccfs_dist.config import load_config
-    from ccfs_dist.plan import make_plan
+    from ccfs_dist.runtime.plan import make_plan
     cfg = load_config(None, ["plan.fuse=2", "eval.labels=both"])
     jobs = placed(make_plan(cfg, world, **SIZES))
     groups = sorted(job.name for job in jobs if job.kind == "fused")
@@ -229,8 +229,8 @@ def test_the_plan_fuses_evaluation_runs_by_the_config_alone(world):
 
 def test_a_fused_group_is_done_only_when_all_its_runs_are(tmp_path):
     """Resume: a group with one run's JSON written trains again whole (its floats depend on the group)."""
-    from ccfs_dist.jobs import done
-    from ccfs_dist.plan import Job
+    from ccfs_dist.runtime.jobs import done
+    from ccfs_dist.runtime.plan import Job
 
     class Run:
         def eval_run(self, name, r, state=False, regime="kd"):
@@ -300,8 +300,8 @@ def test_fused_score_runs_give_the_dynamics_of_the_runs_alone(local):
     of each alone, on the digits pool: the same forgetting counts and learned samples, loss and EL2N to float
     tolerance."""
     from ccfs_dist.config import load_config
-    from ccfs_dist.scores import dynamics_run, dynamics_runs_fused
-    from ccfs_dist.sources import load_real
+    from ccfs_dist.training.scores import dynamics_run, dynamics_runs_fused
+    from ccfs_dist.data.sources import load_real
     cfg = load_config(None, ["scores.epochs=3", "scores.batch_size=256", "model.width=8", "model.depth=2"])
     data = load_real(cfg["data"])
     alone = [dynamics_run(local, cfg, data, r) for r in (0, 1)]

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ccfs_dist import dist, jobs
-from ccfs_dist.augment import Augment, _rand, randn_cpu
-from ccfs_dist.dist import Local, make_accelerator, one_gpu_per_rank, set_determinism
+from ccfs_dist.runtime import dist, jobs
+from ccfs_dist.training.augment import Augment, _rand, randn_cpu
+from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, one_gpu_per_rank, set_determinism
 from ccfs_dist.errors import CCFSError
-from ccfs_dist.models import build_model
-from ccfs_dist.plan import Job
-from ccfs_dist.train import Recipe, train_model
+from ccfs_dist.training.models import build_model
+from ccfs_dist.runtime.plan import Job
+from ccfs_dist.training.train import Recipe, train_model
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_draws_are_made_on_the_cpu_whatever_the_device():
 def test_a_training_draws_every_number_on_cpu_generators(monkeypatch):
     """Every random call of train_model (order, crops, flips) and of the base distiller (noise, jitter,
     crops, flips) is given a CPU generator: none draws from a device generator or a global one."""
-    from ccfs_dist import distill
+    from ccfs_dist.training import distill
     calls = []
     for name in ("rand", "randn", "randperm", "randint"):
         real = getattr(torch, name)
@@ -92,7 +92,7 @@ def test_a_training_draws_every_number_on_cpu_generators(monkeypatch):
         monkeypatch.setattr(torch, name, spy)
     images, labels = torch.full((24, 1, 8, 8), 7, dtype=torch.uint8), torch.arange(24) % 4
     model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
-    train_model(Local(make_accelerator()), model, images, labels, Recipe(epochs=2, batch_size=8, lr=0.1),
+    train_model(OneRankAccelerator(make_accelerator()), model, images, labels, Recipe(epochs=2, batch_size=8, lr=0.1),
                 mean=(0.5,), std=(0.25,), seed=5)
     trained = len(calls)
     distill.recover(model, [0, 1], mean=(0.5,), std=(0.25,), image_size=8, channels=1, iterations=3, lr=0.1,
@@ -130,7 +130,7 @@ def test_fp16_scaler_is_per_training_and_in_its_checkpoints(tmp_path):
     def run(checkpoint=None, on_epoch_end=None):
         torch.manual_seed(0)
         model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
-        local = Local(acc)
+        local = OneRankAccelerator(acc)
         model, _ = train_model(local, model, images, labels, rec, mean=(0.5,), std=(0.25,), checkpoint=checkpoint,
                                on_epoch_end=on_epoch_end)
         assert local.scaler is not acc.scaler and acc.scaler.get_scale() == 2.0 ** 28   # its own scaler

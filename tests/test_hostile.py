@@ -22,9 +22,9 @@ from PIL import Image
 
 from ccfs_dist.cli import main
 from ccfs_dist.errors import DataError
-from ccfs_dist.models import build_model, load_checkpoint
-from ccfs_dist.shard_tar import iter_tar
-from ccfs_dist.sources import load_real
+from ccfs_dist.training.models import build_model, load_checkpoint
+from ccfs_dist.data.shards.tar import iter_tar
+from ccfs_dist.data.sources import load_real
 
 from test_bad_input import DIGITS, TINY, digit_shards, distilled_folder  # noqa: F401  (fixture)
 from test_ownership import IMAGES, image_folder, refused
@@ -82,7 +82,7 @@ def test_array_headers_checked_against_the_file(tmp_path, capsys):
             z.writestr("scores.npy", lying_npy(declared))
             z.writestr("labels.npy", lying_npy(declared))
         refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npz}"], capsys, words, npz)
-    from ccfs_dist import io as ccfs_io                      # the reader alone, without an expected length
+    from ccfs_dist.runtime import io as ccfs_io                      # the reader alone, without an expected length
     with zipfile.ZipFile(npz, "w") as z:                     # a member numpy would hand on as raw bytes
         z.writestr("scores", b"\0" * 64)
     refused(out(tmp_path) + TINY + ["ccfs.difficulty=file", f"ccfs.difficulty_file={npz}"], capsys,
@@ -216,7 +216,7 @@ def test_test_split_is_the_training_split(data, tmp_path, capsys):
 
 
 def test_a_run_artifact_without_a_key_names_the_file(tmp_path):
-    from ccfs_dist.rundir import Layout
+    from ccfs_dist.runtime.rundir import Layout
     (tmp_path / "phase_1").mkdir()
     (tmp_path / "phase_1" / "metrics.json").write_text('{"phase": 1}')
     metrics = Layout.read_json(str(tmp_path / "phase_1" / "metrics.json"))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ccfs_dist.pool import InMemoryPool, Pool, Split
+from ccfs_dist.data.pool import InMemoryPool, Pool, TensorPool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "ccfs_dist")
@@ -71,7 +71,7 @@ def find_cycle(graph, modules):
 
 def test_the_checker_sees_function_level_imports_and_circles():
     src = "import os\nfrom . import io, seeds\ndef f():\n    from .shard_reader import load_shards\n" \
-          "    from ccfs_dist.memory import x\n    import ccfs_dist.pool\n"
+          "    from ccfs_dist.data.memory import x\n    import ccfs_dist.data.pool\n"
     assert engine_imports(src) == {"<top>os", "io", "seeds", "shard_reader", "memory", "pool"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}, {"a", "b", "c"}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}, {"a", "b", "c"}) is None
@@ -115,12 +115,12 @@ def test_architecture_page_names_every_module():
 def test_both_pools_satisfy_the_protocol(tmp_path):
     import torch
 
-    from ccfs_dist.shard_reader import ShardSplit
-    from ccfs_dist.shard_writer import write_shards
-    split = Split(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.arange(6) % 2)
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.data.shards.writer import write_shards
+    split = TensorPool(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.arange(6) % 2)
     assert isinstance(split, Pool) and isinstance(split, InMemoryPool) and split.in_memory
     write_shards({"source": "digits"}, tmp_path, split="test", per_shard=200, workers=1, log=lambda *a: None)
-    streamed = ShardSplit(tmp_path / "test.json")
+    streamed = ShardPool(tmp_path / "test.json")
     assert isinstance(streamed, Pool) and not isinstance(streamed, InMemoryPool) and not streamed.in_memory
     # the same fetch signature: keyword accelerator and batch_size on both
     for pool in (split, streamed):
@@ -132,7 +132,7 @@ def test_both_pools_satisfy_the_protocol(tmp_path):
 def test_pool_methods_take_the_same_arguments(name):
     import inspect
 
-    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.data.shards.reader import ShardPool
     declared = list(inspect.signature(getattr(Pool, name)).parameters)
-    for cls in (Split, ShardSplit):
+    for cls in (TensorPool, ShardPool):
         assert list(inspect.signature(getattr(cls, name)).parameters) == declared, cls.__name__

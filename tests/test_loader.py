@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from ccfs_dist import cli, shard_loader, shard_writer
+from ccfs_dist import cli
+from ccfs_dist.data.shards import loader as shard_loader, writer as shard_writer
 from ccfs_dist.errors import CCFSError
-from ccfs_dist.shard_loader import unpack
-from ccfs_dist.shard_reader import ShardSplit, _InterleavedStream, _ShardStream
-from ccfs_dist.shard_writer import write_shards
-from ccfs_dist.stream_train import epoch_batches, epoch_plan
+from ccfs_dist.data.shards.loader import unpack
+from ccfs_dist.data.shards.reader import ShardPool, _InterleavedStream, _ShardStream
+from ccfs_dist.data.shards.writer import write_shards
+from ccfs_dist.training.stream_train import epoch_batches, epoch_plan
 
 from conftest import ROOT, free_port
 from test_run import SCRIPT, TINY, check_artifacts, run_script
@@ -72,8 +73,8 @@ def test_every_pass_is_the_merge_of_the_workers_own_streams(pool):
     in this process (what a DataLoader with that many fresh workers gave), holds exactly the samples of the
     same pass without workers, and with 1 worker is that pass byte for byte; the workers are started once."""
     index_path = os.path.join(pool, "train.json")
-    ref, split = ShardSplit(index_path), ShardSplit(index_path, num_workers=3)
-    one = ShardSplit(index_path, num_workers=1)
+    ref, split = ShardPool(index_path), ShardPool(index_path, num_workers=3)
+    one = ShardPool(index_path, num_workers=1)
     rng = np.random.default_rng(0)
     pids = None
     cases = [("batches", 1, 0, 64), ("stream", 1, 0, 50), ("batches", 4, 1, 33), ("stream", 4, 3, 17)]
@@ -151,7 +152,7 @@ def release(fifo):
 
 def test_a_stalled_loader_fails_naming_the_step_and_the_shard(pool, tmp_path):
     index_path, fifo = stalled_pool(pool, tmp_path)
-    split = ShardSplit(index_path, num_workers=2, allow_urls=True, worker_timeout=1.5)
+    split = ShardPool(index_path, num_workers=2, allow_urls=True, worker_timeout=1.5)
     try:
         fine = np.zeros(len(split), dtype=bool)
         fine[:300] = True                                             # shards 0 and 1: the workers start
@@ -177,7 +178,7 @@ def test_a_stalled_loader_fails_naming_the_step_and_the_shard(pool, tmp_path):
 def test_a_worker_that_dies_fails_the_pass(pool, tmp_path, monkeypatch):
     monkeypatch.setattr(shard_loader, "LIVENESS_S", 0.2)             # the rank's checks (not the workers')
     index_path, fifo = stalled_pool(pool, tmp_path)
-    split = ShardSplit(index_path, num_workers=1, allow_urls=True, worker_timeout=60)
+    split = ShardPool(index_path, num_workers=1, allow_urls=True, worker_timeout=60)
     killed = []
 
     def kill_when_stalled():

@@ -1,10 +1,10 @@
-"""ccfs_dist.models: architectures, output shapes, checkpoint layouts and their errors."""
+"""ccfs_dist.training.models: architectures, output shapes, checkpoint layouts and their errors."""
 import pytest
 import torch
 import torch.nn as nn
 
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.models import build_model, load_checkpoint, state_dict_of
+from ccfs_dist.training.models import build_model, load_checkpoint, state_dict_of
 
 
 def convnet(norm="batchnorm", width=8, depth=3):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ccfs_dist.difficulty import to_hardness
-from ccfs_dist.selection import phase_budgets, select, select_official
+from ccfs_dist.ccfs.difficulty import to_hardness
+from ccfs_dist.ccfs.selection import phase_budgets, select, select_official
 
 # ../shared/reference/ccfs-official-scores beside the repository (as tests/test_difficulty.py), or $CCFS_OFFICIAL_SCORES
 REFERENCE = os.environ.get("CCFS_OFFICIAL_SCORES", str(Path(__file__).resolve().parents[2] / "shared" / "reference"

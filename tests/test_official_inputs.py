@@ -10,12 +10,12 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
-from ccfs_dist.distilled import load_distilled
-from ccfs_dist.models import build_model, load_checkpoint
+from ccfs_dist.data.distilled import load_distilled
+from ccfs_dist.training.models import build_model, load_checkpoint
 
 
 def official_resnet18(num_classes):
-    """The official code's create_model, written out here independently of ccfs_dist.models."""
+    """The official code's create_model, written out here independently of ccfs_dist.training.models."""
     model = torchvision.models.get_model("resnet18", weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
     model.maxpool = nn.Identity()
@@ -70,7 +70,7 @@ def test_cda_distilled_folder_layout_loads_in_class_then_name_order(tmp_path):
 def test_every_missing_input_is_named_in_one_error_with_where_to_get_it(tmp_path):
     from ccfs_dist.config import load_config
     from ccfs_dist.errors import DataError
-    from ccfs_dist.inputs import check_present
+    from ccfs_dist.data.inputs import check_present
     (tmp_path / "teacher.pt").write_bytes(b"")                     # present: not named
     cfg = load_config(None, ["data.source=cifar10", f"data.root={tmp_path}/cifar", f"data.distilled={tmp_path}/syn",
                              f"teacher.checkpoint={tmp_path}/teacher.pt", "ccfs.difficulty=file",
@@ -88,7 +88,7 @@ def test_every_missing_input_is_named_in_one_error_with_where_to_get_it(tmp_path
 
 def test_a_run_says_what_it_makes_itself():
     from ccfs_dist.config import load_config
-    from ccfs_dist.inputs import made_here
+    from ccfs_dist.data.inputs import made_here
     cfg = load_config(None, ["data.source=cifar10", "data.root=data", "teacher.epochs=200"])
     lines = made_here(cfg, 50000, 100)
     assert lines[0].startswith("teacher.checkpoint not given: training a teacher here, 200 epochs over 50,000 "
@@ -102,7 +102,7 @@ def test_the_authors_files_are_named_only_where_they_exist():
     (ImageNet-1K) run is not told that 'the paper's runs use the authors' files'."""
     from ccfs_dist.config import load_config
     from ccfs_dist.errors import DataError
-    from ccfs_dist.inputs import check_present, made_here
+    from ccfs_dist.data.inputs import check_present, made_here
     overrides = ["data.source=imagefolder", "data.root=.", "data.distilled=absent_syn", "teacher.checkpoint=absent.pt"]
     with pytest.raises(DataError) as err:
         check_present(load_config(None, overrides))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ccfs_dist.cli import DEFAULT_CONFIG, main
 from ccfs_dist.config import dump_config, load_config
-from ccfs_dist.rundir import MARKER
+from ccfs_dist.runtime.rundir import MARKER
 
 from test_bad_input import TINY, digit_shards, distilled_folder, finished  # noqa: F401  (fixtures)
 
@@ -153,8 +153,8 @@ def test_overwrite_through_a_symlink_replaces_the_run_not_the_link(tmp_path):
     run, on one process: the run is replaced, the link stays a link (never `rmtree` on it)."""
     from types import SimpleNamespace
 
-    from ccfs_dist import io
-    from ccfs_dist.rundir import Run
+    from ccfs_dist.runtime import io
+    from ccfs_dist.runtime.rundir import Run
     real = fake_run(tmp_path / "real", TINY)
     link = tmp_path / "link"
     link.symlink_to(real)
@@ -245,7 +245,7 @@ def test_streamed_resume_with_another_process_count(tmp_path, digit_shards, caps
     import json
     from types import SimpleNamespace
 
-    from ccfs_dist.rundir import Run
+    from ccfs_dist.runtime.rundir import Run
     stream = TINY + ["data.source=webdataset", f"data.root={digit_shards}/train.json",
                      f"data.test_root={digit_shards}/test.json"]
     run = fake_run(tmp_path / "run", stream)

@@ -15,12 +15,12 @@ import torch.nn as nn
 
 from conftest import PINNED
 from selection_check import recheck_run
-from ccfs_dist import seeds
+from ccfs_dist.runtime import seeds
 from ccfs_dist.config import load_config
-from ccfs_dist.plan import make_plan
-from ccfs_dist.selection import phase_budgets, run_budgets
-from ccfs_dist.sources import load_real
-from ccfs_dist.train import Recipe, kd_loss, lr_lambda, train_step
+from ccfs_dist.runtime.plan import make_plan
+from ccfs_dist.ccfs.selection import phase_budgets, run_budgets
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.training.train import Recipe, kd_loss, lr_lambda, train_step
 
 N_DIGITS, CLASSES = 1437, 10
 
@@ -97,7 +97,7 @@ def test_the_run_wires_the_recipe(pinned_run):
 
 def starts_fresh(call, seed):
     """Whether a training call began from the pinned run's model freshly built under torch.manual_seed(seed)."""
-    from ccfs_dist.models import build_model
+    from ccfs_dist.training.models import build_model
     torch.manual_seed(seed)
     fresh = build_model({"name": "convnet", "width": 8, "depth": 3, "norm": "batchnorm"}, CLASSES, 1, 8)
     return all(torch.equal(call["init"][key], value) for key, value in fresh.state_dict().items())
@@ -192,7 +192,7 @@ def test_schedule_values_per_step():
 
 
 def test_augmentation_on_and_off():
-    from ccfs_dist.augment import Augment
+    from ccfs_dist.training.augment import Augment
     gen = torch.Generator().manual_seed(0)
     boxes, flips = Augment((0.5,), (0.5,), 8, scale_min=0.5, flip=False).draw(400, 8, 8, gen, "cpu")
     assert not flips.any()
@@ -204,13 +204,13 @@ def test_augmentation_on_and_off():
 
 def test_evaluation_reports_the_final_epoch_and_the_official_best(monkeypatch):
     """`final` is the accuracy after the last epoch (not the best epoch); `official` the best after 80 %."""
-    import ccfs_dist.evaluate as evaluate
-    from ccfs_dist.dist import Local, make_accelerator
+    import ccfs_dist.training.evaluate as evaluate
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
     data = load_real({"source": "digits"})
     told = iter([0.9, 0.3, 0.2])                           # epochs 3 and 4 (0-based, e > 0.5 * 5), then the final model
     monkeypatch.setattr(evaluate, "accuracy", lambda *a, **k: next(told))
     rec = Recipe(epochs=5, batch_size=16, lr=0.01)
-    result = evaluate.evaluate_run(Local(make_accelerator()), data.train.images[:20], data.train.labels[:20],
+    result = evaluate.evaluate_run(OneRankAccelerator(make_accelerator()), data.train.images[:20], data.train.labels[:20],
                                    data=data, model_cfg={"name": "convnet", "width": 4, "depth": 1, "norm": "batchnorm"},
                                    recipe=rec, teacher=None, seed=0, desc="pin", best_after=0.5)
     assert result["final"] == 0.2 and result["official"] == 0.9 and result["official_epochs"] == 2
@@ -224,7 +224,7 @@ def test_every_evaluation_model_has_its_own_seed():
 
 def test_bn_matching_term_value_and_effect():
     """The distiller's loss adds r_bn * sum over BN layers of ||mu_batch - mu_run||_2 + ||var_batch - var_run||_2."""
-    from ccfs_dist.distill import _BNStatsLoss, recover
+    from ccfs_dist.training.distill import _BNStatsLoss, recover
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(3, 2))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccfs_dist.predict import check_exactly_once, per_sample
+from ccfs_dist.training.predict import check_exactly_once, per_sample
 
 from conftest import ROOT
 

@@ -1,7 +1,7 @@
 """Progress output: bars on a terminal (rank 0 only), lines in a log file, nothing when off."""
 import pytest
 
-from ccfs_dist import progress
+from ccfs_dist.runtime import progress
 
 
 def run(monkeypatch, capsys, mode, rank="0", main=True, total=5):

@@ -10,10 +10,10 @@ import torch
 import torchvision.transforms.functional as TF
 
 from conftest import ROOT
-from ccfs_dist.augment import Augment, pad_boxes, pad_crop
+from ccfs_dist.training.augment import Augment, pad_boxes, pad_crop
 from ccfs_dist.config import load_config
-from ccfs_dist.selection import phase_budgets
-from ccfs_dist.train import Recipe, lr_lambda, train_model
+from ccfs_dist.ccfs.selection import phase_budgets
+from ccfs_dist.training.train import Recipe, lr_lambda, train_model
 
 # (config, classes, images per class): --epochs and --alpha of each command in scripts/ccfs_*.sh
 OFFICIAL = {
@@ -94,8 +94,8 @@ def test_epoch_schedule_matches_torch_linear_then_cosine(epochs):
 
 
 def test_train_model_steps_the_schedule_once_per_epoch():
-    from ccfs_dist.dist import make_accelerator
-    from ccfs_dist.models import build_model
+    from ccfs_dist.runtime.dist import make_accelerator
+    from ccfs_dist.training.models import build_model
     acc = make_accelerator()
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40) % 4
@@ -136,9 +136,9 @@ def test_teacher_random_crop_is_torchvisions_random_crop():
 
 
 def test_official_protocol_counts_the_epochs_after_80_percent():
-    from ccfs_dist.sources import load_real
-    from ccfs_dist.dist import make_accelerator
-    from ccfs_dist.evaluate import evaluate_run, summarize
+    from ccfs_dist.data.sources import load_real
+    from ccfs_dist.runtime.dist import make_accelerator
+    from ccfs_dist.training.evaluate import evaluate_run, summarize
     acc = make_accelerator()
     data = load_real({"source": "digits"})
     x, y = data.train.fetch(np.arange(0, 1437, 10))

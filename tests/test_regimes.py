@@ -29,16 +29,16 @@ def wrong(teacher):
 def test_hard_regime_trains_without_the_teacher():
     """For a fixed set and seed, the hard regime gives the same model whatever the teacher predicts (the
     right teacher, or one whose every prediction is wrong); the KD regime follows the teacher."""
-    from ccfs_dist.dist import Local, make_accelerator
-    from ccfs_dist.evaluate import evaluate_in_regime
-    from ccfs_dist.models import build_model
-    from ccfs_dist.predict import accuracy
-    from ccfs_dist.selection import random_per_class
-    from ccfs_dist.sources import load_real
-    from ccfs_dist.train import Recipe, train_model
+    from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+    from ccfs_dist.training.evaluate import evaluate_in_regime
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.training.predict import accuracy
+    from ccfs_dist.ccfs.selection import random_per_class
+    from ccfs_dist.data.sources import load_real
+    from ccfs_dist.training.train import Recipe, train_model
     cfg = load_config(None, TINY)
     data = load_real(cfg["data"])
-    acc = Local(make_accelerator())
+    acc = OneRankAccelerator(make_accelerator())
     torch.manual_seed(0)
     teacher = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
     teacher, _ = train_model(acc, teacher, data.train.images, data.train.labels, Recipe(epochs=5, batch_size=64, lr=0.1, scale_min=0.5, flip=False),
@@ -115,8 +115,8 @@ def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp
     refused = run_here(capsys, ["--out", str(a), "--resume"] + TINY + ["eval.labels=kd"])
     assert refused.returncode == 2 and "eval.labels: 'both' -> 'kd'" in refused.stderr
 
-    from ccfs_dist.models import build_model
-    from ccfs_dist.rundir import Layout
+    from ccfs_dist.training.models import build_model
+    from ccfs_dist.runtime.rundir import Layout
     cfg = load_config(None, TINY)
     teacher = Layout.load_model(str(a / "teacher.pt"), lambda: build_model(cfg["model"], 10, 1, 8))
     torch.save(wrong(teacher).state_dict(), tmp_path / "wrong.pt")
@@ -132,7 +132,7 @@ def test_resume_adds_the_hard_regime_and_a_wrong_teacher_leaves_it_unchanged(tmp
 def test_plan_deals_each_regimes_evaluations_once(labels):
     """eval.labels: every set's evaluation runs in each regime, once; CCFS's in the final stage (its set
     exists only then); a hard-label run is costed without the teacher's forward pass."""
-    from ccfs_dist.plan import KD_COST, make_plan
+    from ccfs_dist.runtime.plan import KD_COST, make_plan
     cfg = load_config(None, ["ccfs.difficulty=logits", f"eval.labels={labels}"])
     for world in (1, 2):
         stages = make_plan(cfg, world, n_train=1437, num_classes=10, class_size=143.7)

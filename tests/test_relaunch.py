@@ -10,8 +10,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from ccfs_dist import relaunch
-from ccfs_dist.relaunch import exit_code, rank_environments, supervise
+from ccfs_dist.runtime import relaunch
+from ccfs_dist.runtime.relaunch import exit_code, rank_environments, supervise
 
 PY = sys.executable
 
@@ -51,7 +51,7 @@ def test_a_rank_killed_by_a_signal_reports_128_plus_it():
 def test_sigterm_to_the_supervisor_reaches_every_rank(tmp_path):
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     child = ("import sys, time; open(sys.argv[1], 'w').close(); time.sleep(60)")
-    code = ("import os, sys; from ccfs_dist.relaunch import supervise; "
+    code = ("import os, sys; from ccfs_dist.runtime.relaunch import supervise; "
             f"sys.exit(supervise([[sys.executable, '-c', {child!r}, r] for r in {[str(r) for r in ready]!r}], "
             "[dict(os.environ)] * 2))")
     proc = subprocess.Popen([PY, "-c", code], env=dict(os.environ, PYTHONPATH=os.getcwd()),
@@ -92,7 +92,7 @@ def test_ranks_that_ignore_a_forwarded_signal_are_killed_after_the_grace_period(
 def test_a_process_that_asked_dies_with_its_parent(tmp_path):
     """die_with_parent: the grandchild ends when its parent (which started it, then exits) is gone."""
     pid_file = tmp_path / "pid"
-    grandchild = ("import os, sys, time; from ccfs_dist.relaunch import die_with_parent; "
+    grandchild = ("import os, sys, time; from ccfs_dist.runtime.relaunch import die_with_parent; "
                   "assert die_with_parent(); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)")
     parent = (f"import subprocess, sys, time, os; subprocess.Popen([sys.executable, '-c', {grandchild!r}, "
               f"{str(pid_file)!r}]); "

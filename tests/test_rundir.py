@@ -1,4 +1,4 @@
-"""The run directory (ccfs_dist/rundir.py): staged --overwrite that a SIGKILL never costs the earlier run, the
+"""The run directory (ccfs_dist/runtime/rundir.py): staged --overwrite that a SIGKILL never costs the earlier run, the
 repair of an interrupted commit, one run per directory (flock, released by the OS), leftovers removed, and a
 new run that never picks up a training state."""
 import os
@@ -139,8 +139,8 @@ def test_layout_names_the_documented_artifacts_and_finds_finished_phases(tmp_pat
     import numpy as np
     import torch
 
-    from ccfs_dist import io
-    from ccfs_dist.rundir import Layout
+    from ccfs_dist.runtime import io
+    from ccfs_dist.runtime.rundir import Layout
     run = Layout(tmp_path)
     names = {run.teacher(): "teacher.pt", run.scores("el2n"): "scores_el2n.npy",
              run.score_run(2): "scores_runs/run2.npz", run.phase(3, "selected.npy"): "phase_3/selected.npy",

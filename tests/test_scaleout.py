@@ -1,4 +1,4 @@
-"""The process count changes the wall time, never the result (plan.py, jobs.py, dist.Local).
+"""The process count changes the wall time, never the result (plan.py, jobs.py, dist.OneRankAccelerator).
 
 With OMP_NUM_THREADS=1 in every process, the default config (the digits demo, with shorter trainings so
 that CI stays quick: see SETTINGS) gives byte-identical selected_indices.json, phase_*/selected.npy and
@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT, accelerate_launch, free_port
 from ccfs_dist.config import load_config
-from ccfs_dist.plan import make_plan, split_training
+from ccfs_dist.runtime.plan import make_plan, runs_data_parallel
 
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 KILL = os.path.join(ROOT, "tests", "workers", "kill_worker.py")
@@ -96,8 +96,8 @@ def test_plan_deals_every_training_once_whole(world):
 
 
 def test_plan_splits_a_training_only_with_enough_samples_per_rank():
-    assert not split_training(128, 1, 1)
-    assert split_training(128, 2, 64) and not split_training(128, 4, 64)
+    assert not runs_data_parallel(128, 1, 1)
+    assert runs_data_parallel(128, 2, 64) and not runs_data_parallel(128, 4, 64)
     cfg = load_config(None, ["ccfs.difficulty=forgetting", "train.min_batch_per_rank=64"])
     start = make_plan(cfg, 2, **SIZES)[0]
     assert [j.name for j in start.split] == ["teacher", "score_run 0", "score_run 1", "score_run 2"]
@@ -244,11 +244,11 @@ def test_split_training_ends_identical_on_every_rank(tmp_path):
 
 LOCAL_BF16 = """
 import torch
-from ccfs_dist.dist import Local, make_accelerator
-from ccfs_dist.models import build_model
-from ccfs_dist.train import Recipe, train_model
+from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+from ccfs_dist.training.models import build_model
+from ccfs_dist.training.train import Recipe, train_model
 acc = make_accelerator("bf16")
-local = Local(acc)
+local = OneRankAccelerator(acc)
 torch.manual_seed(0)
 model = build_model({"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}, 10, 3, 16)
 seen = []
@@ -262,7 +262,7 @@ print(type(trained).__name__, seen[0], wrapped(images[:2].float()).dtype, stats[
 
 
 def test_local_training_keeps_mixed_precision():
-    """A training run whole on one rank (dist.Local, never Accelerator.prepare) still runs its forward
+    """A training run whole on one rank (dist.OneRankAccelerator, never Accelerator.prepare) still runs its forward
     under the accelerator's autocast, returns float32 logits, and hands back the bare model."""
     proc = subprocess.run([sys.executable, "-c", LOCAL_BF16], env=ENV, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -273,7 +273,7 @@ def test_local_training_keeps_mixed_precision():
 def test_reading_another_ranks_artifact_waits_for_it(tmp_path):
     """io.wait_for: an artifact renamed into place on another node can show up late (NFS lookup cache)."""
     import threading
-    from ccfs_dist import io
+    from ccfs_dist.runtime import io
     path = tmp_path / "eval" / "ccfs_run0.json"
     timer = threading.Timer(0.3, lambda: io.write_json(path, {"final": 0.5}))
     timer.start()

@@ -1,4 +1,4 @@
-"""Tests for ccfs_dist.scores (`ccfs scores`): training dynamics, planted hard samples, 1 vs 2 processes,
+"""Tests for ccfs_dist.training.scores (`ccfs scores`): training dynamics, planted hard samples, 1 vs 2 processes,
 score files with their sidecar and labels fingerprint, and selection with computed scores."""
 import importlib.util
 import inspect
@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ccfs_dist import cli, curriculum
+from ccfs_dist import cli
+from ccfs_dist.ccfs import curriculum
 from ccfs_dist.config import load_config
-from ccfs_dist.sources import load_real
-from ccfs_dist.difficulty import labels_fingerprint, load_score_file, to_hardness
-from ccfs_dist.dist import make_accelerator
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.ccfs.difficulty import labels_fingerprint, load_score_file, to_hardness
+from ccfs_dist.runtime.dist import make_accelerator
 from selection_check import recheck_run
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.models import build_model, state_dict_of
-from ccfs_dist.scores import (DYNAMICS, TrainingDynamics, compute_score_files, compute_scores,
-                              gaussian_last_weights, training_dynamics)
-from ccfs_dist.selection import select
+from ccfs_dist.training.models import build_model, state_dict_of
+from ccfs_dist.training.scores import (DYNAMICS, TrainingDynamics, compute_score_files, compute_scores,
+                                       gaussian_last_weights, training_dynamics)
+from ccfs_dist.ccfs.selection import select
 
 WORKER = os.path.join(ROOT, "tests", "workers", "scores_worker.py")
 DIGITS = os.path.join(ROOT, "configs", "default.yaml")
@@ -136,7 +137,7 @@ def test_observations_from_two_ranks_are_ordered_by_step_then_rank(monkeypatch):
     ranks[1].on_batch(torch.tensor([0]), logits_for([0], [False]))               # wraps: 0 again, wrong
     parts = [{k: torch.cat([p[k] for p in r._parts]) for k in r._parts[0]} for r in ranks]
     both = {k: torch.cat([parts[0][k], parts[1][k]]) for k in parts[0]}
-    monkeypatch.setattr("ccfs_dist.scores.gather_rows", lambda acc, local: both)
+    monkeypatch.setattr("ccfs_dist.training.scores.gather_rows", lambda acc, local: both)
     for r in ranks:
         r.end_epoch(0)
     assert ranks[0].previous.tolist() == ranks[1].previous.tolist() == [False, False, True, True]
@@ -357,11 +358,11 @@ def test_ccfs_run_with_computed_forgetting(tmp_path, capsys):
 def test_a_killed_score_run_resumes_to_the_same_scores(tmp_path, accelerator, planted, monkeypatch):
     """A score run keeps its training state and running scores (train.checkpoint_every): interrupted after
     two epochs and started again, it continues from the checkpoint to exactly the uninterrupted scores."""
-    from ccfs_dist.dist import Local
-    from ccfs_dist.scores import dynamics_run
+    from ccfs_dist.runtime.dist import OneRankAccelerator
+    from ccfs_dist.training.scores import dynamics_run
     data, _ = planted
     cfg = load_config(DIGITS, ["scores.epochs=5", "train.checkpoint_every=1"])
-    whole, _ = dynamics_run(Local(accelerator), cfg, data, 0)
+    whole, _ = dynamics_run(OneRankAccelerator(accelerator), cfg, data, 0)
     state = str(tmp_path / "run0_state.pt")
     real = TrainingDynamics.end_epoch
 
@@ -371,11 +372,11 @@ def test_a_killed_score_run_resumes_to_the_same_scores(tmp_path, accelerator, pl
         real(self, epoch)
     monkeypatch.setattr(TrainingDynamics, "end_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        dynamics_run(Local(accelerator), cfg, data, 0, checkpoint=state)
+        dynamics_run(OneRankAccelerator(accelerator), cfg, data, 0, checkpoint=state)
     saved = torch.load(state, weights_only=True)
     assert saved["epoch"] == 1 and int(saved["extra"]["epochs_seen"]) == 2
     monkeypatch.setattr(TrainingDynamics, "end_epoch", real)
-    resumed, _ = dynamics_run(Local(accelerator), cfg, data, 0, checkpoint=state)
+    resumed, _ = dynamics_run(OneRankAccelerator(accelerator), cfg, data, 0, checkpoint=state)
     for m in DYNAMICS:
         assert np.array_equal(whole[m], resumed[m], equal_nan=True), m
     assert not os.path.exists(state)

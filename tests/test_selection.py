@@ -1,11 +1,11 @@
-"""Tests for ccfs_dist.selection: phase budgets and the coarse-to-fine select."""
+"""Tests for ccfs_dist.ccfs.selection: phase budgets and the coarse-to-fine select."""
 import itertools
 
 import numpy as np
 import pytest
 
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.selection import Selection, num_phases, phase_budgets, select
+from ccfs_dist.ccfs.selection import Selection, num_phases, phase_budgets, select
 
 COMBOS = list(itertools.product(("misclassified", "correct"), ("simple", "hard", "random")))
 
@@ -390,7 +390,7 @@ def test_duplicate_index_far_range():
 
 
 def test_random_per_class_samples_each_class_deterministically():
-    from ccfs_dist.selection import random_per_class
+    from ccfs_dist.ccfs.selection import random_per_class
     labels = np.repeat(np.arange(4), 10)
     got = random_per_class(labels, 3, seed=5, exclude=[0, 1, 2])
     assert np.array_equal(got, np.sort(got))

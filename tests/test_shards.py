@@ -1,4 +1,4 @@
-"""WebDataset shards: writer (determinism, bytes as stored, index), ShardSplit (fetch, streaming scorer equal to
+"""WebDataset shards: writer (determinism, bytes as stored, index), ShardPool (fetch, streaming scorer equal to
 the in-memory one over 1/2 processes and 0/2/3 loader workers, uneven layouts), errors, and a whole CCFS run."""
 import hashlib
 import json
@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from ccfs_dist import cli
-from ccfs_dist import shard_writer
-from ccfs_dist.sources import load_real
+from ccfs_dist.data.shards import writer as shard_writer
+from ccfs_dist.data.sources import load_real
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.shard_reader import ShardSplit, load_shards
-from ccfs_dist.shard_tar import iter_samples
-from ccfs_dist.shard_writer import write_shards
+from ccfs_dist.data.shards.reader import ShardPool, load_shards
+from ccfs_dist.data.shards.tar import iter_samples
+from ccfs_dist.data.shards.writer import write_shards
 
 from conftest import ROOT, worker_main_in_process
 from test_bad_input import swap_images
@@ -164,7 +164,7 @@ def test_shards_interoperate_with_webdataset(pools, tmp_path):
 def test_own_tar_writer_is_ustar_with_fixed_metadata(tmp_path):
     """write_tar (kept instead of tarfile: BENCHMARKS.md) writes what tarfile reads as plain ustar members
     with one mode, owner and mtime, ending after the two zero blocks."""
-    from ccfs_dist.shard_tar import TAR_MTIME, write_tar
+    from ccfs_dist.data.shards.tar import TAR_MTIME, write_tar
     samples = [("00000007", {"png": b"\x89PNG" + bytes(700), "cls": b"3"}), ("00000008", {"cls": b"0", "jpg": b""})]
     size, sha = write_tar(tmp_path / "t.tar", samples)
     raw = (tmp_path / "t.tar").read_bytes()
@@ -201,7 +201,7 @@ def test_fetch_returns_the_in_memory_images(pools, name):
 
 
 def test_batches_split_over_ranks_and_workers_exactly_once(pools):
-    split = ShardSplit(os.path.join(pools["digits5"], "train.json"))
+    split = ShardPool(os.path.join(pools["digits5"], "train.json"))
     memory = load_real(DIGITS).train
     index = np.random.default_rng(2).permutation(1437)[:400]
     index = index[(index < 300) | (index >= 600)]            # shard 1 holds nothing wanted: it is not read
@@ -341,7 +341,7 @@ def digits_copy(pools, tmp_path):
 
 
 def _stream_all(folder, workers=0):
-    split = ShardSplit(os.path.join(folder, "train.json"), num_workers=workers, check_files=False)
+    split = ShardPool(os.path.join(folder, "train.json"), num_workers=workers, check_files=False)
     for _ in split.batches(np.arange(len(split)), 100, 0, 1, CPU):
         pass
 
@@ -370,7 +370,7 @@ def test_corrupt_shard_names_shard_and_key(digits_copy):
         _stream_all(digits_copy)
     raw[2048 * 7 + 100] ^= 0xFF                                      # a tar header of the 8th sample
     open(shard, "wb").write(bytes(raw))
-    split = ShardSplit(os.path.join(digits_copy, "train.json"))
+    split = ShardPool(os.path.join(digits_copy, "train.json"))
     with pytest.raises(DataError, match=r"train-000003.tar is corrupt: bad tar header checksum at byte 14336"):
         split.fetch([1000])
 
@@ -380,15 +380,15 @@ def test_missing_shard_malformed_index_and_count_mismatch(digits_copy):
     index = json.load(open(index_path))
     os.remove(os.path.join(digits_copy, "train-000004.tar"))
     with pytest.raises(DataError, match="missing: .*train-000004.tar"):
-        ShardSplit(index_path)
+        ShardPool(index_path)
     with open(index_path, "w") as f:
         f.write("{not json")
     with pytest.raises(DataError, match="train.json is not valid JSON"):
-        ShardSplit(index_path)
+        ShardPool(index_path)
     broken = dict(index, shards=index["shards"][:4])
     json.dump(broken, open(index_path, "w"))
     with pytest.raises(DataError, match="shards hold 1200 samples, num_samples is 1437"):
-        ShardSplit(index_path)
+        ShardPool(index_path)
     index["shards"][0]["count"] -= 1                                 # the index disagrees with shard 0 and 1
     index["shards"][1]["count"] += 1
     index["shards"][1]["first"] -= 1
@@ -397,7 +397,7 @@ def test_missing_shard_malformed_index_and_count_mismatch(digits_copy):
         _stream_all(digits_copy)
     with pytest.raises(DataError, match=r"train-000001.tar: found key '00000300' as its first sample, expected "
                                         r"index 299"):
-        ShardSplit(index_path, check_files=False).fetch([299])
+        ShardPool(index_path, check_files=False).fetch([299])
 
 
 def _rewrite_index(folder, change, name="train.json"):
@@ -414,7 +414,7 @@ def test_pipe_and_url_entries_are_refused_and_do_not_run(digits_copy, tmp_path):
                   "file:///etc/passwd", "s3://bucket/a.tar", "PIPE:touch x"):
         path = _rewrite_index(digits_copy, lambda ix: ix["shards"][0].update(file=entry))
         with pytest.raises(DataError) as e:
-            ShardSplit(path).fetch([0, 1])
+            ShardPool(path).fetch([0, 1])
         assert "is a URL or command, refused" in str(e.value) and "data.allow_urls=true" in str(e.value)
         assert path in str(e.value) and entry in str(e.value)
         assert not marker.exists()
@@ -424,7 +424,7 @@ def test_url_opt_in_streams_through_webdataset(digits_copy, tmp_path):
     """With data.allow_urls the user trusts the index: a pipe: command is run (here: cat of the shard)."""
     shard = os.path.join(digits_copy, "train-000000.tar")
     path = _rewrite_index(digits_copy, lambda ix: ix["shards"][0].update(file=f"pipe:cat {shard}"))
-    images, labels = ShardSplit(path, allow_urls=True).fetch([0, 5])
+    images, labels = ShardPool(path, allow_urls=True).fetch([0, 5])
     assert torch.equal(images, load_real(DIGITS).train.images[[0, 5]])
 
 
@@ -436,13 +436,13 @@ def test_paths_outside_the_index_folder_are_refused_unless_allowed(digits_copy, 
                   "sub/../../elsewhere/train-000001.tar", "../../../../../../etc/passwd"):
         path = _rewrite_index(digits_copy, lambda ix: ix["shards"][1].update(file=entry))
         with pytest.raises(DataError) as e:
-            ShardSplit(path)
+            ShardPool(path)
         assert "lies outside the index's folder" in str(e.value) and "data.allow_outside=true" in str(e.value)
     for entry in ("../elsewhere/train-000001.tar", str(outside / "train-000001.tar")):
         path = _rewrite_index(digits_copy, lambda ix: ix["shards"][1].update(file=entry))
-        images, _ = ShardSplit(path, allow_outside=True).fetch([300, 301])
+        images, _ = ShardPool(path, allow_outside=True).fetch([300, 301])
         assert torch.equal(images, load_real(DIGITS).train.images[[300, 301]])
-    data = load_shards(shard_cfg(digits_copy, allow_outside=True))          # the config keys reach ShardSplit
+    data = load_shards(shard_cfg(digits_copy, allow_outside=True))          # the config keys reach ShardPool
     assert len(data.train) == 1437
 
 
@@ -455,7 +455,7 @@ def test_content_that_disagrees_with_the_index_sha256(digits_copy, capsys):
     with pytest.raises(DataError, match="train-000002.tar: content differs"):
         _stream_all(digits_copy)                                      # while streaming too
     with pytest.raises(DataError, match="train-000002.tar: content differs"):
-        ShardSplit(os.path.join(digits_copy, "train.json")).fetch([600])
+        ShardPool(os.path.join(digits_copy, "train.json")).fetch([600])
 
 
 def test_verify_passes_on_intact_shards(pools, capsys):
@@ -480,7 +480,7 @@ def test_test_index_that_is_the_train_split_is_refused(digits_copy):
 def test_index_labels_that_are_not_integers(digits_copy, labels):
     path = _rewrite_index(digits_copy, lambda ix: ix["labels"].__setitem__(slice(0, 1), labels))
     with pytest.raises(DataError, match="labels must be integers"):
-        ShardSplit(path)
+        ShardPool(path)
 
 
 def test_leftover_temporaries_of_a_killed_writer_are_removed(digits_copy):
@@ -504,7 +504,7 @@ def test_config_errors():
 
 def quick_teacher(path):
     """A ConvNet-D3 width 16 (TINY's model) trained for a few epochs on digits, plain PyTorch."""
-    from ccfs_dist.models import build_model
+    from ccfs_dist.training.models import build_model
     data = load_real(DIGITS)
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 16, "depth": 3, "norm": "batchnorm"}, 10, 1, 8)

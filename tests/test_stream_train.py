@@ -1,4 +1,4 @@
-"""Training on a streamed pool (ccfs_dist.stream_train): the epoch plan, exactly-once streams over ranks and
+"""Training on a streamed pool (ccfs_dist.training.stream_train): the epoch plan, exactly-once streams over ranks and
 loader workers, the shuffle buffer, epoch-boundary resume, a teacher and difficulty scores from shards
 against the in-memory computation, and a whole ImageNet-shaped run from nothing but shards on 2 processes."""
 import json
@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from ccfs_dist.config import load_config
-from ccfs_dist.sources import load_real
-from ccfs_dist.dist import make_accelerator
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.runtime.dist import make_accelerator
 from ccfs_dist.errors import ConfigError, DataError
-from ccfs_dist.models import build_model
-from ccfs_dist.dist import share_sizes
-from ccfs_dist.scores import TrainingDynamics, gaussian_last_weights, training_dynamics
-from ccfs_dist.shard_reader import ShardSplit, load_shards
-from ccfs_dist.stream_train import ShuffleBuffer, epoch_batches, epoch_plan, rank_run, train_stream
-from ccfs_dist.train import Recipe, train_model
+from ccfs_dist.training.models import build_model
+from ccfs_dist.runtime.dist import share_sizes
+from ccfs_dist.training.scores import TrainingDynamics, gaussian_last_weights, training_dynamics
+from ccfs_dist.data.shards.reader import ShardPool, load_shards
+from ccfs_dist.training.stream_train import ShuffleBuffer, epoch_batches, epoch_plan, rank_run, train_stream
+from ccfs_dist.training.train import Recipe, train_model
 
 from conftest import ROOT
 from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
@@ -92,7 +92,7 @@ def test_epoch_streams_cover_the_pool_exactly_once_over_ranks_and_workers(pools,
     """Two ranks x `workers` loader workers: the union of both ranks' batches is every sample once, images
     and labels as in memory; the order changes with the epoch; batches mix shards of a class-sorted pool."""
     data, streamed, _ = pools["generated"]
-    split = ShardSplit(streamed.train.index_path, num_workers=workers)
+    split = ShardPool(streamed.train.index_path, num_workers=workers)
     plan = epoch_plan(len(split), 64, 2)
     orders = []
     for epoch in (0, 1):
@@ -347,7 +347,7 @@ def test_ccfs_scores_cli_on_a_shard_pool(pools, tmp_path):
     """`ccfs scores --method forgetting,loss,el2n` on a webdataset source trains on the stream and writes the
     score files (with their sidecar: labels fingerprint of the shards' labels) in the global index order."""
     from ccfs_dist import cli
-    from ccfs_dist.difficulty import load_score_file
+    from ccfs_dist.ccfs.difficulty import load_score_file
     data, streamed, planted = pools["digits"]
     out = str(tmp_path / "d_{method}.npy")
     shards = ["data.source=webdataset", f"data.root={streamed.train.index_path}",

@@ -6,24 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from ccfs_dist import synthetic
-from ccfs_dist.dist import Local, make_accelerator
-from ccfs_dist.models import build_model
-from ccfs_dist.pool import Split
-from ccfs_dist.train import Recipe, train_model
+from ccfs_dist.data import synthetic
+from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+from ccfs_dist.training.models import build_model
+from ccfs_dist.data.pool import TensorPool
+from ccfs_dist.training.train import Recipe, train_model
 
 MEAN, STD = (0.5,), (0.25,)
 
 
 @pytest.fixture(scope="module")
 def acc():
-    return Local(make_accelerator())
+    return OneRankAccelerator(make_accelerator())
 
 
 def pool(n=90, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g),
-                 torch.arange(n, dtype=torch.int64) % 3)
+    return TensorPool(torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g),
+                      torch.arange(n, dtype=torch.int64) % 3)
 
 
 def trained(acc, images, labels, **recipe):
@@ -75,11 +75,11 @@ def test_a_failed_write_leaves_no_set_file(acc, tmp_path, monkeypatch):
 
 
 def test_fetch_shares_needs_unique_indices(tmp_path):
-    from ccfs_dist.shard_reader import ShardSplit
-    from ccfs_dist.shard_writer import write_shards
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.data.shards.writer import write_shards
     write_shards({"source": "digits", "root": None, "image_size": None}, tmp_path, per_shard=500, workers=1,
                  log=lambda *_: None)
-    split = ShardSplit(tmp_path / "train.json")
+    split = ShardPool(tmp_path / "train.json")
     with pytest.raises(ValueError, match="unique"):
         list(split.fetch_shares([3, 3]))
     got = {}

@@ -5,11 +5,11 @@ Usage (under accelerate launch): fault_worker.py [ccfs run args ...]
 import os
 import sys
 
-from ccfs_dist import pool
+from ccfs_dist.data import pool
 from ccfs_dist.cli import main
-from ccfs_dist.dist import relaunch_cpu_processes
+from ccfs_dist.runtime.dist import relaunch_cpu_processes
 
-original = pool.Split.batches
+original = pool.TensorPool.batches
 
 
 def faulty_batches(self, index, batch_size, rank, world, device):
@@ -20,5 +20,5 @@ def faulty_batches(self, index, batch_size, rank, world, device):
 
 if __name__ == "__main__":
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])
-    pool.Split.batches = faulty_batches
+    pool.TensorPool.batches = faulty_batches
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -15,9 +15,11 @@ import os
 import signal
 import sys
 
-from ccfs_dist import curriculum, evaluate, jobs
+from ccfs_dist.ccfs import curriculum
+from ccfs_dist.training import evaluate
+from ccfs_dist.runtime import jobs
 from ccfs_dist.cli import main
-from ccfs_dist.dist import relaunch_cpu_processes
+from ccfs_dist.runtime.dist import relaunch_cpu_processes
 
 KILLS = {"teacher": 0, "distillation": 1, "scoring": 1, "evaluation": 1, "fused": 0}
 

@@ -1,5 +1,5 @@
 """Start loader workers again and again in ranks that run threads: every pass over a shard pool goes through
-loader workers (ShardSplit.batches and .stream in turn), a fresh set of workers (a new ShardSplit) every
+loader workers (ShardPool.batches and .stream in turn), a fresh set of workers (a new ShardPool) every
 PER_POOL-th pass, while the rank's gloo threads, a tqdm bar's monitor thread and a busy Python thread run.
 
 Usage: loader_stress_worker.py INDEX.json PASSES [PER_POOL]   (PASSES 0: until stopped; under `accelerate
@@ -14,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from ccfs_dist.relaunch import relaunch_cpu_processes  # noqa: E402
+from ccfs_dist.runtime.relaunch import relaunch_cpu_processes  # noqa: E402
 
 WORKERS = 2
 
@@ -31,8 +31,8 @@ def main(index_path, passes, per_pool):
     import numpy as np
     import torch
     from tqdm import tqdm
-    from ccfs_dist.dist import exit_process, make_accelerator
-    from ccfs_dist.shard_reader import ShardSplit
+    from ccfs_dist.runtime.dist import exit_process, make_accelerator
+    from ccfs_dist.data.shards.reader import ShardPool
 
     acc = make_accelerator(timeout_s=120)
     rank, world = acc.process_index, acc.num_processes
@@ -45,7 +45,7 @@ def main(index_path, passes, per_pool):
         if i % per_pool == 0:
             if split is not None:
                 split.close()
-            split = ShardSplit(index_path, num_workers=WORKERS, worker_timeout=60)
+            split = ShardPool(index_path, num_workers=WORKERS, worker_timeout=60)
             starts += WORKERS
         rng = np.random.default_rng(i)
         index = np.sort(rng.permutation(len(split))[:len(split) // 4])

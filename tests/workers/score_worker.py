@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist.sources import load_real
-from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
-from ccfs_dist.models import build_model
-from ccfs_dist.predict import predict
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.runtime.dist import exit_process, make_accelerator, relaunch_cpu_processes
+from ccfs_dist.training.models import build_model
+from ccfs_dist.training.predict import predict
 
 
 def main(out):

@@ -19,10 +19,10 @@ import torch
 
 from ccfs_dist.config import load_config
 from ccfs_dist.cli import DEFAULT_CONFIG as DIGITS_CONFIG
-from ccfs_dist.pool import RealData, Split
-from ccfs_dist.sources import load_real
-from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
-from ccfs_dist.scores import training_dynamics
+from ccfs_dist.data.pool import RealData, TensorPool
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.runtime.dist import exit_process, make_accelerator, relaunch_cpu_processes
+from ccfs_dist.training.scores import training_dynamics
 
 NOISE_FRACTION = 0.05
 COMMON = ["model.width=16", "model.depth=2", "model.norm=instancenorm", "scores.runs=2", "scores.batch_size=128"]
@@ -46,7 +46,7 @@ def planted_digits(fraction=NOISE_FRACTION, seed=0):
     shift = torch.from_numpy(rng.integers(1, data.num_classes, size=int(planted.sum())))
     mask = torch.from_numpy(planted)
     labels[mask] = (labels[mask] + shift) % data.num_classes
-    noisy = RealData(data.name, data.classes, Split(data.train.images, labels), data.test, data.mean, data.std)
+    noisy = RealData(data.name, data.classes, TensorPool(data.train.images, labels), data.test, data.mean, data.std)
     return noisy, planted
 
 

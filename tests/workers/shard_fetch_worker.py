@@ -1,4 +1,4 @@
-"""Fetch samples from a shard pool with the ranks sharing the reading (ShardSplit.fetch with an accelerator).
+"""Fetch samples from a shard pool with the ranks sharing the reading (ShardPool.fetch with an accelerator).
 
 Usage: shard_fetch_worker.py TRAIN_INDEX.json OUT.npz   (run directly or under `accelerate launch`)
 
@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist import shard_reader, synthetic
-from ccfs_dist.dist import exit_process, gather_rows, gather_rows_in_pieces, make_accelerator, relaunch_cpu_processes
+from ccfs_dist.data.shards import reader as shard_reader
+from ccfs_dist.data import synthetic
+from ccfs_dist.runtime.dist import exit_process, gather_rows, gather_rows_in_pieces, make_accelerator, relaunch_cpu_processes
 
 OPENED = []
 _samples = shard_reader._ShardStream._samples
@@ -28,7 +29,7 @@ def counting(self, shard):
 def main(index_path, out):
     shard_reader._ShardStream._samples = counting
     acc = make_accelerator(timeout_s=120)
-    split = shard_reader.ShardSplit(index_path)
+    split = shard_reader.ShardPool(index_path)
     index = np.random.default_rng(3).permutation(len(split))[:len(split) // 3]
     x, y = split.fetch(index, batch_size=7, accelerator=acc)
     opened = gather_rows(acc, {"n": torch.tensor([len(OPENED)])})["n"]

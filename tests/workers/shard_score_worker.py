@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist.sources import load_real
-from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
-from ccfs_dist.models import build_model
-from ccfs_dist.predict import predict
-from ccfs_dist.shard_reader import ShardSplit
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.runtime.dist import exit_process, make_accelerator, relaunch_cpu_processes
+from ccfs_dist.training.models import build_model
+from ccfs_dist.training.predict import predict
+from ccfs_dist.data.shards.reader import ShardPool
 
 
 def model_for(num_classes, shape):
@@ -31,7 +31,7 @@ def main(cases_path, out_dir, memory):
     with open(cases_path) as f:
         cases = json.load(f)
     for case in cases:
-        split = ShardSplit(case["train"], num_workers=case["workers"], decode=case.get("decode", "cpu"))
+        split = ShardPool(case["train"], num_workers=case["workers"], decode=case.get("decode", "cpu"))
         mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
         index = np.arange(len(split))
         if case["subset"]:               # an uneven, shuffled pool: what is left after earlier phases

@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from ccfs_dist import curriculum
+from ccfs_dist.ccfs import curriculum
 from ccfs_dist.cli import main
 
 real_predict = curriculum.predict

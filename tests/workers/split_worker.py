@@ -10,11 +10,12 @@ import sys
 import numpy as np
 import torch
 
-from ccfs_dist import jobs, train
-from ccfs_dist.sources import load_real
-from ccfs_dist.dist import exit_process, make_accelerator, relaunch_cpu_processes
-from ccfs_dist.models import build_model
-from ccfs_dist.plan import Job
+from ccfs_dist.runtime import jobs
+from ccfs_dist.training import train
+from ccfs_dist.data.sources import load_real
+from ccfs_dist.runtime.dist import exit_process, make_accelerator, relaunch_cpu_processes
+from ccfs_dist.training.models import build_model
+from ccfs_dist.runtime.plan import Job
 
 states = {}
 

@@ -1,0 +1,1 @@
+"""One training and its parts: models, augmentation, the trainers (in memory and streamed), prediction, difficulty scores by training runs, distillation, evaluation."""
