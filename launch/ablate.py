@@ -35,7 +35,6 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ccfs_dist.runtime import io  # noqa: E402
 from ccfs_dist.cli import DEFAULT_CONFIG  # noqa: E402

@@ -8,7 +8,7 @@ Phases (the first curriculum phase of a run, on the config's data and model, or 
   score         predict.predict of that filter over the whole pool (data.train)
   select        selection.select on the scoring phase's prediction arrays (hardness = filter logits)
   select_1k     select at ImageNet-1K size (1,281,167 samples, 1000 classes, k 100) on the synthetic pool of
-                launch/bench_selection.py (make_pool, there)
+                launch/bench_selection.py (ccfs_dist.bench.pools.make_pool)
   eval_train    train_model on an evaluation-sized set (ipc images per class), KD unless eval.labels is hard
 
 Ceilings, timed in the same run on the same model, batch, precision, memory format and compile setting:
@@ -42,24 +42,23 @@ import argparse
 import json
 import math
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import torch
 
+from ccfs_dist.bench import seeds as bench_seeds
 from ccfs_dist.runtime import seeds
+from ccfs_dist.bench.report import PHASES, add_scaling, format_table  # noqa: F401  (this script's API)
+from ccfs_dist.bench.pools import generated_data, make_pool  # noqa: F401  (make_pool: this script's API)
+from ccfs_dist.bench.timing import clock, cpu_name, mem_kind, paired, peak_mb, reset_peak, sync, timed
 from ccfs_dist.training.augment import normalize
 from ccfs_dist.cli import add_timeout_arg
 from ccfs_dist.config import load_config
 from ccfs_dist.data.distilled import load_distilled
-from ccfs_dist.data.pool import RealData, TensorPool
 from ccfs_dist.data.sources import load_real
 from ccfs_dist.runtime.dist import exit_process, gather_rows, make_accelerator, relaunch_cpu_processes, share
 from ccfs_dist.errors import CCFSError
@@ -68,99 +67,16 @@ from ccfs_dist.training.predict import predict
 from ccfs_dist.ccfs.selection import phase_budgets, random_per_class, select
 from ccfs_dist.training.train import Recipe, compiled, train_model, train_step
 
-PHASES = ("filter_train", "score", "select", "select_1k", "eval_train")
-LABELS = {"filter_train": "filter training", "score": "scoring", "select": "selection",
-          "select_1k": "selection, 1.28M", "eval_train": "eval training"}
 # generated data (no --config): sizes as the earlier throughput script, 10 classes of 8x8x1 noise
 GENERATED = ["ccfs.ipc=1000", "ccfs.alpha=0.2", "train.batch_size=128", "predict.batch_size=1024"]
 
 
 # ------------------------------------------------------------------------------------ shared helpers
 
-def make_pool(n, classes, seed):
-    """A synthetic gathered pool for selection benchmarks: (index, label, pred, hardness, teacher_correct).
-
-    Random labels, filter predictions 30 % wrong, teacher 80 % right, a forgetting-like difficulty in
-    steps of 0.2 (many ties), global indices shuffled as a gathered distributed result would be.
-    """
-    rng = np.random.default_rng(seed)
-    label = rng.integers(0, classes, n)
-    wrong = rng.random(n) < 0.3
-    pred = np.where(wrong, (label + rng.integers(1, max(classes, 2), n)) % classes, label)
-    hardness = rng.integers(0, 301, n) / 5.0                # 0.0 .. 60.0 in steps of 0.2
-    teacher_correct = rng.random(n) < 0.8
-    index = rng.permutation(n).astype(np.int64)             # pool arrives in gather order, not index order
-    return index, label, pred, hardness, teacher_correct
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(kind, device):
-    """Start a new peak-memory window of `kind` ("cuda": allocated on the GPU, "rss": resident set of the
-    process); False when the RSS peak cannot be reset (it is then the process's peak so far)."""
-    if kind == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb(kind, device):
-    if kind == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_kind(device):
-    return "cuda" if device.type == "cuda" else "rss"
-
-
 def _per_rank(acc, value):
     """Every rank's float `value`, in rank order (on every rank)."""
     t = torch.tensor([float(value)], dtype=torch.float64, device=acc.device)
     return [float(v) for v in gather_rows(acc, {"v": t})["v"].tolist()]
-
-
-def _timed(fn, calls, device):
-    """(wall, CPU) seconds of `calls` calls of fn, the device synchronised at both ends."""
-    _sync(device)
-    start = _clock()
-    for _ in range(calls):
-        fn()
-    _sync(device)
-    return _clock() - start
-
-
-# ------------------------------------------------------------------------------------------- data
-
-def generated_data(classes, pool, size, channels, seed=0):
-    """RealData of uniform uint8 noise, `pool` training images with balanced random labels."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (pool, channels, size, size), dtype=torch.uint8, generator=g)
-    labels = torch.randperm(pool, generator=g) % classes
-    train = TensorPool(images, labels)
-    test = TensorPool(images[:0], labels[:0])
-    return RealData("generated", [str(c) for c in range(classes)], train, test, (0.5,) * channels,
-                    (0.25,) * channels)
 
 
 def _build(cfg, data, seed):
@@ -182,7 +98,7 @@ def _first_set(cfg, data, per_class):
                            resize=cfg["data"]["distilled_resize"])
         return d.images, d.labels
     labels = data.train.labels.numpy()
-    return data.train.fetch(random_per_class(labels, per_class, seeds.bench_first_set(cfg["seed"])))
+    return data.train.fetch(random_per_class(labels, per_class, bench_seeds.first_set(cfg["seed"])))
 
 
 # --------------------------------------------------------------------------------------- training
@@ -194,31 +110,6 @@ def _cut(images, labels, batch_size, steps):
     if math.ceil(len(images) / batch_size) > per_epoch:
         images, labels = images[:per_epoch * batch_size], labels[:per_epoch * batch_size]
     return images, labels, max(1, math.ceil(steps / math.ceil(len(images) / batch_size)))
-
-
-def _clock():
-    """(wall seconds, CPU seconds of this process)."""
-    return np.array([time.perf_counter(), time.process_time()])
-
-
-def _paired(engine, ceiling, work, device):
-    """Figures from paired samples: (wall, CPU) times of the engine and of the ceiling doing the same `work`
-    (images), taken back to back.
-
-    images/s is the median engine rate; ratio is the median of the per-pair wall-time ratios (load that
-    comes and goes hits both sides of a pair alike) and the ceiling shown is images/s / ratio. On the CPU
-    cpu_ratio is the same from the process's CPU time, which waiting for a core does not count: with one
-    thread per process it is the ratio on an idle machine (with more threads it also counts spinning).
-    """
-    engine, ceiling = np.asarray(engine), np.asarray(ceiling)
-    rate = work / float(np.median(engine[:, 0]))
-    ratio = float(np.median(ceiling[:, 0] / engine[:, 0]))
-    out = {"images_per_s": rate, "ceiling_images_per_s": rate / ratio, "ratio": ratio,
-           "best_images_per_s": work / float(engine[:, 0].min()),
-           "best_ceiling_images_per_s": work / float(ceiling[:, 0].min()), "pairs": int(len(engine))}
-    if device.type == "cpu":
-        out["cpu_ratio"] = float(np.median(ceiling[:, 1] / engine[:, 1]))
-    return out
 
 
 def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repeats, compile_arg, desc, seed):
@@ -245,10 +136,10 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
         return stats
 
     engine(1, *_cut(images, labels, batch, min(steps, 8))[:2])         # warm-up (and compile)
-    kind = _mem_kind(device)
-    reset = _reset_peak(kind, device)
+    kind = mem_kind(device)
+    reset = reset_peak(kind, device)
     plain = engine(epochs, x, y)                                        # memory, and the total time of a run
-    peak = _peak_mb(kind, device)
+    peak = peak_mb(kind, device)
 
     # the ceiling: one resident, normalised batch of this rank's share, the same model/optimizer/precision
     lo, hi = share(acc, batch)
@@ -269,26 +160,26 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
         train_step(acc, opt, None, forward, xb, yb, teacher_forward=teacher_forward,
                    teacher_autocast=acc.autocast, temperature=rec.temperature)
 
-    _timed(step, 3, device)                                             # warm-up (and compile)
+    timed(step, 3, device)                                             # warm-up (and compile)
     engine_s, ceiling_s = [], []
     mark = {}
 
     def pair(epoch, _model):
         if epoch % chunk:
             return
-        _sync(device)
-        now = _clock()
+        sync(device)
+        now = clock()
         if "t" in mark:                                                 # not the first epoch of the run
             engine_s.append(now - mark["t"])
-            ceiling_s.append(_timed(step, per_epoch * chunk, device))
-        mark["t"] = _clock()
+            ceiling_s.append(timed(step, per_epoch * chunk, device))
+        mark["t"] = clock()
 
     for _ in range(repeats):
         mark.clear()
         engine(epochs, x, y, on_epoch_end=pair)
     del ddp, opt, forward, model
     acc.free_memory()
-    fig = _paired(engine_s, ceiling_s, batch * per_epoch * chunk, device)
+    fig = paired(engine_s, ceiling_s, batch * per_epoch * chunk, device)
     return {
         **fig, "images": batch * per_epoch * epochs, "seconds": batch * per_epoch * epochs / fig["images_per_s"],
         "run_seconds": plain["seconds"], "run_images_per_s": plain["images_per_s"],
@@ -312,10 +203,10 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     mf = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=mf).eval()
     kw = dict(mean=data.mean, std=data.std, batch_size=batch_size, channels_last=channels_last)
-    kind = _mem_kind(device)
-    reset = _reset_peak(kind, device)
+    kind = mem_kind(device)
+    reset = reset_peak(kind, device)
     preds, first = predict(acc, model, data.train, index, desc="bench score", **kw)
-    peak = _peak_mb(kind, device)
+    peak = peak_mb(kind, device)
 
     lo, hi = share(acc, len(index))
     rows = np.asarray(index)[lo:hi][:batch_size]
@@ -330,22 +221,22 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
 
     def ceiling_pass():
         full, rest = divmod(rank_images, len(xb))
-        _timed(forward, full, device)
+        timed(forward, full, device)
         if rest:
             with torch.no_grad(), acc.autocast():
                 model(xb[:rest])
         acc.wait_for_everyone()               # like the engine's gather: a pass lasts as long as its slowest rank
 
-    _timed(forward, 2, device)                                          # warm-up
+    timed(forward, 2, device)                                          # warm-up
     pairs = max(repeats, 5, min(50, math.ceil(2.0 / max(first["seconds"], 1e-3))))
     pairs = int(_per_rank(acc, pairs)[0])                               # the same count on every rank
     engine_s, ceiling_s = [], []
     for _ in range(pairs):
-        start = _clock()
+        start = clock()
         predict(acc, model, data.train, index, desc="bench score", **kw)
-        engine_s.append(_clock() - start)
-        ceiling_s.append(_timed(ceiling_pass, 1, device))
-    fig = _paired(engine_s, ceiling_s, len(index), device)
+        engine_s.append(clock() - start)
+        ceiling_s.append(timed(ceiling_pass, 1, device))
+    fig = paired(engine_s, ceiling_s, len(index), device)
     # ranks score their shares in parallel; the slowest share (the largest) bounds the ceiling
     return {
         **fig, "images": len(index), "seconds": len(index) / fig["images_per_s"], "run_seconds": first["seconds"],
@@ -361,13 +252,13 @@ def bench_select(acc, arrays, k, *, ccfs, num_classes, seed, repeats):
     index, label, pred, hardness, teacher_ok = arrays
     kw = dict(coarse=ccfs["coarse"], fine=ccfs["fine"], balance=ccfs["balance"],
               teacher_correct=teacher_ok if ccfs["teacher_correct"] else None, num_classes=num_classes, seed=seed)
-    reset = _reset_peak("rss", device)                                 # host work: resident set size
+    reset = reset_peak("rss", device)                                 # host work: resident set size
     best, sel = float("inf"), None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         sel = select(index, label, pred, hardness, k, **kw)
         best = min(best, time.perf_counter() - start)
-    peak = _peak_mb("rss", device)
+    peak = peak_mb("rss", device)
     return {"images": int(len(index)), "seconds": best, "images_per_s": len(index) / max(best, 1e-9),
             "ceiling_images_per_s": None, "ratio": None, "peak_mem_mb": _per_rank(acc, peak),
             "memory": "rss", "peak_reset": reset, "k": int(k),
@@ -393,11 +284,11 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
     out = {}
 
     s0 = _first_set(cfg, data, n_distilled)
-    filt = _build(cfg, data, seeds.bench_filter(cfg["seed"]))
+    filt = _build(cfg, data, bench_seeds.filter_model(cfg["seed"]))
     if "filter_train" in phases:
         rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=n_distilled)
         out["filter_train"] = bench_training(acc, cfg, data, kd_teacher, *s0, rec, steps=steps, repeats=repeats,
-                                             compile_arg=compile_arg, desc="bench filter", seed=seeds.bench_filter(cfg["seed"]))
+                                             compile_arg=compile_arg, desc="bench filter", seed=bench_seeds.filter_model(cfg["seed"]))
 
     pool = np.arange(len(data.train))
     preds = None
@@ -415,7 +306,7 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
         arrays = (preds["index"], preds["label"], preds["pred"], -preds["true_logit"].astype(np.float64),
                   teacher_ok[preds["index"]])
         out["select"] = bench_select(acc, arrays, budgets[0], ccfs=c, num_classes=data.num_classes,
-                                     seed=seeds.bench_selection(cfg["seed"]), repeats=repeats)
+                                     seed=bench_seeds.selection(cfg["seed"]), repeats=repeats)
     if "select_1k" in phases and selection_n > 0:
         out["select_1k"] = bench_select(acc, make_pool(selection_n, selection_classes, cfg["seed"]), selection_k,
                                         ccfs=c, num_classes=selection_classes, seed=cfg["seed"], repeats=repeats)
@@ -425,12 +316,12 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
         rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
         eval_teacher = teacher if cfg["eval"]["labels"] != "hard" else None     # eval.labels both: the KD one
         out["eval_train"] = bench_training(acc, cfg, data, eval_teacher, *final, rec, steps=steps, repeats=repeats,
-                                           compile_arg=compile_arg, desc="bench eval", seed=seeds.bench_eval(cfg["seed"]))
+                                           compile_arg=compile_arg, desc="bench eval", seed=bench_seeds.evaluation(cfg["seed"]))
 
     import accelerate
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": _cpu_name(), "cpus": os.cpu_count(),
+        "cpu": cpu_name(), "cpus": os.cpu_count(),
         "threads_per_process": torch.get_num_threads(), "processes": acc.num_processes,
         "torch": torch.__version__, "accelerate": accelerate.__version__, "data": data.name,
         "image_shape": list(data.train.shape), "classes": data.num_classes, "pool": len(data.train),
@@ -438,53 +329,6 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
         "channels_last": cfg["train"]["channels_last"], "compile": compile_arg, "kd": cfg["train"]["kd"],
         "steps": steps, "repeats": repeats, "phases": out,
     }
-
-
-def add_scaling(report, baseline):
-    """Add speedup and efficiency (speedup per added process) per phase against a baseline report."""
-    factor = report["processes"] / baseline["processes"]
-    for name, ph in report["phases"].items():
-        base = baseline["phases"].get(name)
-        if base and base.get("images_per_s"):
-            ph["baseline_processes"] = baseline["processes"]
-            ph["speedup"] = ph["images_per_s"] / base["images_per_s"]
-            ph["efficiency"] = ph["speedup"] / factor
-    return report
-
-
-def format_table(*reports):
-    """The on-screen table of one report, or of several (e.g. 1 and N processes) phase by phase."""
-    def num(v, fmt="{:,.0f}"):
-        return "-" if v is None else fmt.format(v)
-    lines = []
-    for r in reports:
-        lines.append(f"{r['data']} {'x'.join(map(str, r['image_shape']))}, {r['model']['name']}, "
-                     f"{r['processes']} process(es) on {r['device']} ({r['threads_per_process']} threads each), "
-                     f"precision {r['mixed_precision']}, channels_last {r['channels_last']}, "
-                     f"compile {r['compile']}, KD {r['kd']}")
-    cpu = any("cpu_ratio" in p for r in reports for p in r["phases"].values())
-    cols = f"{'phase':<18}{'procs':>6}{'images/s':>12}{'seconds':>10}{'ceiling':>12}{'ratio':>7}"
-    cols += f"{'cpu ratio':>10}" if cpu else ""
-    cols += f"{'peak MB/rank':>16}"
-    scaled = any("speedup" in p for r in reports for p in r["phases"].values())
-    if scaled:
-        cols += f"{'speedup':>9}{'effic.':>8}"
-    lines += [cols, "-" * len(cols)]
-    for name in PHASES:
-        for r in reports:
-            p = r["phases"].get(name)
-            if p is None:
-                continue
-            mem = "/".join(f"{m:.0f}" for m in p["peak_mem_mb"])
-            line = (f"{LABELS[name]:<18}{r['processes']:>6}{num(p['images_per_s']):>12}"
-                    f"{num(p['seconds'], '{:.3f}'):>10}{num(p['ceiling_images_per_s']):>12}"
-                    f"{num(p['ratio'], '{:.2f}'):>7}")
-            line += f"{num(p.get('cpu_ratio'), '{:.2f}'):>10}" if cpu else ""
-            line += f"{mem:>16}"
-            if scaled:
-                line += f"{num(p.get('speedup'), '{:.2f}x'):>9}{num(p.get('efficiency'), '{:.2f}'):>8}"
-            lines.append(line)
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ command line

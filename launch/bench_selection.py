@@ -30,8 +30,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import make_pool  # noqa: E402  (launch/bench.py, beside this script: shared with its select_1k phase)
+from ccfs_dist.bench.pools import make_pool  # noqa: E402  (shared with launch/bench.py's select_1k phase)
 from ccfs_dist.runtime.io import write_json  # noqa: E402
 from ccfs_dist.ccfs.selection import _random_keys, select  # noqa: E402
 

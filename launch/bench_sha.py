@@ -11,15 +11,13 @@ import argparse
 import hashlib
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import bench_shards  # noqa: E402  (launch/: its synthetic shard generator)
+from ccfs_dist.bench.shards import generate  # noqa: E402  (bench_shards.py's synthetic shard set)
 from ccfs_dist.data.shards import index as shard_index, reader as shard_reader  # noqa: E402
 
 
@@ -41,7 +39,7 @@ def main():
     torch.set_num_threads(1)
     gen = argparse.Namespace(out=args.out, samples=args.samples, small=args.samples, classes=1000, image_size=16,
                              per_shard=2000, seed=0, gen_workers=min(4, os.cpu_count() or 1))
-    index, _ = bench_shards.generate(gen)
+    index, _ = generate(gen)
     hashing_read, hashing_check = shard_index.HashingReader.read, shard_index.HashingReader.check
 
     def unhashed_read(self, n):             # the same reader without the digest

@@ -22,21 +22,13 @@ peak RSS with the full pool to that with the small pool (target <= 1.15).
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-
-def _status_kb(field, path="/proc/self/status"):
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+from ccfs_dist.bench.procs import free_port, status_kb  # noqa: E402
 
 
 def child(args):
@@ -88,8 +80,8 @@ def child(args):
     phase_s = time.perf_counter() - t0
     out = {"rank": acc.process_index, "ranks": acc.num_processes, "pool": len(split), "store": args.store,
            "synthetic_before": before, "synthetic_after": len(current), "set_mb": held.nbytes / 2**20,
-           "peak_rss_mb": _status_kb("VmHWM") / 1024, "rss_mb": _status_kb("VmRSS") / 1024,
-           "pss_mb": _status_kb("Pss", "/proc/self/smaps_rollup") / 1024, "checksum": checksum,
+           "peak_rss_mb": status_kb("VmHWM") / 1024, "rss_mb": status_kb("VmRSS") / 1024,
+           "pss_mb": status_kb("Pss", "/proc/self/smaps_rollup") / 1024, "checksum": checksum,
            "setup_s": setup_s, "train_s": train_s, "score_s": score_s, "phase_s": phase_s}
     with open(f"{args.json}.rank{acc.process_index}", "w") as f:
         json.dump(out, f)
@@ -98,12 +90,6 @@ def child(args):
     if acc.is_main_process:
         os.rmdir(folder)                                   # the sets are gone: nothing of the run stays in --out
     exit_process(0)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():
@@ -121,9 +107,8 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(args)
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import bench_shards                                  # as a module by its name: its writer processes pickle by name
-    index = dict(zip(("full", "small"), bench_shards.generate(argparse.Namespace(
+    from ccfs_dist.bench.shards import generate          # by its module name: its writer processes pickle by name
+    index = dict(zip(("full", "small"), generate(argparse.Namespace(
         out=args.out, samples=1281167, small=128000, classes=1000, image_size=16, per_shard=2000, seed=0,
         gen_workers=args.gen_workers))))     # the shard set bench_shards.py and bench_stream_train.py use
     results = []

@@ -14,12 +14,10 @@ import argparse
 import io
 import os
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 

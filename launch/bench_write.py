@@ -14,10 +14,8 @@ input's size per 100k images.
 import argparse
 import os
 import shutil
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_shards import write_photos  # noqa: E402
 from ccfs_dist.data.shards.writer import write_shards  # noqa: E402

@@ -75,26 +75,6 @@ def stream_interleave(seed, epoch, rank):
     return _entropy(seed, epoch, 2, rank)
 
 
-def bench_first_set(seed):
-    """The benchmark's stand-in for the distilled set (random real images)."""
-    return seed + 3
-
-
-def bench_filter(seed):
-    """The benchmark's filter training."""
-    return seed + 1000
-
-
-def bench_selection(seed):
-    """The benchmark's selection pass."""
-    return seed + 1
-
-
-def bench_eval(seed):
-    """The benchmark's evaluation training."""
-    return seed + 500
-
-
 def validation():
     """The carve of data.validation: fixed, not the run's seed, so every seed of a settings search sees the
     same validation split and the same pool."""

@@ -1,0 +1,32 @@
+"""Generated pools for the benchmarks: a gathered selection pool, a RealData of noise."""
+import numpy as np
+import torch
+
+from ccfs_dist.data.pool import RealData, TensorPool
+
+
+def make_pool(n, classes, seed):
+    """A synthetic gathered pool for selection benchmarks: (index, label, pred, hardness, teacher_correct).
+
+    Random labels, filter predictions 30 % wrong, teacher 80 % right, a forgetting-like difficulty in
+    steps of 0.2 (many ties), global indices shuffled as a gathered distributed result would be.
+    """
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, classes, n)
+    wrong = rng.random(n) < 0.3
+    pred = np.where(wrong, (label + rng.integers(1, max(classes, 2), n)) % classes, label)
+    hardness = rng.integers(0, 301, n) / 5.0                # 0.0 .. 60.0 in steps of 0.2
+    teacher_correct = rng.random(n) < 0.8
+    index = rng.permutation(n).astype(np.int64)             # pool arrives in gather order, not index order
+    return index, label, pred, hardness, teacher_correct
+
+
+def generated_data(classes, pool, size, channels, seed=0):
+    """RealData of uniform uint8 noise, `pool` training images with balanced random labels."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (pool, channels, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randperm(pool, generator=g) % classes
+    train = TensorPool(images, labels)
+    test = TensorPool(images[:0], labels[:0])
+    return RealData("generated", [str(c) for c in range(classes)], train, test, (0.5,) * channels,
+                    (0.25,) * channels)
