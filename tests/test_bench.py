@@ -1,4 +1,5 @@
 """The per-phase benchmark (launch/bench.py) on a tiny setting: the report's shape, not speed."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,10 +9,11 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import bench  # noqa: E402  (launch/bench.py: benchmarks live outside the package)
-
 SCRIPT = os.path.join(ROOT, "launch", "bench.py")
+_spec = importlib.util.spec_from_file_location("bench", SCRIPT)    # launch/ scripts live outside the package
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+ENV = dict(os.environ, PYTHONPATH=ROOT)                            # the launched scripts import this checkout
 TINY = ["--classes", "4", "--pool", "256", "--steps", "8", "--repeats", "1", "--selection-n", "3000",
         "--selection-classes", "10", "--selection-k", "5", "ccfs.ipc=16", "ccfs.alpha=0.25", "train.batch_size=16",
         "predict.batch_size=64", "model.width=8"]
@@ -113,7 +115,7 @@ def test_selection_benchmark_matches_the_python_versions(tmp_path):
     out = tmp_path / "sel.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_selection.py"), "--n", "5000",
                            "--classes", "10", "--k", "200", "--repeats", "1", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.load(open(out))["rows"]
     assert len(rows) == 12 and all(r["match"] for r in rows)
@@ -131,7 +133,7 @@ def test_shard_benchmark_report(tmp_path):
                            "--out", str(out), "--samples", "3000", "--small", "1000", "--per-shard", "500",
                            "--classes", "10", "--image-size", "8", "--gen-workers", "1", "--batch-size", "100",
                            "--forward-images", "1000", "--loader-images", "1000", "--pairs", "4", "--width", "8"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.load(open(out / "result.json"))
     assert (result["small"]["samples"], result["small"]["shards"]) == (1000, 2)
@@ -150,7 +152,7 @@ def test_shard_decode_benchmark_report(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench_shards.py"), "--decode", "--cpu",
                            "--out", str(out), "--decode-images", "20", "--decode-size", "32", "--decode-per-shard", "10",
                            "--gen-workers", "1", "--batch-size", "8"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.load(open(out / "decode" / "result.json"))
     rows = {(r["shards"], r["decode"]): r for r in result["rows"]}
