@@ -40,7 +40,7 @@ def fake_cifar(folder, n, seed=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   help="checkout whose ccfs_dist to run (default: this one)")
+                   help="checkout whose ccfs_dist the steps run (default: this one; on their PYTHONPATH)")
     p.add_argument("--out", default="/tmp/bench_loader", help="folder for the generated data and shards")
     p.add_argument("--n", type=int, default=10000, help="training images")
     p.add_argument("--per-shard", type=int, default=500)
@@ -51,22 +51,25 @@ def main():
     p.add_argument("--step", choices=("write", "read"), default=None,
                    help="run one step in this process (default: generate the data, then each step in a fresh one)")
     args = p.parse_args()
-    sys.path.insert(0, os.path.abspath(args.repo))
+    source = os.path.join(args.out, "cifar")
+    if args.step is None:                    # each step in a fresh process: each pays its own process starts
+        if not os.path.exists(os.path.join(source, "batches.meta")):
+            fake_cifar(source, args.n)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(args.repo)] +
+                                                         [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        for step in ("write", "read"):
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--step", step] + sys.argv[1:], check=True,
+                           env=env)
+        shutil.rmtree(os.path.join(args.out, "shards"))
+        return
     import numpy as np
     import torch
     import ccfs_dist
     from ccfs_dist.data.shards.reader import ShardPool
     from ccfs_dist.data.shards.writer import write_shards
     torch.set_num_threads(1)
-    source = os.path.join(args.out, "cifar")
-    if args.step is None:                    # each step in a fresh process: each pays its own process starts
+    if args.step == "write":
         print(f"engine: {os.path.dirname(ccfs_dist.__file__)}")
-        if not os.path.exists(os.path.join(source, "batches.meta")):
-            fake_cifar(source, args.n)
-        for step in ("write", "read"):
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--step", step] + sys.argv[1:], check=True)
-        shutil.rmtree(os.path.join(args.out, "shards"))
-        return
     shards = os.path.join(args.out, "shards")
     if args.step == "write":
         cfg = {"source": "cifar10", "root": source, "image_size": None, "distilled": None}

@@ -7,7 +7,7 @@
     python launch/bench_scaling.py --model-only --rates R.json
 
 Workloads: `default` (configs/default.yaml as it is) and `cifar` (CIFAR-shaped: 32x32 RGB, 10 classes,
-generated images written as an image folder, a ConvNet-D3; see CIFAR). Each runs `python launch/ccfs.py`
+generated images written as an image folder, a ConvNet-D3; see ccfs_dist.bench.pools.CIFAR). Each runs `python launch/ccfs.py`
 and then `accelerate launch --cpu --num_processes 2 launch/ccfs.py`, both with OMP_NUM_THREADS=1, and
 prints the wall seconds of every step (summary.json's wall_seconds), the whole command, the ratio, and
 whether the results are byte-identical. The load average is printed before and after: other work on
@@ -29,8 +29,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
-COMPARED = ["selected_indices.json", "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json"]
-CIFAR = {"classes": 10, "train_per_class": 200, "test_per_class": 50, "size": 32}
 CIFAR_OVERRIDES = ["teacher.epochs=10", "distill.iterations=100", "distill.jitter=4", "train.epochs=30",
                    "scores.epochs=10", "aug.scale_min=0.08", "aug.flip=true", "ccfs.ipc=20"]
 PAPER = {   # (config, overrides, sizes): the paper's recipes with computed forgetting scores (5 runs x 200 epochs)
@@ -60,21 +58,6 @@ def parse_args(argv):
     return args
 
 
-def make_cifar_like(folder, c=CIFAR):
-    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class); `c` as CIFAR."""
-    import torch
-    from ccfs_dist.data.distilled import write_image_folder
-    g = torch.Generator().manual_seed(0)
-    for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
-        n = per_class * c["classes"]
-        labels = torch.arange(n) % c["classes"]
-        # class-dependent mean colour + noise: learnable, so the filters misclassify only part of the pool
-        base = (labels[:, None, None, None].float() * 23 % 256)
-        images = (base + 64 * torch.randn((n, 3, c["size"], c["size"]), generator=g)).clamp(0, 255).to(torch.uint8)
-        write_image_folder(os.path.join(folder, split), images, labels, [f"c{i}" for i in range(c["classes"])])
-    return folder
-
-
 def run(out, processes, args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     if processes == 1:
@@ -92,6 +75,7 @@ def run(out, processes, args):
 
 
 def same_results(a, b):
+    from ccfs_dist.bench.pools import COMPARED
     return all(open(os.path.join(a, n), "rb").read() == open(os.path.join(b, n), "rb").read() for n in COMPARED)
 
 
@@ -241,6 +225,7 @@ def main(argv=None):
         if name == "default":
             bench(name, folder, args.overrides, args.repeat)
         elif name == "cifar":
+            from ccfs_dist.bench.pools import make_cifar_like
             data = make_cifar_like(os.path.join(folder, "cifar_like"))
             one = bench(name, folder, ["data.source=imagefolder", f"data.root={data}", *CIFAR_OVERRIDES,
                                        *args.overrides], args.repeat)

@@ -4,7 +4,7 @@
     python launch/bench_stream_scores.py --throughput [--sizes 8,32,224] [--out /tmp/ccfs_bench_stream]
     python launch/bench_stream_scores.py --bias [--runs 6] [--buffer 512] [--out /tmp/ccfs_bench_stream]
 
-For planted digits and a generated class-sorted pool (5 % of the training labels flipped, tests/stream_pools.py),
+For planted digits and a generated class-sorted pool (5 % of the training labels flipped, ccfs_dist/bench/stream_pools.py),
 both written as shards of 200: forgetting / loss / EL2N from `scores.training_dynamics` on the shards (streamed
 through a shuffle buffer of --buffer samples: a pool within the buffer would be read once and score exactly as
 in memory) and in memory, same recipe and seeds (ConvNet width 8, depth 2, batch 256, averaged over --runs
@@ -26,14 +26,12 @@ EL2N of each (a systematic shift is a different estimator) and the mean single-r
 """
 import argparse
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -53,8 +51,8 @@ def main():
         return throughput(args)
     if args.bias:
         return bias(args)
-    from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
-    from test_scores import auroc, spearman
+    from ccfs_dist.bench.stream_pools import (auroc, generated_pool, planted_digits, spearman, teacher_accuracies,
+                                              write_pool_shards)
     from ccfs_dist.config import load_config
     from ccfs_dist.data.sources import load_real
     from ccfs_dist.runtime.dist import make_accelerator
@@ -96,7 +94,7 @@ def main():
 
 
 def throughput(args):
-    from stream_pools import generated_pool, write_pool_shards
+    from ccfs_dist.bench.stream_pools import generated_pool, write_pool_shards
     from ccfs_dist.config import load_config
     from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
     from ccfs_dist.training.scores import dynamics_run
@@ -137,8 +135,7 @@ def throughput(args):
 
 def bias(args):
     import itertools
-    from stream_pools import write_pool_shards
-    from test_scores import spearman
+    from ccfs_dist.bench.stream_pools import spearman, write_pool_shards
     from ccfs_dist.config import load_config
     from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
     from ccfs_dist.training.scores import dynamics_run

@@ -41,13 +41,12 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_scaling import COMPARED, make_cifar_like  # noqa: E402
+from ccfs_dist.bench.pools import COMPARED, make_cifar_like  # noqa: E402
 from ccfs_dist.training.augment import Augment  # noqa: E402
 from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, set_determinism  # noqa: E402
 from ccfs_dist.runtime.io import check_writable_folder, write_json, write_text  # noqa: E402

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT
 from ccfs_dist import cli
+from ccfs_dist.bench.stream_pools import auroc, spearman
 from ccfs_dist.ccfs import curriculum
 from ccfs_dist.config import load_config
 from ccfs_dist.data.sources import load_real
@@ -31,27 +32,6 @@ _spec.loader.exec_module(worker)
 
 # A short recipe on the digits demo config (ConvNet-D3, BatchNorm): about 3 s on one CPU core.
 QUICK = ["scores.runs=2", "scores.epochs=20"]
-
-
-def auroc(scores, positive):
-    """Area under the ROC curve of `scores` separating `positive` from the rest (Mann-Whitney U, ties averaged)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    uniq, inverse = np.unique(scores, return_inverse=True)
-    sums = np.bincount(inverse, weights=ranks)
-    counts = np.bincount(inverse)
-    ranks = (sums / counts)[inverse]                       # average rank within ties
-    p, q = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * q))
-
-
-def spearman(a, b):
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable")
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 @pytest.fixture(scope="module")

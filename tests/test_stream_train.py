@@ -21,7 +21,7 @@ from ccfs_dist.training.stream_train import ShuffleBuffer, epoch_batches, epoch_
 from ccfs_dist.training.train import Recipe, train_model
 
 from conftest import ROOT
-from stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
+from ccfs_dist.bench.stream_pools import generated_pool, planted_digits, teacher_accuracies, write_pool_shards
 from test_run import SCRIPT
 from test_scores import auroc, spearman
 

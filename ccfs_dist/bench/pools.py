@@ -1,8 +1,15 @@
-"""Generated pools for the benchmarks: a gathered selection pool, a RealData of noise."""
+"""Generated pools for the benchmarks: a gathered selection pool, a RealData of noise, a CIFAR-shaped image
+folder (and the run artifacts two runs on it must agree on)."""
+import os
+
 import numpy as np
 import torch
 
 from ccfs_dist.data.pool import RealData, TensorPool
+
+CIFAR = {"classes": 10, "train_per_class": 200, "test_per_class": 50, "size": 32}
+# the artifacts of a run that must be byte-identical across process counts and repeats
+COMPARED = ["selected_indices.json", "eval_ccfs.json", "eval_distilled_random.json", "eval_random.json"]
 
 
 def make_pool(n, classes, seed):
@@ -30,3 +37,17 @@ def generated_data(classes, pool, size, channels, seed=0):
     test = TensorPool(images[:0], labels[:0])
     return RealData("generated", [str(c) for c in range(classes)], train, test, (0.5,) * channels,
                     (0.25,) * channels)
+
+
+def make_cifar_like(folder, c=CIFAR):
+    """Generated CIFAR-shaped image folder (train/ and test/, one sub-folder per class); `c` as CIFAR."""
+    from ccfs_dist.data.distilled import write_image_folder
+    g = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", c["train_per_class"]), ("test", c["test_per_class"])):
+        n = per_class * c["classes"]
+        labels = torch.arange(n) % c["classes"]
+        # class-dependent mean colour + noise: learnable, so the filters misclassify only part of the pool
+        base = (labels[:, None, None, None].float() * 23 % 256)
+        images = (base + 64 * torch.randn((n, 3, c["size"], c["size"]), generator=g)).clamp(0, 255).to(torch.uint8)
+        write_image_folder(os.path.join(folder, split), images, labels, [f"c{i}" for i in range(c["classes"])])
+    return folder

@@ -12,9 +12,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ccfs_dist.runtime.relaunch import relaunch_cpu_processes  # noqa: E402
+from ccfs_dist.runtime.relaunch import relaunch_cpu_processes
 
 WORKERS = 2
 

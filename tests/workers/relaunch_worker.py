@@ -3,9 +3,7 @@ gloo group. Rank 0 prints `ranks <world> sum <sum of rank + 1>` and how it was s
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from ccfs_dist.runtime.relaunch import relaunch_cpu_processes  # noqa: E402
+from ccfs_dist.runtime.relaunch import relaunch_cpu_processes
 
 if __name__ == "__main__":
     relaunch_cpu_processes([os.path.abspath(__file__), *sys.argv[1:]])

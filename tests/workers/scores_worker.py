@@ -15,16 +15,13 @@ rank, with BatchNorm; 1 and N processes give the same scores, bitwise.
 import sys
 
 import numpy as np
-import torch
 
 from ccfs_dist.config import load_config
 from ccfs_dist.cli import DEFAULT_CONFIG as DIGITS_CONFIG
-from ccfs_dist.data.pool import RealData, TensorPool
-from ccfs_dist.data.sources import load_real
 from ccfs_dist.runtime.dist import exit_process, make_accelerator, relaunch_cpu_processes
+from ccfs_dist.bench.stream_pools import planted_digits  # noqa: F401  (also this worker's API: test_scores)
 from ccfs_dist.training.scores import training_dynamics
 
-NOISE_FRACTION = 0.05
 COMMON = ["model.width=16", "model.depth=2", "model.norm=instancenorm", "scores.runs=2", "scores.batch_size=128"]
 SPLIT = ["train.min_batch_per_rank=1"]        # every run data-parallel over the ranks
 RECIPES = {
@@ -32,22 +29,6 @@ RECIPES = {
     "train": COMMON + SPLIT + ["scores.epochs=20", "scores.lr=0.1"],
     "whole": COMMON + ["scores.epochs=6", "model.norm=batchnorm"],   # the default rule: each run on one rank
 }
-
-
-def planted_digits(fraction=NOISE_FRACTION, seed=0):
-    """Digits whose labels are changed to another (random) class on a random `fraction` of the training
-    set: (data, planted boolean mask). The planted samples are the known hardest ones."""
-    data = load_real({"source": "digits", "root": None, "image_size": None, "distilled": None})
-    labels = data.train.labels.clone()
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    planted = np.zeros(n, dtype=bool)
-    planted[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
-    shift = torch.from_numpy(rng.integers(1, data.num_classes, size=int(planted.sum())))
-    mask = torch.from_numpy(planted)
-    labels[mask] = (labels[mask] + shift) % data.num_classes
-    noisy = RealData(data.name, data.classes, TensorPool(data.train.images, labels), data.test, data.mean, data.std)
-    return noisy, planted
 
 
 def compute_all(accelerator):

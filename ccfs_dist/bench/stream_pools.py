@@ -1,4 +1,5 @@
-"""Pools for the streamed-training tests, in memory and as WebDataset shards with the same global index.
+"""Generated pools, in memory and as WebDataset shards with the same global index (the streamed-training and
+score tests, launch/bench_stream_scores.py), and the two rank statistics they are judged by.
 
     planted_digits()                 digits with 5 % of the training labels flipped: (RealData, planted mask)
     generated_pool(...)              class prototypes + noise, 8x8 RGB, 5 % flipped labels: (RealData, mask)
@@ -15,10 +16,46 @@ from ccfs_dist.data.pool import RealData, TensorPool
 from ccfs_dist.data.images import encode_png
 from ccfs_dist.data.shards.index import FORMAT, key_width, write_index
 from ccfs_dist.data.shards.tar import write_tar
+from ccfs_dist.data.sources import load_real
 
-import sys
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
-from scores_worker import planted_digits  # noqa: E402,F401  (the in-memory tests' planted digits)
+NOISE_FRACTION = 0.05
+
+
+def planted_digits(fraction=NOISE_FRACTION, seed=0):
+    """Digits whose labels are changed to another (random) class on a random `fraction` of the training
+    set: (data, planted boolean mask). The planted samples are the known hardest ones."""
+    data = load_real({"source": "digits", "root": None, "image_size": None, "distilled": None})
+    labels = data.train.labels.clone()
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    planted = np.zeros(n, dtype=bool)
+    planted[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
+    shift = torch.from_numpy(rng.integers(1, data.num_classes, size=int(planted.sum())))
+    mask = torch.from_numpy(planted)
+    labels[mask] = (labels[mask] + shift) % data.num_classes
+    noisy = RealData(data.name, data.classes, TensorPool(data.train.images, labels), data.test, data.mean, data.std)
+    return noisy, planted
+
+
+def auroc(scores, positive):
+    """Area under the ROC curve of `scores` separating `positive` from the rest (Mann-Whitney U, ties averaged)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    uniq, inverse = np.unique(scores, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    counts = np.bincount(inverse)
+    ranks = (sums / counts)[inverse]                       # average rank within ties
+    p, q = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * q))
+
+
+def spearman(a, b):
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable")
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def flip_labels(labels, num_classes, fraction=0.05, seed=0):
