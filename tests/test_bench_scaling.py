@@ -32,6 +32,7 @@ def test_pairs_overrides_and_median(tmp_path):
 
 
 def test_bad_repeat_is_one_error_line():
-    proc = subprocess.run([sys.executable, SCRIPT, "--repeat", "0"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, SCRIPT, "--repeat", "0"], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "bench_scaling.py: error: --repeat must be at least 1, got 0"
