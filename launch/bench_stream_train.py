@@ -14,7 +14,6 @@ the same). Prints peak RSS of the rank and of its loader workers per pool, their
     python launch/bench_stream_train.py            # CPU: 1 rank, 1 loader worker, 1 compute thread
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -109,13 +108,10 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(args)
-    spec = importlib.util.spec_from_file_location("bench_shards", os.path.join(ROOT, "launch", "bench_shards.py"))
-    bench_shards = importlib.util.module_from_spec(spec)
-    sys.modules["bench_shards"] = bench_shards          # its writer processes pickle its functions by name
-    spec.loader.exec_module(bench_shards)
+    from ccfs_dist.bench.shards import generate
     gen = argparse.Namespace(out=args.out, samples=1281167, small=128000, classes=1000, image_size=16,
                              per_shard=2000, seed=0, gen_workers=args.gen_workers)
-    full, small = bench_shards.generate(gen)
+    full, small = generate(gen)
     results = {}
     for tag, index in (("small", small), ("full", full)):
         out = os.path.join(args.out, f"stream_train_{tag}.result.json")   # not train_small.json: that is an index

@@ -26,9 +26,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ccfs_dist.bench.procs import free_port, status_kb
 
-from ccfs_dist.bench.procs import free_port, status_kb  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(args):
