@@ -13,13 +13,8 @@ from ccfs_dist.data.pool import InMemoryPool, Pool, TensorPool
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "ccfs_dist")
 MAX_LINES = 500
-# modules still over MAX_LINES while another branch splits them (issue 21: data.py -> data/{memory, folders,
-# distilled}, shards.py -> data/shards/{tar, index, writer, reader, loader}); empty once both splits are merged
-PENDING_SPLITS = {"ccfs_dist/data/__init__.py", "ccfs_dist/data/shards/__init__.py"}
 PLUMBING = {f"ccfs_dist.runtime.{m}" for m in ("dist", "relaunch", "io", "seeds", "progress")}
 IN_MEMORY = {"ccfs_dist.data.memory", "ccfs_dist.data.folders", "ccfs_dist.data.distilled"}
-# the modules those splits make: a rule or a requirement that names only these waits for them
-SPLIT_MODULES = IN_MEMORY | {f"ccfs_dist.data.shards.{m}" for m in ("tar", "index", "writer", "reader", "loader")}
 
 # (importers, modules they must not import, why); a name stands for itself and everything under it
 RULES = [
@@ -31,7 +26,7 @@ RULES = [
      "data is read and held without knowing what trains on it or why"),
     ({"ccfs_dist.data.shards"}, {"ccfs_dist.data.sources"},
      "the choice by data.source (sources) sits above both sources"),
-    (IN_MEMORY | {"ccfs_dist.data.__init__"}, {"ccfs_dist.data.shards", "ccfs_dist.data.sources"},
+    (IN_MEMORY, {"ccfs_dist.data.shards", "ccfs_dist.data.sources"},
      "the in-memory sources and the shards share only images and pool; the dispatch sits above both"),
     ({"ccfs_dist.data.shards.loader", "ccfs_dist.data.shards.reader"}, IN_MEMORY | {"ccfs_dist.data.shards.writer"},
      "what a loader worker's fork server imports leaves the writer and the in-memory sources out"),
@@ -159,8 +154,6 @@ def test_engine_has_no_import_circles():
 def test_sub_packages_import_in_one_direction(importers, forbidden, why):
     files, graph = package_graph()
     selected = [m for m in files if under(m, importers) or m + ".__init__" in importers]   # p.__init__: p alone
-    if not selected and importers <= SPLIT_MODULES and PENDING_SPLITS:
-        pytest.skip("the modules of this rule come with a pending split")
     assert selected, f"the rule names no module: {importers}"
     wrong = sorted(f"{m} imports {n}" for m in selected if not under(m, forbidden)    # inside: its own business
                    for n in graph[m] if under(n, forbidden))
@@ -170,9 +163,7 @@ def test_sub_packages_import_in_one_direction(importers, forbidden, why):
 @pytest.mark.parametrize("module, required", REQUIRED, ids=[r[0] for r in REQUIRED])
 def test_the_sources_share_images_and_pool(module, required):
     files, graph = package_graph()
-    if module not in files and module in SPLIT_MODULES and PENDING_SPLITS:
-        pytest.skip("this module comes with a pending split")
-    assert required <= graph[module], f"{module} no longer imports {required - graph[module]}"
+    assert module in files and required <= graph[module], f"{module} no longer imports {required - graph.get(module, set())}"
 
 
 def test_engine_does_not_import_launch_scripts():
@@ -190,7 +181,7 @@ def test_no_module_over_500_lines():
             n = sum(1 for _ in f)
         if n > MAX_LINES:
             long[os.path.relpath(path, ROOT)] = n
-    assert set(long) <= PENDING_SPLITS, f"over {MAX_LINES} lines: {long}"
+    assert not long, f"over {MAX_LINES} lines: {long}"
 
 
 def test_no_sys_path_edits_but_in_the_test_configuration_and_the_entry_scripts():
@@ -242,7 +233,8 @@ def test_architecture_page_maps_every_module():
 def test_both_pools_satisfy_the_protocol(tmp_path):
     import torch
 
-    from ccfs_dist.data.shards import ShardPool, write_shards
+    from ccfs_dist.data.shards.reader import ShardPool
+    from ccfs_dist.data.shards.writer import write_shards
     split = TensorPool(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.arange(6) % 2)
     assert isinstance(split, Pool) and isinstance(split, InMemoryPool) and split.in_memory
     write_shards({"source": "digits"}, tmp_path, split="test", per_shard=200, workers=1, log=lambda *a: None)
@@ -258,7 +250,7 @@ def test_both_pools_satisfy_the_protocol(tmp_path):
 def test_pool_methods_take_the_same_arguments(name):
     import inspect
 
-    from ccfs_dist.data.shards import ShardPool
+    from ccfs_dist.data.shards.reader import ShardPool
     declared = list(inspect.signature(getattr(Pool, name)).parameters)
     for cls in (TensorPool, ShardPool):
         assert list(inspect.signature(getattr(cls, name)).parameters) == declared, cls.__name__
