@@ -254,7 +254,7 @@ def _stage():
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module.startswith("ccfs_dist.") and module not in (__name__, READER):
-            names.append(f"{module[len('ccfs_dist.'):]}.{frame.f_code.co_name}")
+            names.append(f"{module.rsplit('.', 1)[1]}.{frame.f_code.co_name}")   # the module, not its package
         frame = frame.f_back
     return " > ".join(reversed(names[:4])) or "a pass over the shards"
 
