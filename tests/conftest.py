@@ -134,6 +134,23 @@ def pinned_run(tmp_path_factory):
     return out, calls
 
 
+# --------------------------------------------------------------------------- one finished run per test session
+# The default config (forgetting scores from 2 short runs), shortened: the run directory that the tests of bad
+# input, run directories, ownership and reports start from. They only read it or copy it (run_dir in
+# test_bad_input.py), so one run serves the whole session.
+FINISHED_RUN = ["teacher.epochs=2", "distill.iterations=5", "ccfs.ipc=6", "ccfs.alpha=0.34", "ccfs.phases=2",
+                "train.epochs=2", "eval.runs=1", "eval.baselines=false", "model.width=8", "scores.runs=2",
+                "scores.epochs=4"]
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    from ccfs_dist.cli import main
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["run", "--out", str(out)] + FINISHED_RUN) == 0
+    return out
+
+
 def torch_copy(x):
     import numpy as np
     import torch

@@ -22,10 +22,10 @@ from ccfs_dist.data.sources import load_real
 from ccfs_dist.training.models import build_model
 from ccfs_dist.data.shards.writer import write_shards
 
+from conftest import FINISHED_RUN
 from test_data import Payload, make_cifar10, write_pickle
 
-TINY = ["teacher.epochs=2", "distill.iterations=5", "ccfs.ipc=6", "ccfs.alpha=0.34", "ccfs.phases=2",
-        "train.epochs=2", "eval.runs=1", "eval.baselines=false", "model.width=8"]
+TINY = FINISHED_RUN          # the settings of the finished run the cases start from (conftest.finished)
 DIGITS_CFG = {"source": "digits", "root": None, "image_size": None, "distilled": None}
 DIGITS = load_real(DIGITS_CFG)
 
@@ -36,13 +36,6 @@ def snapshot(folder):
         for f in files:
             p = os.path.join(dirpath, f)
             out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["run", "--out", str(out)] + TINY) == 0
     return out
 
 

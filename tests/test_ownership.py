@@ -16,7 +16,7 @@ from ccfs_dist.cli import DEFAULT_CONFIG, main
 from ccfs_dist.config import dump_config, load_config
 from ccfs_dist.runtime.rundir import MARKER
 
-from test_bad_input import TINY, digit_shards, distilled_folder, finished  # noqa: F401  (fixtures)
+from test_bad_input import TINY, digit_shards, distilled_folder  # noqa: F401  (fixtures)
 
 
 def tree(*roots):

@@ -12,10 +12,11 @@ from conftest import ROOT, run_here
 
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 SLOW = os.path.join(ROOT, "tests", "workers", "slow_score_worker.py")
-# long enough trainings that a kill lands inside them; epoch checkpoints every 3 epochs
+# long enough trainings that a kill lands inside them; epoch checkpoints every 3 epochs. The forgetting
+# scores (the default difficulty) from 2 short runs: no kill point is in them, and their length adds only time
 SETTINGS = ["teacher.epochs=12", "distill.iterations=10", "ccfs.ipc=6", "ccfs.alpha=0.34", "ccfs.phases=2",
             "train.epochs=60", "train.checkpoint_every=3", "eval.runs=1", "eval.baselines=false",
-            "model.width=16"]
+            "model.width=16", "scores.runs=2", "scores.epochs=4"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, run_here
 
 TINY = ["data.source=digits", "teacher.epochs=3", "distill.iterations=20", "ccfs.ipc=6", "ccfs.alpha=0.34",
-        "ccfs.phases=2", "train.epochs=3", "eval.runs=1", "model.width=16"]
+        "ccfs.phases=2", "train.epochs=3", "eval.runs=1", "model.width=16", "scores.runs=2", "scores.epochs=4"]
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 
 

@@ -13,7 +13,7 @@ import pytest
 from ccfs_dist.cli import main
 
 from conftest import ROOT
-from test_bad_input import TINY, finished, run_dir, snapshot  # noqa: F401  (finished, run_dir: fixtures)
+from test_bad_input import TINY, run_dir, snapshot  # noqa: F401  (run_dir: a fixture)
 
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
