@@ -508,7 +508,7 @@ def quick_teacher(path):
     data = load_real(DIGITS)
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 16, "depth": 3, "norm": "batchnorm"}, 10, 1, 8)
-    x = (data.train.images.float() / 255 - data.mean[0]) / data.std[0]
+    x = (data.train.images.float() / 255 - data.norm.mean[0]) / data.norm.std[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(4):
         for idx in torch.randperm(len(x)).split(64):
