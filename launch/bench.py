@@ -144,7 +144,7 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     # the ceiling: one resident, normalised batch of this rank's share, the same model/optimizer/precision
     lo, hi = share(acc, batch)
     rows = torch.arange(lo, hi) % len(x)
-    xb = normalize(x[rows].to(device), data.mean, data.std).contiguous(memory_format=mf)
+    xb = normalize(x[rows].to(device), *data.norm).contiguous(memory_format=mf)
     yb = y[rows].to(device)
     model = _build(cfg, data, seed).to(device, memory_format=mf).train()
     opt = torch.optim.SGD(model.parameters(), lr=rec.lr, momentum=rec.momentum,
@@ -211,7 +211,7 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     lo, hi = share(acc, len(index))
     rows = np.asarray(index)[lo:hi][:batch_size]
     xb, _ = data.train.fetch(rows)
-    xb = normalize(xb.to(device), data.mean, data.std).contiguous(memory_format=mf)
+    xb = normalize(xb.to(device), *data.norm).contiguous(memory_format=mf)
     rank_images = hi - lo                                               # the ceiling scores as many per rank
 
     @torch.no_grad()

@@ -43,8 +43,8 @@ def test_digits_split_shapes_values_and_determinism():
     assert np.array_equal(data.train.images[:, 0].numpy(), expected)
     assert data.train.images.max() == 255
     x = data.train.images.double() / 255
-    assert data.mean == pytest.approx((x.mean().item(),))
-    assert data.std == pytest.approx((x.std(unbiased=False).item(),))
+    assert data.norm.mean == pytest.approx((x.mean().item(),))
+    assert data.norm.std == pytest.approx((x.std(unbiased=False).item(),))
     again = load_real(cfg("digits"))
     assert torch.equal(again.train.images, data.train.images) and torch.equal(again.test.labels, data.test.labels)
     assert again.norm == data.norm
@@ -264,8 +264,8 @@ def test_imagefolder_order_matches_torchvision_and_resizes(tmp_path):
     assert data.test.images.shape == (2, 3, 16, 16) and data.test.labels.tolist() == [0, 1]
     mean, std = channel_stats(data.train.images)
     x = data.train.images.double().div(255).transpose(0, 1).reshape(3, -1)
-    assert data.mean == mean == pytest.approx(tuple(x.mean(1).tolist()))
-    assert data.std == std == pytest.approx(tuple(x.std(1, unbiased=False).tolist()))
+    assert data.norm.mean == mean == pytest.approx(tuple(x.mean(1).tolist()))
+    assert data.norm.std == std == pytest.approx(tuple(x.std(1, unbiased=False).tolist()))
 
 
 def test_imagefolder_native_size_and_test_folder(tmp_path):

@@ -106,7 +106,7 @@ def write_pool_shards(data, folder, per_shard=200):
                            "sha256": sha})
         write_index(os.path.join(folder, f"{name}.json"), {
             "format": FORMAT, "name": data.name, "split": name, "num_samples": n, "classes": list(data.classes),
-            "shape": list(split.shape), "mean": list(data.mean), "std": list(data.std),
+            "shape": list(split.shape), "mean": list(data.norm.mean), "std": list(data.norm.std),
             "source": {"source": f"test pool, {name} split"}, "key_width": width, "shards": shards,
             "labels": split.labels.tolist()})
     return {"source": "webdataset", "root": os.path.join(folder, "train.json"),

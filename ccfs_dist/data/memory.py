@@ -223,7 +223,7 @@ def _load_tiny_imagenet(root, image_size, test=True):
     if test:
         test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
                            "Tiny-ImageNet val", crop=image_size is not None)
-    return RealData("tiny-imagenet", classes, train, test or None, TINY_MEAN, TINY_STD)
+    return RealData("tiny-imagenet", classes, train, test or None, Norm(TINY_MEAN, TINY_STD))
 
 
 def _load_imagefolder(root, image_size, test=True):
