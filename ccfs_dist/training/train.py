@@ -327,7 +327,7 @@ def train_model(accelerator, model, images, labels, recipe, *, norm, teacher=Non
     shared set (synthetic.Stored): then each chunk's rows are gathered on the host and only they are moved,
     with the same order and augmentation (the same result).
 
-    `norm` (a data.pool.Norm: mean, std per channel) normalises the uint8 images before the augmentation's crop.
+    `norm` (a data.pool.Norm: mean, std per channel) normalises the uint8 images (in the Augment views).
     With `teacher` the loss is KD at the recipe's temperature (labels unused), else cross-entropy.
     `on_epoch_end(epoch, model)` is called on every rank after each epoch (for periodic evaluation).
     `on_batch(rows, logits)` is called on every rank after each forward pass, before the optimizer
