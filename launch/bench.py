@@ -128,7 +128,7 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     per_epoch = math.ceil(len(x) / batch)
     # pairs of at least 10 steps (whole epochs): switching between the two models costs some cache warmth
     chunk = min(max(1, math.ceil(10 / per_epoch)), max(1, (epochs - 1) // 2))
-    common = dict(mean=data.mean, std=data.std, teacher=teacher, desc=desc)
+    common = dict(norm=data.norm, teacher=teacher, desc=desc)
 
     def engine(e, xs, ys, on_epoch_end=None):
         _, stats = train_model(acc, _build(cfg, data, seed), xs, ys, rec.replace(epochs=e), seed=seed,
@@ -144,7 +144,7 @@ def bench_training(acc, cfg, data, teacher, images, labels, rec, *, steps, repea
     # the ceiling: one resident, normalised batch of this rank's share, the same model/optimizer/precision
     lo, hi = share(acc, batch)
     rows = torch.arange(lo, hi) % len(x)
-    xb = normalize(x[rows].to(device), data.mean, data.std).contiguous(memory_format=mf)
+    xb = normalize(x[rows].to(device), *data.norm).contiguous(memory_format=mf)
     yb = y[rows].to(device)
     model = _build(cfg, data, seed).to(device, memory_format=mf).train()
     opt = torch.optim.SGD(model.parameters(), lr=rec.lr, momentum=rec.momentum,
@@ -202,7 +202,7 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     device = acc.device
     mf = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=mf).eval()
-    kw = dict(mean=data.mean, std=data.std, batch_size=batch_size, channels_last=channels_last)
+    kw = dict(norm=data.norm, batch_size=batch_size, channels_last=channels_last)
     kind = mem_kind(device)
     reset = reset_peak(kind, device)
     preds, first = predict(acc, model, data.train, index, desc="bench score", **kw)
@@ -211,7 +211,7 @@ def bench_scoring(acc, model, data, index, *, batch_size, channels_last, repeats
     lo, hi = share(acc, len(index))
     rows = np.asarray(index)[lo:hi][:batch_size]
     xb, _ = data.train.fetch(rows)
-    xb = normalize(xb.to(device), data.mean, data.std).contiguous(memory_format=mf)
+    xb = normalize(xb.to(device), *data.norm).contiguous(memory_format=mf)
     rank_images = hi - lo                                               # the ceiling scores as many per rank
 
     @torch.no_grad()
@@ -293,7 +293,7 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
     pool = np.arange(len(data.train))
     preds = None
     if "score" in phases or "select" in phases:
-        kw = dict(mean=data.mean, std=data.std, batch_size=cfg["predict"]["batch_size"],
+        kw = dict(norm=data.norm, batch_size=cfg["predict"]["batch_size"],
                   channels_last=cfg["train"]["channels_last"])
         teacher_preds, _ = predict(acc, teacher, data.train, pool, desc="teacher score", **kw)   # also a warm-up
         teacher_ok = teacher_preds["pred"] == teacher_preds["label"]

@@ -25,6 +25,7 @@ import time
 def shape_rates(model_name, batch, loss, ks, size, steps, repeats, width=32):
     import torch
     from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
+    from ccfs_dist.data.pool import Norm
     from ccfs_dist.training.fused import train_fused
     from ccfs_dist.training.models import build_model
     from ccfs_dist.runtime.progress import set_mode
@@ -33,7 +34,7 @@ def shape_rates(model_name, batch, loss, ks, size, steps, repeats, width=32):
     local = OneRankAccelerator(make_accelerator())
     cfg = {"name": model_name, "width": width, "depth": 3, "norm": "batchnorm"}
     classes, n = 10, steps * batch
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    norm = Norm((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     teacher = build_model(cfg, classes, 3, size).eval() if loss == "kd" else None
     recipe = Recipe(epochs=1, batch_size=batch, lr=0.05)
     g = torch.Generator().manual_seed(0)
@@ -46,14 +47,14 @@ def shape_rates(model_name, batch, loss, ks, size, steps, repeats, width=32):
 
     def fused(k):
         t = time.perf_counter()
-        train_fused(local, [fresh(i) for i in range(k)], sets[:k], recipe, mean=mean, std=std,
+        train_fused(local, [fresh(i) for i in range(k)], sets[:k], recipe, norm=norm,
                     seeds=list(range(k)), teacher=teacher)
         return k * n / (time.perf_counter() - t)
 
     def sequential(k):
         t = time.perf_counter()
         for i in range(k):
-            train_model(local, fresh(i), *sets[i], recipe, mean=mean, std=std, seed=i, teacher=teacher)
+            train_model(local, fresh(i), *sets[i], recipe, norm=norm, seed=i, teacher=teacher)
         return k * n / (time.perf_counter() - t)
 
     fused(1), sequential(1)                               # warm-up

@@ -162,6 +162,7 @@ def split_sweep_worker(out):
     """Under 2 processes: seconds per step of one training whole on rank 0 (rank 1 idle) and split over both
     (DDP), per global batch size, ConvNet-D3 on CIFAR-shaped images; rank 0 writes them to `out` (JSON)."""
     import torch
+    from ccfs_dist.data.pool import Norm
     from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, wait_for_all
     from ccfs_dist.training.models import build_model
     from ccfs_dist.training.train import Recipe, train_model
@@ -176,7 +177,7 @@ def split_sweep_worker(out):
                 torch.manual_seed(0)
                 model = build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, 10, 3, 32)
                 _, stats = train_model(acc if mode == "split" else OneRankAccelerator(acc), model, images, labels,
-                                       Recipe(epochs=2, batch_size=batch, lr=0.01), mean=(0.5,) * 3, std=(0.25,) * 3)
+                                       Recipe(epochs=2, batch_size=batch, lr=0.01), norm=Norm((0.5,) * 3, (0.25,) * 3))
                 times[mode] = stats["seconds"] / stats["steps"]
             wait_for_all(acc)
         rows.append({"batch": batch, "per_rank": batch // acc.num_processes, "whole_s": times.get("whole"),

@@ -91,7 +91,7 @@ def child(args):
     """One measurement in a fresh process (or one per rank): stream-score the pool, then the ceilings."""
     import torch
     from ccfs_dist.training.augment import normalize
-    from ccfs_dist.data.pool import TensorPool
+    from ccfs_dist.data.pool import Norm, TensorPool
     from ccfs_dist.runtime.dist import gather_rows, make_accelerator
     from ccfs_dist.training.models import build_model
     from ccfs_dist.training.predict import predict
@@ -100,7 +100,7 @@ def child(args):
     acc = make_accelerator(args.mixed_precision)
     device = acc.device
     split = ShardPool(args.child, num_workers=args.workers)
-    mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
+    norm = Norm(tuple(split.meta["mean"]), tuple(split.meta["std"]))
     torch.manual_seed(0)
     model = build_model({"name": args.model, "width": args.width, "depth": args.depth, "norm": "batchnorm"},
                         len(split.classes), 3, split.shape[1]).to(device).eval()
@@ -109,7 +109,7 @@ def child(args):
     @torch.no_grad()
     def forward():
         with acc.autocast():
-            model(normalize(x, mean, std))
+            model(normalize(x, *norm))
 
     def sync():
         if device.type == "cuda":
@@ -120,7 +120,7 @@ def child(args):
     every = max(1, min(max(10, batches // args.pairs), batches))     # at least one pair, even on a short pass
     paired = Paired(split, every, max(3, every // 4), forward, sync)
     acc.wait_for_everyone()
-    _, stats = predict(acc, model, paired, np.arange(len(split)), mean=mean, std=std, batch_size=args.batch_size,
+    _, stats = predict(acc, model, paired, np.arange(len(split)), norm=norm, batch_size=args.batch_size,
                        desc="stream")
     rss_rank = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -146,7 +146,7 @@ def child(args):
     n_mem = args.forward_images
     pool = TensorPool(torch.randint(0, 256, (n_mem,) + split.shape, dtype=torch.uint8),
                       torch.randint(0, len(split.classes), (n_mem,)))
-    _, mem_stats = predict(acc, model, pool, np.arange(n_mem), mean=mean, std=std, batch_size=args.batch_size,
+    _, mem_stats = predict(acc, model, pool, np.arange(n_mem), norm=norm, batch_size=args.batch_size,
                            desc="memory")
     local = {"rss_rank": torch.tensor([rss_rank]), "rss_worker": torch.tensor([rss_worker]),
              "forward": torch.tensor([forward_ips]), "paired": torch.tensor([float(np.median(pair_ratios))]),

@@ -32,6 +32,7 @@ def child(args):
     import copy
     import statistics
     import torch
+    from ccfs_dist.data.pool import Norm
     from ccfs_dist.training.augment import Augment
     from ccfs_dist.runtime.dist import make_accelerator
     from ccfs_dist.training.models import build_model
@@ -44,11 +45,11 @@ def child(args):
     cfg = {"name": "convnet", "width": args.width, "depth": 3, "norm": "batchnorm"}
     torch.manual_seed(0)
     model = build_model(cfg, len(split.classes), 3, split.shape[1])
-    mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
+    norm = Norm(tuple(split.meta["mean"]), tuple(split.meta["std"]))
 
     # the ceiling: the same training step (augment + forward + backward + SGD) on a resident batch, on a copy
     resident = copy.deepcopy(model).train()
-    augment = Augment(mean, std, split.shape[1])
+    augment = Augment(norm, split.shape[1])
     x = torch.randint(0, 256, (args.batch_size,) + tuple(split.shape), dtype=torch.uint8)
     y = torch.randint(0, len(split.classes), (args.batch_size,))
     opt = torch.optim.SGD(resident.parameters(), lr=0.05, momentum=0.9)
@@ -77,7 +78,7 @@ def child(args):
                 raise _Stop
             state["t"] = time.perf_counter()
     try:
-        train_stream(acc, model, split, Recipe(epochs=1, batch_size=args.batch_size, lr=0.05), mean=mean, std=std,
+        train_stream(acc, model, split, Recipe(epochs=1, batch_size=args.batch_size, lr=0.05), norm=norm,
                      on_batch=on_batch, shuffle_buffer=args.buffer, interleave=args.interleave)
     except _Stop:
         pass

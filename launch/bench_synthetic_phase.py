@@ -39,13 +39,14 @@ def child(args):
     from ccfs_dist.training.models import build_model
     from ccfs_dist.training.predict import predict
     from ccfs_dist.ccfs.selection import random_per_class, select
+    from ccfs_dist.data.pool import Norm
     from ccfs_dist.data.shards.reader import ShardPool
     from ccfs_dist.training.train import Recipe, train_model
     from ccfs_dist.ccfs.difficulty import to_hardness
     torch.set_num_threads(1)
     acc = make_accelerator()
     split = ShardPool(args.child)
-    mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
+    norm = Norm(tuple(split.meta["mean"]), tuple(split.meta["std"]))
     labels = split.labels.numpy()
     folder = os.path.join(args.out, f"synthetic_{args.store}_{len(split)}")
     if acc.is_main_process:
@@ -63,10 +64,10 @@ def child(args):
     model = build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"}, len(split.classes), 3,
                         split.shape[1])
     model, _ = train_model(acc, model, previous.images, previous.labels, Recipe(epochs=1, batch_size=256, lr=0.05),
-                           mean=mean, std=std, seed=1, desc="filter")
+                           norm=norm, seed=1, desc="filter")
     train_s = time.perf_counter() - t0
     pool = np.setdiff1d(np.arange(len(split)), first)
-    preds, _ = predict(acc, model, split, pool, mean=mean, std=std, batch_size=512, desc="predict")
+    preds, _ = predict(acc, model, split, pool, norm=norm, batch_size=512, desc="predict")
     score_s = time.perf_counter() - train_s - t0
     sel = select(preds["index"], preds["label"], preds["pred"], to_hardness(preds["true_logit"], "logits"), args.k,
                  num_classes=len(split.classes), seed=2)

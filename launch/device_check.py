@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ccfs_dist.bench.pools import COMPARED, make_cifar_like  # noqa: E402
+from ccfs_dist.data.pool import Norm  # noqa: E402
 from ccfs_dist.training.augment import Augment  # noqa: E402
 from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, set_determinism  # noqa: E402
 from ccfs_dist.runtime.io import check_writable_folder, write_json, write_text  # noqa: E402
@@ -72,7 +73,7 @@ SIZES = {
                       "scores.epochs=1", "scores.runs=1", "eval.runs=1", "eval.baselines=false", "ccfs.ipc=3",
                       "ccfs.phases=1", "ccfs.alpha=0.34", "distill.jitter=1"]},
 }
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+NORM = Norm((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 # paper shapes of the engine check (CIFAR-10 IPC 500): images, batch size, KD, epochs (about 150 steps each)
 ENGINE = {"filter": (1000, 32, True, 5), "evaluation": (5000, 64, True, 2), "teacher": (6400, 128, False, 3)}
 BATCHES = (32, 64, 128)
@@ -151,7 +152,7 @@ def kd_training(acc, sz, deterministic):
         images, labels = generated(sz["det_n"], sz["size"], 10, seed=1)
         student, teacher = model_pair(sz, acc.device)
         model, stats = train_model(OneRankAccelerator(acc), student, images, labels, Recipe(sz["det_epochs"], 32, lr=0.05),
-                                   mean=MEAN, std=STD, teacher=teacher, seed=3, desc="determinism")
+                                   norm=NORM, teacher=teacher, seed=3, desc="determinism")
         return flat(model), stats["seconds"], stats["steps"]
     finally:
         set_determinism(True)
@@ -159,7 +160,7 @@ def kd_training(acc, sz, deterministic):
 
 def same_views(device, samples=250_000):
     """The crop boxes and flips of a score-run epoch's size drawn for `device` equal the CPU's (augment._rand)."""
-    aug = Augment(MEAN, STD, 32)
+    aug = Augment(NORM, 32)
     cpu, dev = (aug.draw(samples, 32, 32, torch.Generator().manual_seed(0), d) for d in ("cpu", device))
     return all(torch.equal(a, b.cpu()) for a, b in zip(cpu, dev))
 
@@ -240,7 +241,7 @@ def engine(acc, sz, device):
         images, labels = generated(n, sz["size"], 10, seed=2)
         student, teacher = model_pair(sz, device)
         rec = Recipe(epochs, batch, lr=0.05)
-        kw = dict(mean=MEAN, std=STD, teacher=teacher if kd else None, seed=4, desc=name)
+        kw = dict(norm=NORM, teacher=teacher if kd else None, seed=4, desc=name)
         train_model(OneRankAccelerator(acc), model_pair(sz, device)[0], images[:batch * 4], labels[:batch * 4],
                     rec.replace(epochs=1), **kw)                                              # warm-up
         _, stats = train_model(OneRankAccelerator(acc), student, images, labels, rec, **kw)

@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.training.augment import Augment, apply_boxes, crop_boxes, normalize, resized_crop_flip
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+NORM = Norm(MEAN, STD)
 
 
 def images(b=8, c=3, h=16, w=16, seed=0):
@@ -30,18 +32,18 @@ devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", devices)
 def test_shape_dtype_device(device):
     x = images().to(device)
-    out = Augment(MEAN, STD, size=12)(x, generator=torch.Generator(device=device).manual_seed(0))
+    out = Augment(NORM, size=12)(x, generator=torch.Generator(device=device).manual_seed(0))
     assert out.shape == (8, 3, 12, 12) and out.dtype == torch.float32 and out.device.type == device
     # a CPU generator drives a batch on any device
-    out2 = Augment(MEAN, STD, size=12)(x, generator=torch.Generator().manual_seed(0))
+    out2 = Augment(NORM, size=12)(x, generator=torch.Generator().manual_seed(0))
     assert out2.device.type == device
     # float input is taken as already normalised
-    out3 = Augment(MEAN, STD, size=12)(normalize(x, MEAN, STD), generator=torch.Generator().manual_seed(0))
+    out3 = Augment(NORM, size=12)(normalize(x, MEAN, STD), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out2, out3, atol=1e-5)
 
 
 def test_reproducible_with_seeded_generator():
-    aug = Augment(MEAN, STD, size=16)
+    aug = Augment(NORM, size=16)
     x = images()
     a = aug(x, generator=torch.Generator().manual_seed(3))
     b = aug(x, generator=torch.Generator().manual_seed(3))
@@ -57,7 +59,7 @@ def test_reproducible_with_seeded_generator():
 @pytest.mark.parametrize("size", [16, 8, 32])
 def test_identity_when_no_crop_and_no_flip(size):
     x = images(h=16, w=16)
-    out = Augment(MEAN, STD, size=size, scale_min=1.0, flip=False)(x, generator=torch.Generator().manual_seed(0))
+    out = Augment(NORM, size=size, scale_min=1.0, flip=False)(x, generator=torch.Generator().manual_seed(0))
     ref = normalize(x, MEAN, STD)
     if size != 16:
         ref = F.interpolate(ref, size=(size, size), mode="bilinear", align_corners=False)
@@ -67,7 +69,7 @@ def test_identity_when_no_crop_and_no_flip(size):
 def test_identity_non_square_image_full_box():
     # scale 1 with the default ratio range still means the whole (non-square) image
     x = images(h=12, w=16)
-    out = Augment(MEAN, STD, size=8, scale_min=1.0, flip=False)(x)
+    out = Augment(NORM, size=8, scale_min=1.0, flip=False)(x)
     ref = F.interpolate(normalize(x, MEAN, STD), size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(out, ref, atol=1e-4)
 
@@ -75,7 +77,7 @@ def test_identity_non_square_image_full_box():
 def test_flip_actually_flips():
     x = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
     x[..., :3] = 255  # bright stripe on the left
-    out = Augment([0.0], [1.0], size=8, scale_min=1.0, flip=True)(x, generator=torch.Generator().manual_seed(0))
+    out = Augment(Norm([0.0], [1.0]), size=8, scale_min=1.0, flip=True)(x, generator=torch.Generator().manual_seed(0))
     ref = normalize(x, [0.0], [1.0])
     plain = (out - ref).abs().amax(dim=(1, 2, 3)) < 1e-5
     mirrored = (out - ref.flip(3)).abs().amax(dim=(1, 2, 3)) < 1e-5
@@ -134,7 +136,7 @@ def test_differentiable():
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        Augment(MEAN, STD, 8, scale_min=0.0)
+        Augment(NORM, 8, scale_min=0.0)
     with pytest.raises(ValueError, match="channel"):
         normalize(images(c=3), [0.5, 0.5], [0.2, 0.2])
 

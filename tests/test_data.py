@@ -43,11 +43,11 @@ def test_digits_split_shapes_values_and_determinism():
     assert np.array_equal(data.train.images[:, 0].numpy(), expected)
     assert data.train.images.max() == 255
     x = data.train.images.double() / 255
-    assert data.mean == pytest.approx((x.mean().item(),))
-    assert data.std == pytest.approx((x.std(unbiased=False).item(),))
+    assert data.norm.mean == pytest.approx((x.mean().item(),))
+    assert data.norm.std == pytest.approx((x.std(unbiased=False).item(),))
     again = load_real(cfg("digits"))
     assert torch.equal(again.train.images, data.train.images) and torch.equal(again.test.labels, data.test.labels)
-    assert again.mean == data.mean and again.std == data.std
+    assert again.norm == data.norm
 
 
 def test_image_size_rejected_for_fixed_size_sources():
@@ -92,7 +92,7 @@ def test_cifar10_order_labels_classes(tmp_path, use_parent):
     assert data.test.labels.tolist() == [9, 0, 4]
     assert data.classes[0] == "airplane" and data.classes[9] == "truck" and data.num_classes == 10
     # the official CCFS / SRe2L constants (issue 14), not the set's own std (0.2470, 0.2435, 0.2616)
-    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2023, 0.1994, 0.2010)
+    assert data.norm == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
@@ -174,9 +174,9 @@ def test_cifar100_uses_fine_labels(tmp_path):
     assert data.train.labels.tolist() == [99, 5, 0, 42] and data.test.labels.tolist() == [7, 8]
     assert data.classes == [f"c{i}" for i in range(100)]
     # CIFAR-100 is normalised with the CIFAR-10 constants, as ccfs_cifar100.py and SRe2L's squeeze do (issue 14)
-    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2023, 0.1994, 0.2010)
+    assert data.norm == ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
     own = load_real(dict(cfg("cifar100", tmp_path), mean=[0.5071, 0.4865, 0.4409], std=[0.2673, 0.2564, 0.2762]))
-    assert own.mean == (0.5071, 0.4865, 0.4409) and own.std == (0.2673, 0.2564, 0.2762)
+    assert own.norm == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
     with pytest.raises(ConfigError, match="'data.mean' has 1 value"):
         load_real(dict(cfg("cifar100", tmp_path), mean=[0.5]))
 
@@ -225,7 +225,7 @@ def test_tiny_imagenet_order_and_val_labels(tmp_path):
     want = torch.tensor([colors[o] for o in order], dtype=torch.float32)
     assert torch.allclose(got, want, atol=3)  # JPEG of a flat colour is near exact
     assert data.test.labels.tolist() == [2, 1, 0]  # val_0, val_1, val_2
-    assert data.mean == (0.4802, 0.4481, 0.3975)
+    assert data.norm.mean == (0.4802, 0.4481, 0.3975)
 
 
 def test_tiny_imagenet_wnids_mismatch(tmp_path):
@@ -264,8 +264,8 @@ def test_imagefolder_order_matches_torchvision_and_resizes(tmp_path):
     assert data.test.images.shape == (2, 3, 16, 16) and data.test.labels.tolist() == [0, 1]
     mean, std = channel_stats(data.train.images)
     x = data.train.images.double().div(255).transpose(0, 1).reshape(3, -1)
-    assert data.mean == mean == pytest.approx(tuple(x.mean(1).tolist()))
-    assert data.std == std == pytest.approx(tuple(x.std(1, unbiased=False).tolist()))
+    assert data.norm.mean == mean == pytest.approx(tuple(x.mean(1).tolist()))
+    assert data.norm.std == std == pytest.approx(tuple(x.std(1, unbiased=False).tolist()))
 
 
 def test_imagefolder_native_size_and_test_folder(tmp_path):
@@ -518,7 +518,7 @@ def test_validation_split_is_carved_from_train_stratified_disjoint_and_fixed():
                        for c, n in enumerate(counts)])
     assert not torch.equal(torch.sort(first).values, torch.arange(len(first)))
     assert sorted(val_rows) != sorted(train_rows[i] for i in first.tolist())
-    assert data.mean == full.mean and data.std == full.std
+    assert data.norm == full.norm
 
 
 def test_validation_never_reads_the_test_split(tmp_path):

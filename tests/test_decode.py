@@ -13,6 +13,7 @@ from PIL import Image
 from ccfs_dist.config import load_config
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.data.images import decode_jpeg_batch, resize_center_crop
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.data.shards.reader import ShardPool
 from ccfs_dist.data.shards.writer import write_shards
 from ccfs_dist.training.stream_train import epoch_batches, epoch_plan
@@ -124,14 +125,14 @@ def test_predictions_agree_between_the_two_paths(jpeg_pool):
     index_path = os.path.join(jpeg_pool["shards"], "train.json")
     cpu, dev = ShardPool(index_path), ShardPool(index_path, decode="device")
     images, labels = cpu.fetch(np.arange(len(cpu)))
-    mean, std = tuple(cpu.meta["mean"]), tuple(cpu.meta["std"])
+    norm = Norm(tuple(cpu.meta["mean"]), tuple(cpu.meta["std"]))
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 16, "depth": 2, "norm": "batchnorm"}, 3, 3, SIZE)
     model, _ = train_model(acc, model, images, labels, Recipe(epochs=15, batch_size=32, lr=0.05, weight_decay=5e-4),
-                           mean=mean, std=std, seed=0)
+                           norm=norm, seed=0)
     index = np.arange(len(cpu))
-    a, _ = predict(acc, model, cpu, index, mean=mean, std=std, batch_size=32)
-    b, _ = predict(acc, model, dev, index, mean=mean, std=std, batch_size=32)
+    a, _ = predict(acc, model, cpu, index, norm=norm, batch_size=32)
+    b, _ = predict(acc, model, dev, index, norm=norm, batch_size=32)
     assert np.array_equal(a["index"], b["index"]) and np.array_equal(a["label"], b["label"])
     assert (a["pred"] == a["label"]).mean() >= 0.6                      # a model that learned something
     assert (a["pred"] == b["pred"]).mean() >= 0.99

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.training.augment import normalize
 from ccfs_dist.training.distill import cda_min_scale, recover
 from ccfs_dist.errors import ConfigError
@@ -80,7 +81,7 @@ def test_cda_schedule():
 def test_recovered_images_are_recognised_and_teach(digits, teacher, cda):
     mean, std = digits["mean"], digits["std"]
     gen = torch.Generator().manual_seed(0)
-    batches = [recover(teacher, torch.arange(10), mean=mean, std=std, cda=cda, generator=gen, **HP)
+    batches = [recover(teacher, torch.arange(10), norm=Norm(mean, std), cda=cda, generator=gen, **HP)
                for _ in range(3)]
     synth = torch.cat(batches)
     labels = torch.arange(10).repeat(3)
@@ -105,7 +106,7 @@ def test_recover_restores_teacher_and_is_reproducible(teacher):
     teacher.train()
     teacher.classifier.weight.requires_grad_(False)  # a flag the caller set must survive
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    kw = dict(mean=[0.3], std=[0.37], image_size=8, channels=1, iterations=20, lr=0.1, r_bn=0.05, jitter=1)
+    kw = dict(norm=Norm([0.3], [0.37]), image_size=8, channels=1, iterations=20, lr=0.1, r_bn=0.05, jitter=1)
     a = recover(teacher, torch.tensor([3, 1, 4]), generator=torch.Generator().manual_seed(5), **kw)
     b = recover(teacher, torch.tensor([3, 1, 4]), generator=torch.Generator().manual_seed(5), **kw)
     c = recover(teacher, torch.tensor([3, 1, 4]), generator=torch.Generator().manual_seed(6), **kw)
@@ -123,7 +124,7 @@ def test_recover_restores_teacher_and_is_reproducible(teacher):
 
 def test_recover_from_init_images(teacher):
     init = torch.full((2, 1, 8, 8), 128, dtype=torch.uint8)
-    out = recover(teacher, torch.tensor([0, 7]), mean=[0.3], std=[0.37], image_size=8, channels=1,
+    out = recover(teacher, torch.tensor([0, 7]), norm=Norm([0.3], [0.37]), image_size=8, channels=1,
                   iterations=1, lr=1e-6, r_bn=0.05, jitter=0, init_images=init,
                   generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, init)  # a negligible step leaves the start image
@@ -132,4 +133,4 @@ def test_recover_from_init_images(teacher):
 def test_recover_needs_batchnorm_teacher():
     model = build_model(dict(MODEL, norm="instancenorm"), 10, 1, 8)
     with pytest.raises(ConfigError, match="BatchNorm.*model.norm: batchnorm.*data.distilled"):
-        recover(model, torch.arange(10), mean=[0.3], std=[0.37], **HP)
+        recover(model, torch.arange(10), norm=Norm([0.3], [0.37]), **HP)

@@ -11,11 +11,12 @@ import torch.nn as nn
 
 from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
 from ccfs_dist.errors import DataError
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.training.fused import train_fused
 from ccfs_dist.training.models import build_model
 from ccfs_dist.training.train import Recipe, train_model
 
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+NORM = Norm((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 CONVNET = {"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}
 RESNET = {"name": "resnet18"}
 
@@ -52,9 +53,9 @@ def fresh(cfg, seed, size=8, classes=4):
 
 
 def alone_and_fused(local, cfg, recipe, seeds, sets, teacher=None, **kw):
-    alone = [train_model(local, fresh(cfg, s), *data, recipe, mean=MEAN, std=STD, seed=s, teacher=teacher)
+    alone = [train_model(local, fresh(cfg, s), *data, recipe, norm=NORM, seed=s, teacher=teacher)
              for s, data in zip(seeds, sets)]
-    fused = train_fused(local, [fresh(cfg, s) for s in seeds], sets, recipe, mean=MEAN, std=STD, seeds=seeds,
+    fused = train_fused(local, [fresh(cfg, s) for s in seeds], sets, recipe, norm=NORM, seeds=seeds,
                         teacher=teacher, **kw)
     return alone, fused
 
@@ -72,7 +73,7 @@ def close(a, b, tol):
 def predictions(model, images):
     from ccfs_dist.training.augment import normalize
     with torch.no_grad():
-        return model.eval()(normalize(images, MEAN, STD))
+        return model.eval()(normalize(images, *NORM))
 
 
 @pytest.mark.parametrize("cfg,kd", [(CONVNET, False), (CONVNET, True), (RESNET, False), (RESNET, True)],
@@ -109,11 +110,11 @@ def test_fused_models_keep_their_own_seed_streams(local):
     recipe = Recipe(epochs=1, batch_size=8, lr=0.05)
     data = tiny_set(1, n=16)
     same_init = [fresh(CONVNET, 0) for _ in range(3)]
-    out = train_fused(local, same_init, [data] * 3, recipe, mean=MEAN, std=STD, seeds=[10, 11, 10])
+    out = train_fused(local, same_init, [data] * 3, recipe, norm=NORM, seeds=[10, 11, 10])
     w = [m.state_dict()["classifier.weight"] for m, _ in out]
     assert not torch.allclose(w[0], w[1], atol=1e-4)
     assert torch.allclose(w[0], w[2], atol=1e-6)
-    (single, _), = train_fused(local, [fresh(CONVNET, 0)], [data], recipe, mean=MEAN, std=STD, seeds=[11])
+    (single, _), = train_fused(local, [fresh(CONVNET, 0)], [data], recipe, norm=NORM, seeds=[11])
     close(single, out[1][0], 2e-5)
 
 
@@ -124,9 +125,9 @@ def test_hooks_see_each_model_and_its_rows(local):
     rows = [[], []]
     ends = [[], []]
     alone_rows = []
-    train_model(local, fresh(CONVNET, 4), *sets[1], recipe, mean=MEAN, std=STD, seed=4,
+    train_model(local, fresh(CONVNET, 4), *sets[1], recipe, norm=NORM, seed=4,
                 on_batch=lambda idx, logits: alone_rows.append(idx.clone()))
-    out = train_fused(local, [fresh(CONVNET, s) for s in seeds], sets, recipe, mean=MEAN, std=STD, seeds=seeds,
+    out = train_fused(local, [fresh(CONVNET, s) for s in seeds], sets, recipe, norm=NORM, seeds=seeds,
                       on_batch=[lambda idx, lg, k=k: rows[k].append((idx.clone(), lg.shape)) for k in range(2)],
                       on_epoch_end=[lambda e, m, k=k: ends[k].append((e, m.state_dict()["classifier.bias"].clone()))
                                     for k in range(2)])
@@ -145,7 +146,7 @@ def test_a_killed_fused_training_resumes_to_the_same_result(local, tmp_path, mon
     paths = [str(tmp_path / f"run{k}_state.pt") for k in range(2)]
 
     def run(**kw):
-        return train_fused(local, [fresh(CONVNET, s) for s in seeds], sets, recipe, mean=MEAN, std=STD,
+        return train_fused(local, [fresh(CONVNET, s) for s in seeds], sets, recipe, norm=NORM,
                            seeds=seeds, checkpoints=paths, **kw)
 
     whole = [m.state_dict() for m, _ in run()]
@@ -181,9 +182,9 @@ def test_a_killed_fused_training_resumes_to_the_same_result(local, tmp_path, mon
 
     with pytest.raises(Kill):
         run(on_epoch_end=kill_after(1))
-    alone, _ = train_model(local, fresh(CONVNET, 4), *sets[1], recipe, mean=MEAN, std=STD, seed=4,
+    alone, _ = train_model(local, fresh(CONVNET, 4), *sets[1], recipe, norm=NORM, seed=4,
                            checkpoint=paths[1])
-    close(alone, train_model(local, fresh(CONVNET, 4), *sets[1], recipe, mean=MEAN, std=STD, seed=4)[0], 2e-5)
+    close(alone, train_model(local, fresh(CONVNET, 4), *sets[1], recipe, norm=NORM, seed=4)[0], 2e-5)
     os.remove(paths[0])
     torch.save({"epoch": 0}, paths[1])
     with pytest.raises(DataError, match="another grouping"):
@@ -319,7 +320,6 @@ def test_a_set_held_in_a_shared_file_trains_as_a_resident_one(local, tmp_path):
     images, labels = tiny_set(1, n=16)
     np.save(tmp_path / "set.npy", images.numpy())
     mapped = np.load(tmp_path / "set.npy", mmap_mode="r")
-    resident, shared = (train_fused(local, [fresh(CONVNET, s) for s in (3, 4)], [(x, labels)] * 2, recipe, mean=MEAN,
-                                    std=STD, seeds=[3, 4]) for x in (images, mapped))
+    resident, shared = (train_fused(local, [fresh(CONVNET, s) for s in (3, 4)], [(x, labels)] * 2, recipe, norm=NORM, seeds=[3, 4]) for x in (images, mapped))
     for (a, _), (b, _) in zip(resident, shared):
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())

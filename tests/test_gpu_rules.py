@@ -11,6 +11,7 @@ from ccfs_dist.runtime import dist, jobs
 from ccfs_dist.training.augment import Augment, _rand, randn_cpu
 from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator, one_gpu_per_rank, set_determinism
 from ccfs_dist.errors import CCFSError
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.training.models import build_model
 from ccfs_dist.runtime.plan import Job
 from ccfs_dist.training.train import Recipe, train_model
@@ -62,7 +63,7 @@ def test_draws_are_made_on_the_cpu_whatever_the_device():
     """The views asked for on another device ('meta': placement only) consume the CPU generator exactly as
     the CPU's do, so the numbers are the CPU's, moved; a generator on another device is refused."""
     for crop in ("resized", "pad"):
-        aug = Augment((0.5,), (0.25,), 16, crop=crop)
+        aug = Augment(Norm((0.5,), (0.25,)), 16, crop=crop)
         cpu, meta = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         boxes, flips = aug.draw(1000, 16, 16, cpu, "cpu")
         mboxes, mflips = aug.draw(1000, 16, 16, meta, "meta")
@@ -93,9 +94,9 @@ def test_a_training_draws_every_number_on_cpu_generators(monkeypatch):
     images, labels = torch.full((24, 1, 8, 8), 7, dtype=torch.uint8), torch.arange(24) % 4
     model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
     train_model(OneRankAccelerator(make_accelerator()), model, images, labels, Recipe(epochs=2, batch_size=8, lr=0.1),
-                mean=(0.5,), std=(0.25,), seed=5)
+                norm=Norm((0.5,), (0.25,)), seed=5)
     trained = len(calls)
-    distill.recover(model, [0, 1], mean=(0.5,), std=(0.25,), image_size=8, channels=1, iterations=3, lr=0.1,
+    distill.recover(model, [0, 1], norm=Norm((0.5,), (0.25,)), image_size=8, channels=1, iterations=3, lr=0.1,
                     r_bn=0.01, jitter=2, generator=torch.Generator().manual_seed(0))
     assert trained >= 4 and len(calls) > trained + 6       # 2 x (order + views), then noise + 3 x (jitter, crops)
     bad = [(n, g, d) for n, g, d in calls if g is None or g.device.type != "cpu" or d not in (None, "cpu")]
@@ -131,7 +132,7 @@ def test_fp16_scaler_is_per_training_and_in_its_checkpoints(tmp_path):
         torch.manual_seed(0)
         model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
         local = OneRankAccelerator(acc)
-        model, _ = train_model(local, model, images, labels, rec, mean=(0.5,), std=(0.25,), checkpoint=checkpoint,
+        model, _ = train_model(local, model, images, labels, rec, norm=Norm((0.5,), (0.25,)), checkpoint=checkpoint,
                                on_epoch_end=on_epoch_end)
         assert local.scaler is not acc.scaler and acc.scaler.get_scale() == 2.0 ** 28   # its own scaler
         return torch.cat([v.flatten().float() for v in model.state_dict().values()])

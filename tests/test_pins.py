@@ -17,6 +17,7 @@ from conftest import PINNED
 from selection_check import recheck_run
 from ccfs_dist.runtime import seeds
 from ccfs_dist.config import load_config
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.runtime.plan import make_plan
 from ccfs_dist.ccfs.selection import phase_budgets, run_budgets
 from ccfs_dist.data.sources import load_real
@@ -194,11 +195,11 @@ def test_schedule_values_per_step():
 def test_augmentation_on_and_off():
     from ccfs_dist.training.augment import Augment
     gen = torch.Generator().manual_seed(0)
-    boxes, flips = Augment((0.5,), (0.5,), 8, scale_min=0.5, flip=False).draw(400, 8, 8, gen, "cpu")
+    boxes, flips = Augment(Norm((0.5,), (0.5,)), 8, scale_min=0.5, flip=False).draw(400, 8, 8, gen, "cpu")
     assert not flips.any()
     area = boxes[:, 2] * boxes[:, 3] / 64
     assert area.min() >= 0.5 - 1e-6 and area.max() <= 1 + 1e-6 and area.min() < 0.6
-    boxes, flips = Augment((0.5,), (0.5,), 8, scale_min=0.5, flip=True).draw(400, 8, 8, gen, "cpu")
+    boxes, flips = Augment(Norm((0.5,), (0.5,)), 8, scale_min=0.5, flip=True).draw(400, 8, 8, gen, "cpu")
     assert 0.4 < flips.float().mean() < 0.6
 
 
@@ -242,7 +243,7 @@ def test_bn_matching_term_value_and_effect():
     assert got == pytest.approx(want, rel=1e-5)
 
     def run(r_bn):
-        return recover(net, [0, 1], mean=(0.5,), std=(0.5,), image_size=5, channels=1, iterations=3, lr=0.1,
+        return recover(net, [0, 1], norm=Norm((0.5,), (0.5,)), image_size=5, channels=1, iterations=3, lr=0.1,
                        r_bn=r_bn, jitter=0, cda=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(run(0.5), run(0.5)) and not torch.equal(run(0.0), run(0.5))
 

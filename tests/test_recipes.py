@@ -12,6 +12,7 @@ import torchvision.transforms.functional as TF
 from conftest import ROOT
 from ccfs_dist.training.augment import Augment, pad_boxes, pad_crop
 from ccfs_dist.config import load_config
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.ccfs.selection import phase_budgets
 from ccfs_dist.training.train import Recipe, lr_lambda, train_model
 
@@ -99,7 +100,7 @@ def test_train_model_steps_the_schedule_once_per_epoch():
     acc = make_accelerator()
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40) % 4
-    common = dict(mean=(0.5,), std=(0.25,))
+    common = dict(norm=Norm((0.5,), (0.25,)))
     rec = Recipe(epochs=8, batch_size=8, lr=0.2, warmup_epochs=2, scale_min=0.5)
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 4, "depth": 1}, 4, 1, 8)
@@ -127,7 +128,7 @@ def test_teacher_random_crop_is_torchvisions_random_crop():
     many, _ = pad_boxes(90000, 32, 32, 4, generator=gen)
     counts = np.bincount((many[:, :2].numpy().ravel() + 4).astype(int), minlength=9)
     assert len(counts) == 9 and counts.min() > 0.9 * counts.mean() and many[:, 2:].eq(32).all()
-    aug = Augment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, crop="pad", padding=4)
+    aug = Augment(Norm((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), 32, crop="pad", padding=4)
     views = aug(x[:4], generator=torch.Generator().manual_seed(1))
     assert views.shape == (4, 3, 32, 32) and views.dtype == torch.float32
     assert torch.isclose(views.min(), torch.tensor(-2.0))                 # padded black: (0 - 0.5) / 0.25

@@ -42,10 +42,10 @@ def test_hard_regime_trains_without_the_teacher():
     torch.manual_seed(0)
     teacher = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
     teacher, _ = train_model(acc, teacher, data.train.images, data.train.labels, Recipe(epochs=5, batch_size=64, lr=0.1, scale_min=0.5, flip=False),
-                             mean=data.mean, std=data.std, seed=1)
+                             norm=data.norm, seed=1)
     bad = wrong(teacher)
-    assert accuracy(acc, teacher, data.test, mean=data.mean, std=data.std) > 0.8
-    assert accuracy(acc, bad, data.test, mean=data.mean, std=data.std) < 0.1
+    assert accuracy(acc, teacher, data.test, norm=data.norm) > 0.8
+    assert accuracy(acc, bad, data.test, norm=data.norm) < 0.1
     rows = random_per_class(data.train.labels.numpy(), 6, 5)
     images, labels = data.train.images[rows], data.train.labels[rows]
     kw = dict(data=data, model_cfg=cfg["model"], recipe=Recipe(epochs=10, batch_size=20, lr=0.05, scale_min=0.5, flip=False), seed=7, desc="eval")

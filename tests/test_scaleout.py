@@ -244,6 +244,7 @@ def test_split_training_ends_identical_on_every_rank(tmp_path):
 
 LOCAL_BF16 = """
 import torch
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
 from ccfs_dist.training.models import build_model
 from ccfs_dist.training.train import Recipe, train_model
@@ -255,7 +256,7 @@ seen = []
 model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
 images, labels = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8), torch.arange(64) % 10
 trained, stats = train_model(local, model, images, labels, Recipe(epochs=1, batch_size=32, lr=0.01),
-                             mean=(0.5,) * 3, std=(0.25,) * 3)
+                             norm=Norm((0.5,) * 3, (0.25,) * 3))
 wrapped, _ = local.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
 print(type(trained).__name__, seen[0], wrapped(images[:2].float()).dtype, stats["steps"])
 """

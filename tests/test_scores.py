@@ -232,8 +232,8 @@ def test_margin_and_logits_from_a_checkpoint(tmp_path, accelerator, capsys):
     got = compute_score_files(accelerator, cfg, data, {"margin": str(tmp_path / "m.npy"),
                                                        "logits": str(tmp_path / "l.npy")})
     assert set(got) == {"margin", "logits"} and got["margin"].dtype == np.float64
-    x = (data.train.images[:5].float() / 255 - torch.tensor(data.mean).view(1, -1, 1, 1)) \
-        / torch.tensor(data.std).view(1, -1, 1, 1)
+    x = (data.train.images[:5].float() / 255 - torch.tensor(data.norm.mean).view(1, -1, 1, 1)) \
+        / torch.tensor(data.norm.std).view(1, -1, 1, 1)
     with torch.no_grad():
         logits = model.eval()(x).numpy()
     y = data.train.labels[:5].numpy()

@@ -104,13 +104,13 @@ def test_index_describes_the_shards(pools):
     assert [(s["file"], s["first"], s["count"]) for s in index["shards"]] == [
         (f"train-{i:06d}.tar", 300 * i, min(300, 1437 - 300 * i)) for i in range(5)]
     memory = load_real(DIGITS)
-    assert index["labels"] == memory.train.labels.tolist() and tuple(index["mean"]) == memory.mean
+    assert index["labels"] == memory.train.labels.tolist() and tuple(index["mean"]) == memory.norm.mean
     assert index["source"]["fingerprint"].startswith("sha256:")
     names = [m.name for m in tarfile.open(os.path.join(pools["digits5"], "train-000001.tar")).getmembers()]
     assert names[:4] == ["00000300.cls", "00000300.png", "00000301.cls", "00000301.png"] and len(names) == 600
     # image folder: mean/std measured over the (resized) train images, as the in-memory loader does
     folder = json.load(open(os.path.join(pools["folder"], "train.json")))
-    np.testing.assert_allclose(folder["mean"], load_real(pools["folder_cfg"]).mean, rtol=1e-9)
+    np.testing.assert_allclose(folder["mean"], load_real(pools["folder_cfg"]).norm.mean, rtol=1e-9)
 
 
 def test_same_input_gives_byte_identical_shards(pools, tmp_path):
@@ -508,7 +508,7 @@ def quick_teacher(path):
     data = load_real(DIGITS)
     torch.manual_seed(0)
     model = build_model({"name": "convnet", "width": 16, "depth": 3, "norm": "batchnorm"}, 10, 1, 8)
-    x = (data.train.images.float() / 255 - data.mean[0]) / data.std[0]
+    x = (data.train.images.float() / 255 - data.norm.mean[0]) / data.norm.std[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(4):
         for idx in torch.randperm(len(x)).split(64):

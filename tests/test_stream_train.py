@@ -163,7 +163,7 @@ def test_streamed_loop_keeps_the_resident_loops_books(tmp_path, accelerator, mon
         torch.manual_seed(0)
         model = build_model(model_cfg, 10, 3, 8)
         book = _Recorder(accelerator, data.train.labels, rec.epochs)
-        kw = dict(mean=data.mean, std=data.std, seed=5, on_batch=book.on_batch, on_epoch_end=book.on_epoch_end)
+        kw = dict(norm=data.norm, seed=5, on_batch=book.on_batch, on_epoch_end=book.on_epoch_end)
         if name == "resident":
             with monkeypatch.context() as m:
                 m.setattr(torch, "randperm", lambda n, generator=None: torch.arange(n))
@@ -197,7 +197,7 @@ def test_a_corrupt_shard_stops_training_with_its_name(pools, tmp_path, accelerat
     torch.manual_seed(0)
     with pytest.raises(DataError, match="train-000001.tar"):
         train_stream(accelerator, build_model(CONVNET, 10, 1, 8), split, Recipe(epochs=1, batch_size=64, lr=0.05),
-                     mean=data.mean, std=data.std)
+                     norm=data.norm)
 
 
 def test_stream_config_keys():
@@ -215,7 +215,7 @@ def test_stream_config_keys():
 def test_epoch_boundary_checkpoint_resumes_to_the_same_weights(pools, tmp_path, accelerator):
     data, streamed, _ = pools["generated"]
     rec = Recipe(epochs=4, batch_size=64, lr=0.05, warmup_epochs=1)
-    kw = dict(mean=data.mean, std=data.std, seed=3, shuffle_buffer=128, interleave=2)
+    kw = dict(norm=data.norm, seed=3, shuffle_buffer=128, interleave=2)
     model_cfg = dict(CONVNET, width=8)
 
     def fresh():
@@ -247,7 +247,7 @@ def test_a_damaged_training_state_stops_with_its_path(pools, tmp_path, accelerat
     torch.manual_seed(0)
     with pytest.raises(DataError, match="state.pt cannot be resumed"):
         train_stream(accelerator, build_model(dict(CONVNET, width=8), 10, 3, 8), streamed.train,
-                     Recipe(epochs=2, batch_size=64, lr=0.05, checkpoint_every=1), mean=data.mean, std=data.std,
+                     Recipe(epochs=2, batch_size=64, lr=0.05, checkpoint_every=1), norm=data.norm,
                      checkpoint=str(state))
     assert state.read_bytes() == b"not a torch file"                # left for the user to inspect or delete
 

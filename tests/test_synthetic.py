@@ -9,10 +9,10 @@ import torch
 from ccfs_dist.data import synthetic
 from ccfs_dist.runtime.dist import OneRankAccelerator, make_accelerator
 from ccfs_dist.training.models import build_model
-from ccfs_dist.data.pool import TensorPool
+from ccfs_dist.data.pool import Norm, TensorPool
 from ccfs_dist.training.train import Recipe, train_model
 
-MEAN, STD = (0.5,), (0.25,)
+NORM = Norm((0.5,), (0.25,))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def trained(acc, images, labels, **recipe):
     model = build_model({"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"}, 3, 1, 8)
     # batch 16 of 40: the last batch wraps around; several batches are augmented per chunk
     rec = Recipe(epochs=3, batch_size=16, lr=0.05, **recipe)
-    model, _ = train_model(acc, model, images, labels, rec, mean=MEAN, std=STD, seed=5)
+    model, _ = train_model(acc, model, images, labels, rec, norm=NORM, seed=5)
     return model.state_dict()
 
 

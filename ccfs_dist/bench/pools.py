@@ -5,7 +5,7 @@ import os
 import numpy as np
 import torch
 
-from ccfs_dist.data.pool import RealData, TensorPool
+from ccfs_dist.data.pool import Norm, RealData, TensorPool
 
 CIFAR = {"classes": 10, "train_per_class": 200, "test_per_class": 50, "size": 32}
 # the artifacts of a run that must be byte-identical across process counts and repeats
@@ -35,8 +35,8 @@ def generated_data(classes, pool, size, channels, seed=0):
     labels = torch.randperm(pool, generator=g) % classes
     train = TensorPool(images, labels)
     test = TensorPool(images[:0], labels[:0])
-    return RealData("generated", [str(c) for c in range(classes)], train, test, (0.5,) * channels,
-                    (0.25,) * channels)
+    return RealData("generated", [str(c) for c in range(classes)], train, test,
+                    Norm((0.5,) * channels, (0.25,) * channels))
 
 
 def make_cifar_like(folder, c=CIFAR):

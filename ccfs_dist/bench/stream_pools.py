@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from ccfs_dist.data.pool import RealData, TensorPool
+from ccfs_dist.data.pool import Norm, RealData, TensorPool
 from ccfs_dist.data.images import encode_png
 from ccfs_dist.data.shards.index import FORMAT, key_width, write_index
 from ccfs_dist.data.shards.tar import write_tar
@@ -33,7 +33,7 @@ def planted_digits(fraction=NOISE_FRACTION, seed=0):
     shift = torch.from_numpy(rng.integers(1, data.num_classes, size=int(planted.sum())))
     mask = torch.from_numpy(planted)
     labels[mask] = (labels[mask] + shift) % data.num_classes
-    noisy = RealData(data.name, data.classes, TensorPool(data.train.images, labels), data.test, data.mean, data.std)
+    noisy = RealData(data.name, data.classes, TensorPool(data.train.images, labels), data.test, data.norm)
     return noisy, planted
 
 
@@ -85,7 +85,7 @@ def generated_pool(classes=10, per_class=150, test_per_class=30, size=8, noise=6
     y, planted = flip_labels(y, classes, fraction, seed)
     flat = x.float().div(255).transpose(0, 1).reshape(3, -1)
     mean, std = tuple(flat.mean(1).tolist()), tuple(flat.std(1).tolist())
-    return RealData("generated", [str(c) for c in range(classes)], TensorPool(x, y), TensorPool(tx, ty), mean, std), planted
+    return RealData("generated", [str(c) for c in range(classes)], TensorPool(x, y), TensorPool(tx, ty), Norm(mean, std)), planted
 
 
 def write_pool_shards(data, folder, per_shard=200):
@@ -106,7 +106,7 @@ def write_pool_shards(data, folder, per_shard=200):
                            "sha256": sha})
         write_index(os.path.join(folder, f"{name}.json"), {
             "format": FORMAT, "name": data.name, "split": name, "num_samples": n, "classes": list(data.classes),
-            "shape": list(split.shape), "mean": list(data.mean), "std": list(data.std),
+            "shape": list(split.shape), "mean": list(data.norm.mean), "std": list(data.norm.std),
             "source": {"source": f"test pool, {name} split"}, "key_width": width, "shards": shards,
             "labels": split.labels.tolist()})
     return {"source": "webdataset", "root": os.path.join(folder, "train.json"),
@@ -124,13 +124,13 @@ def teacher_accuracies(accelerator, memory, streamed, seeds=(0, 1, 2)):
     out = []
     for seed in seeds:
         rec = Recipe(epochs=30, batch_size=128, lr=0.1, weight_decay=5e-4)
-        kw = dict(mean=memory.mean, std=memory.std, seed=seed)
+        kw = dict(norm=memory.norm, seed=seed)
         row = []
         for train in (lambda m: train_model(accelerator, m, memory.train.images, memory.train.labels, rec, **kw),
                       lambda m: train_stream(accelerator, m, streamed.train, rec, shuffle_buffer=256, **kw)):
             torch.manual_seed(seed)
             model, _ = train(build_model({"name": "convnet", "width": 32, "depth": 3, "norm": "batchnorm"},
                                          memory.num_classes, memory.channels, memory.image_size))
-            row.append(accuracy(accelerator, model, memory.test, mean=memory.mean, std=memory.std))
+            row.append(accuracy(accelerator, model, memory.test, norm=memory.norm))
         out.append(tuple(row))
     return out

@@ -74,7 +74,7 @@ def make_distilled(run, cfg, data, teacher, per_class):
         if d["init"] == "real":
             one = random_per_class(labels_np, 1, seeds.distill_batch(cfg["seed"], gid))
             init = data.train.fetch(one[np.argsort(labels_np[one])])[0][chunks[c]]
-        x = recover(teacher, chunks[c].to(run.acc.device), mean=data.mean, std=data.std,
+        x = recover(teacher, chunks[c].to(run.acc.device), norm=data.norm,
                     image_size=data.image_size, channels=data.channels, iterations=d["iterations"], lr=d["lr"],
                     r_bn=d["r_bn"], jitter=d["jitter"], cda=d["cda"], init_images=init, generator=gen)
         images.append(x.cpu())
@@ -96,7 +96,7 @@ def get_teacher_predictions(run, cfg, data, teacher):
     path = run.teacher_predictions()
 
     def make():
-        tp, _ = predict(run.acc, teacher, data.train, np.arange(len(data.train)), mean=data.mean, std=data.std,
+        tp, _ = predict(run.acc, teacher, data.train, np.arange(len(data.train)), norm=data.norm,
                         batch_size=cfg["predict"]["batch_size"], desc="teacher score")
         tp = {key: tp[key] for key in ("index", "label", "pred")}
         run.write(io.write_npz, path, **tp)
@@ -175,7 +175,7 @@ def predict_pool(run, cfg, data, j, selected):
     c = cfg["ccfs"]
     steps = io.read_json(io.wait_for(run.phase(j, "steps.json")))      # written last by the filter's rank
     filt = run.load_model(run.phase(j, "filter.pt"), model_factory(cfg, data))
-    filter_acc = accuracy(run.acc, filt, data.test, mean=data.mean, std=data.std)
+    filter_acc = accuracy(run.acc, filt, data.test, norm=data.norm)
 
     official = c["compat"] == "official"
     # the official code scores every training sample (selected ones too: they shape its candidate set)
@@ -185,7 +185,7 @@ def predict_pool(run, cfg, data, j, selected):
     if run.done(predictions) and "score" in steps:      # scored before an interruption (steps.json says so)
         preds = run.read_npz(predictions)
     else:
-        preds, sstats = predict(run.acc, filt, data.train, scored, mean=data.mean, std=data.std,
+        preds, sstats = predict(run.acc, filt, data.train, scored, norm=data.norm,
                                 batch_size=cfg["predict"]["batch_size"], channels_last=cfg["train"]["channels_last"],
                                 desc=f"phase {j} score")
         steps["score"] = {k2: sstats[k2] for k2 in ("seconds", "images_per_s")}
@@ -282,10 +282,10 @@ def run_ccfs(accelerator, cfg, out_dir, resume=False, overwrite=False):
         hardness = computed_hardness(run, cfg, data, method)
     teacher, teacher_stats = get_teacher(run, cfg, data, given_teacher)
     teacher = teacher.to(accelerator.device).eval()
-    teacher_acc = accuracy(accelerator, teacher, data.test, mean=data.mean, std=data.std)
+    teacher_acc = accuracy(accelerator, teacher, data.test, norm=data.norm)
     run.log(f"teacher test acc {teacher_acc:.4f}")
     distilled = get_distilled(run, cfg, data, teacher, n_distilled, given_distilled)
-    distilled_acc = (accuracy(accelerator, teacher, distilled, mean=data.mean, std=data.std)
+    distilled_acc = (accuracy(accelerator, teacher, distilled, norm=data.norm)
                      if len(distilled) else None)
 
     tp = get_teacher_predictions(run, cfg, data, teacher)

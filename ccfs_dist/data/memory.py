@@ -18,7 +18,7 @@ from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.data.folders import imagefolder_files, tiny_imagenet_files
 from ccfs_dist.data.images import channel_stats, read_images
 from ccfs_dist.runtime.io import regular_file
-from ccfs_dist.data.pool import RealData, TensorPool
+from ccfs_dist.data.pool import Norm, RealData, TensorPool
 
 
 # Default normalisation per source (config keys data.mean / data.std override them). These follow the
@@ -86,7 +86,7 @@ def set_normalisation(data, data_cfg):
         if len(values) != data.channels:
             raise ConfigError(f"config key 'data.{key}' has {len(values)} value(s) but the images of source "
                               f"'{data_cfg['source']}' have {data.channels} channel(s)")
-        setattr(data, key, tuple(float(v) for v in values))
+        data.norm = data.norm._replace(**{key: tuple(float(v) for v in values)})
     return data
 
 
@@ -121,7 +121,7 @@ def _load_digits(test=True):
     train = TensorPool(images[~is_test].contiguous(), labels[~is_test].contiguous())
     test = TensorPool(images[is_test].contiguous(), labels[is_test].contiguous()) if test else None
     mean, std = channel_stats(train.images)
-    return RealData("digits", [str(c) for c in range(10)], train, test, mean, std)
+    return RealData("digits", [str(c) for c in range(10)], train, test, Norm(mean, std))
 
 
 def _load_cifar(root, num_classes, test=True):
@@ -160,7 +160,7 @@ def _load_cifar(root, num_classes, test=True):
         return TensorPool(torch.cat([p[0] for p in parts]).contiguous(), torch.cat([p[1] for p in parts]))
 
     return RealData(f"cifar{num_classes}", classes, read(train_files),
-                    read([test_file]) if test else None, mean, std)
+                    read([test_file]) if test else None, Norm(mean, std))
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -223,7 +223,7 @@ def _load_tiny_imagenet(root, image_size, test=True):
     if test:
         test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
                            "Tiny-ImageNet val", crop=image_size is not None)
-    return RealData("tiny-imagenet", classes, train, test or None, TINY_MEAN, TINY_STD)
+    return RealData("tiny-imagenet", classes, train, test or None, Norm(TINY_MEAN, TINY_STD))
 
 
 def _load_imagefolder(root, image_size, test=True):
@@ -234,7 +234,7 @@ def _load_imagefolder(root, image_size, test=True):
         test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
                            "test images", crop=image_size is not None)
     mean, std = channel_stats(train.images)
-    return RealData("imagefolder", classes, train, test or None, mean, std)
+    return RealData("imagefolder", classes, train, test or None, Norm(mean, std))
 
 
 def _read_split(files, labels, mode, size, desc, crop=True):

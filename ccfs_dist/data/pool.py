@@ -8,12 +8,19 @@ sources) and a streamed one (`shard_reader.ShardPool`). Only an in-memory pool (
 """
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from ccfs_dist.runtime.dist import rank_slice, share
+
+
+class Norm(NamedTuple):
+    """A source's normalisation, per channel in [0, 1] units: an image is fed as (x / 255 - mean) / std.
+    Set where the data is loaded (RealData.norm) and passed whole to every training and prediction."""
+    mean: tuple
+    std: tuple
 
 
 @runtime_checkable
@@ -108,8 +115,7 @@ class RealData:
     classes: list  # class names, index = label
     train: Pool  # the pool: row i has global index i
     test: Pool
-    mean: tuple  # per channel, in [0, 1] units
-    std: tuple
+    norm: Norm
 
     @property
     def num_classes(self):

@@ -53,7 +53,7 @@ def carve_validation(data, fraction=VALIDATION_FRACTION):
     images = data.train.images
     pool = TensorPool(images[~held].contiguous(), labels[~held].contiguous())
     val = TensorPool(images[held].contiguous(), labels[held].contiguous())
-    return RealData(data.name, data.classes, pool, val, data.mean, data.std)
+    return RealData(data.name, data.classes, pool, val, data.norm)
 
 
 def _top(folder, what):

@@ -72,7 +72,7 @@ def train_teacher(acc, run, cfg, data):
     """The teacher, on the full real training set: teacher.pt and teacher.json."""
     seed = seeds.teacher(cfg["seed"])
     rec = Recipe.for_teacher(cfg)
-    kw = dict(mean=data.mean, std=data.std, seed=seed, desc="teacher", checkpoint=run.teacher_state())
+    kw = dict(norm=data.norm, seed=seed, desc="teacher", checkpoint=run.teacher_state())
     if data.train.in_memory:
         model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, rec, **kw)
     else:             # a streamed pool: on the shards, over all ranks when it streams (stream_train.streams)
@@ -116,7 +116,7 @@ def train_filter(acc, run, cfg, data, j, *, synthetic, teacher, class_size):
         load_checkpoint(filt, run.phase(j - 1, "filter.pt"))
     per_class = len(synthetic) / data.num_classes
     rec = Recipe.for_phase(cfg, ipc=cfg["ccfs"]["ipc"], class_size=class_size, per_class=per_class)
-    filt, stats = train_model(acc, filt, synthetic.images, synthetic.labels, rec, mean=data.mean, std=data.std,
+    filt, stats = train_model(acc, filt, synthetic.images, synthetic.labels, rec, norm=data.norm,
                               teacher=teacher if cfg["train"]["kd"] else None, seed=seed,
                               desc=f"phase {j} filter", checkpoint=run.phase(j, "filter_state.pt"))
     if acc.is_main_process:

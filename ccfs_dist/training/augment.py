@@ -1,7 +1,7 @@
 """Batched on-device augmentation: RandomResizedCrop + horizontal flip as one affine grid_sample.
 
     normalize(x_uint8, mean, std) -> float tensor
-    Augment(mean, std, size, scale_min=0.08, flip=True, ratio=(3/4, 4/3), crop='resized', padding=4)(x, generator=None)
+    Augment(norm, size, scale_min=0.08, flip=True, ratio=(3/4, 4/3), crop='resized', padding=4)(x, generator=None)
     resized_crop_flip(x, size, scale_min, ...)   (float, differentiable; used by the base distiller)
     crop_boxes(batch, height, width, ...)        (the random boxes, exposed for tests)
     pad_boxes / pad_crop                         (RandomCrop(size, padding) + flip: the CIFAR teacher's recipe)
@@ -202,7 +202,7 @@ class Augment:
     `draw` makes the random views of a number of samples, `apply` applies them to a uint8 batch.
     """
 
-    def __init__(self, mean, std, size, scale_min=0.08, flip=True, ratio=(3 / 4, 4 / 3), crop="resized",
+    def __init__(self, norm, size, scale_min=0.08, flip=True, ratio=(3 / 4, 4 / 3), crop="resized",
                  padding=4):
         if crop not in ("resized", "pad"):
             raise ValueError(f"crop must be 'resized' or 'pad', got {crop!r}")
@@ -210,8 +210,7 @@ class Augment:
             raise ValueError(f"scale_min must lie in (0, 1], got {scale_min}")
         if not 0.0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {ratio}")
-        self.mean = mean
-        self.std = std
+        self.norm = norm   # (mean, std) per channel: a data.pool.Norm
         self.size = int(size)
         self.scale_min = float(scale_min)
         self.flip = bool(flip)
@@ -229,15 +228,15 @@ class Augment:
     def apply(self, x_uint8, boxes, flips):
         """The normalised float views `boxes`/`flips` (from `draw`) of the uint8 batch."""
         if self.crop == "pad":   # pad with black, then normalise, as RandomCrop before Normalize does
-            return normalize(pad_crop(x_uint8, boxes, self.padding, flips), self.mean, self.std)
-        return apply_boxes(normalize(x_uint8, self.mean, self.std), boxes, self.size, flips)
+            return normalize(pad_crop(x_uint8, boxes, self.padding, flips), *self.norm)
+        return apply_boxes(normalize(x_uint8, *self.norm), boxes, self.size, flips)
 
     def __call__(self, x, generator=None):
         if x.dtype == torch.uint8:
             if self.crop == "pad":
                 boxes, flips = self.draw(len(x), x.shape[2], x.shape[3], generator, x.device)
                 return self.apply(x, boxes, flips)
-            x = normalize(x, self.mean, self.std)
+            x = normalize(x, *self.norm)
         elif not torch.is_floating_point(x) or self.crop == "pad":   # pad: black is known only for uint8
             raise TypeError(f"Augment takes uint8 (or, crop 'resized', normalised float) images, got {x.dtype}")
         return resized_crop_flip(x, self.size, scale_min=self.scale_min, ratio=self.ratio,

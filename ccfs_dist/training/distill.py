@@ -1,6 +1,6 @@
 """Base distiller: SRe2L / CDA "recover" -- invert a frozen BatchNorm teacher into synthetic images.
 
-    recover(teacher, classes_in_batch, *, mean, std, image_size, channels, iterations, lr, r_bn,
+    recover(teacher, classes_in_batch, *, norm, image_size, channels, iterations, lr, r_bn,
             jitter, cda=True, init_images=None, generator=None) -> uint8 B x C x H x W
 
 One call synthesises one batch holding one image per entry of `classes_in_batch`. The images are
@@ -63,7 +63,7 @@ def _randint(low, high, generator, device):
     return low + min(int(u * (high - low + 1)), high - low)
 
 
-def recover(teacher, classes_in_batch, *, mean, std, image_size, channels, iterations, lr, r_bn, jitter,
+def recover(teacher, classes_in_batch, *, norm, image_size, channels, iterations, lr, r_bn, jitter,
             cda=True, init_images=None, generator=None):
     """Synthesise one image per class in `classes_in_batch` from the frozen `teacher` (see module doc).
 
@@ -85,14 +85,14 @@ def recover(teacher, classes_in_batch, *, mean, std, image_size, channels, itera
     b = targets.numel()
     if b == 0:
         return torch.zeros(0, channels, image_size, image_size, dtype=torch.uint8)
-    mean_t, std_t = _stats(mean, std, channels, device)
+    mean_t, std_t = _stats(*norm, channels, device)
     lo, hi = (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
 
     if init_images is not None:
         if tuple(init_images.shape) != (b, channels, image_size, image_size):
             raise ValueError(f"init_images has shape {tuple(init_images.shape)}, expected "
                              f"{(b, channels, image_size, image_size)}")
-        x = normalize(init_images.to(device), mean, std)
+        x = normalize(init_images.to(device), *norm)
     else:
         x = randn_cpu((b, channels, image_size, image_size), generator, device)
     x = x.clone().requires_grad_(True)
@@ -133,4 +133,4 @@ def recover(teacher, classes_in_batch, *, mean, std, image_size, channels, itera
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         teacher.train(was_training)
-    return denormalize_to_uint8(x, mean, std).cpu()
+    return denormalize_to_uint8(x, *norm).cpu()

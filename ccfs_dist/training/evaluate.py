@@ -31,7 +31,7 @@ def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teache
     seen, track = _tracker(accelerator, data, recipe, best_after)
     torch.manual_seed(seed)
     model = build_model(model_cfg, data.num_classes, data.channels, data.image_size)
-    model, _ = train_model(accelerator, model, images, labels, recipe, mean=data.mean, std=data.std, teacher=teacher,
+    model, _ = train_model(accelerator, model, images, labels, recipe, norm=data.norm, teacher=teacher,
                            seed=seed, desc=desc, on_epoch_end=track, checkpoint=checkpoint)
     return _result(accelerator, model, data, recipe, seen)
 
@@ -42,12 +42,12 @@ def _tracker(accelerator, data, recipe, best_after):
 
     def track(epoch, live_model):
         if epoch > best_after * recipe.epochs:
-            seen.append(accuracy(accelerator, live_model, data.test, mean=data.mean, std=data.std))
+            seen.append(accuracy(accelerator, live_model, data.test, norm=data.norm))
     return seen, track
 
 
 def _result(accelerator, model, data, recipe, seen):
-    final = accuracy(accelerator, model, data.test, mean=data.mean, std=data.std)
+    final = accuracy(accelerator, model, data.test, norm=data.norm)
     return {"final": final, "official": max(seen + [final]), "official_epochs": len(seen),
             "recipe": recipe.recorded()}
 
@@ -64,7 +64,7 @@ def evaluate_fused(accelerator, sets, *, regime, teacher, data, model_cfg, recip
         torch.manual_seed(seed)
         models.append(build_model(model_cfg, data.num_classes, data.channels, data.image_size))
         trackers.append(_tracker(accelerator, data, recipe, best_after))
-    trained = train_fused(accelerator, models, sets, recipe, mean=data.mean, std=data.std, seeds=seeds,
+    trained = train_fused(accelerator, models, sets, recipe, norm=data.norm, seeds=seeds,
                           teacher=teacher if regime == "kd" else None, desc=desc,
                           on_epoch_end=[track for _, track in trackers], checkpoints=checkpoints)
     return [{**_result(accelerator, model, data, recipe, seen), "regime": regime}

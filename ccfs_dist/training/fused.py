@@ -1,6 +1,6 @@
 """Fused independent trainings: K models of one shape trained by one recipe as one step (torch.func).
 
-    train_fused(accelerator, models, sets, recipe, *, mean, std, seeds, teacher=None, ...) -> [(model, stats)]
+    train_fused(accelerator, models, sets, recipe, *, norm, seeds, teacher=None, ...) -> [(model, stats)]
 
 A small training (batch 32-64, a small model) is bound by per-operation overhead (kernel launches, Python),
 not by arithmetic; K such trainings stacked into one step pay that overhead once. The K models' parameters
@@ -162,7 +162,7 @@ def _moved(moved, x, device):
     return moved[id(x)]
 
 
-def train_fused(accelerator, models, sets, recipe, *, mean, std, seeds, teacher=None, desc="fused",
+def train_fused(accelerator, models, sets, recipe, *, norm, seeds, teacher=None, desc="fused",
                 on_epoch_end=None, on_batch=None, checkpoints=None, extra_states=None):
     """Train the K `models` (one architecture) in place, model k on `sets[k]` = (uint8 images N,C,H,W as a
     tensor or numpy array, int64 labels) seeded `seeds[k]`, by `recipe`, as train.train_model trains each
@@ -185,7 +185,7 @@ def train_fused(accelerator, models, sets, recipe, *, mean, std, seeds, teacher=
     moved = {}                                # a set given for several models is moved once
     images = [_moved(moved, x, device) for x, _ in sets]
     labels = [_moved(moved, y, device) for _, y in sets]
-    augment = Augment(mean, std, images[0].shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
+    augment = Augment(norm, images[0].shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
                       padding=r.padding)
     height, width = images[0].shape[2], images[0].shape[3]
 

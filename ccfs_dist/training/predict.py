@@ -50,8 +50,9 @@ def check_exactly_once(expected, got):
 
 
 @torch.no_grad()
-def predict(accelerator, model, split, index, *, mean, std, batch_size=512, channels_last=False, desc="predict"):
-    """Predict the samples `index` (global indices) of `split` (in memory or streamed) with `model`.
+def predict(accelerator, model, split, index, *, norm, batch_size=512, channels_last=False, desc="predict"):
+    """Predict the samples `index` (global indices) of `split` (in memory or streamed) with `model`,
+    the images normalised by `norm` (a data.pool.Norm).
 
     Each rank predicts the share `split.batches` gives it. Returns (results, stats): results maps FIELDS
     to numpy arrays sorted by index, identical on every rank.
@@ -75,7 +76,7 @@ def predict(accelerator, model, split, index, *, mean, std, batch_size=512, chan
     # no bar for a few batches: setting one up costs as much as a small batch
     for x, y, ids in track(batches, desc=desc, total=total, unit="batches",
                            main=accelerator.is_main_process and total >= PROGRESS_MIN_BATCHES):
-        x = normalize(x, mean, std).contiguous(memory_format=memory_format)
+        x = normalize(x, *norm).contiguous(memory_format=memory_format)
         with autocast():
             logits = model(x)
         record = per_sample(logits, y)
@@ -101,8 +102,8 @@ def _empty(field, device, n=0):
     return torch.empty(n, dtype=dtype, device=device)
 
 
-def accuracy(accelerator, model, split, *, mean, std, batch_size=512, desc="test"):
+def accuracy(accelerator, model, split, *, norm, batch_size=512, desc="test"):
     """Top-1 accuracy of `model` on a pool (pool.Pool), predicted across ranks."""
-    results, _ = predict(accelerator, model, split, np.arange(len(split)), mean=mean, std=std,
+    results, _ = predict(accelerator, model, split, np.arange(len(split)), norm=norm,
                        batch_size=batch_size, desc=desc)
     return float((results["pred"] == results["label"]).mean())

@@ -212,7 +212,7 @@ def dynamics_run(accelerator, cfg, data, r, checkpoint=None):
     that a killed run continues from its last checkpoint to the same scores."""
     s, rec = cfg["scores"], Recipe.for_scores(cfg)
     seed, model, dyn = _fresh_run(accelerator, cfg, data, r)
-    kw = dict(mean=data.mean, std=data.std, seed=seed, desc=f"scores run {r + 1}/{s['runs']}",
+    kw = dict(norm=data.norm, seed=seed, desc=f"scores run {r + 1}/{s['runs']}",
               on_batch=dyn.on_batch, on_epoch_end=lambda epoch, _model: dyn.end_epoch(epoch),
               checkpoint=checkpoint, extra_state=dyn)
     if data.train.in_memory:
@@ -229,7 +229,7 @@ def dynamics_runs_fused(accelerator, cfg, data, runs, checkpoints):
     fresh = [_fresh_run(accelerator, cfg, data, r) for r in runs]
     dyns = [dyn for _, _, dyn in fresh]
     trained = train_fused(accelerator, [model for _, model, _ in fresh], [(data.train.images, data.train.labels)] *
-                          len(runs), rec, mean=data.mean, std=data.std, seeds=[seed for seed, _, _ in fresh],
+                          len(runs), rec, norm=data.norm, seeds=[seed for seed, _, _ in fresh],
                           desc=f"scores runs {', '.join(str(r + 1) for r in runs)}/{s['runs']} fused",
                           on_batch=[dyn.on_batch for dyn in dyns],
                           on_epoch_end=[lambda epoch, _model, dyn=dyn: dyn.end_epoch(epoch) for dyn in dyns],
@@ -293,7 +293,7 @@ def checkpoint_scores(accelerator, cfg, data):
     torch.manual_seed(cfg["seed"])
     model = load_checkpoint(build_model(cfg["model"], data.num_classes, data.channels, data.image_size), path)
     results, _ = predict(accelerator, model, data.train, np.arange(len(data.train)),
-                         mean=data.mean, std=data.std, batch_size=cfg["predict"]["batch_size"],
+                         norm=data.norm, batch_size=cfg["predict"]["batch_size"],
                          channels_last=cfg["train"]["channels_last"], desc="scores (checkpoint)")
     return {"margin": results["margin"].astype(np.float32), "logits": results["true_logit"].astype(np.float32)}
 

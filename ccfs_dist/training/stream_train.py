@@ -1,7 +1,7 @@
 """Train a model on a pool streamed from WebDataset shards (one too large for memory): the teacher and the
 difficulty-score runs of an ImageNet-size pool.
 
-    train_stream(accelerator, model, split, recipe, *, mean, std, teacher, seed, ...) -> (model, stats)
+    train_stream(accelerator, model, split, recipe, *, norm, teacher, seed, ...) -> (model, stats)
 
 The same estimator as train_model: its recipe (the same train.Recipe and Session: SGD, warm-up then cosine,
 KD or cross-entropy, mixed precision), its batches (S = ceil(N / B) full global batches an epoch, the last
@@ -175,7 +175,7 @@ def epoch_batches(split, plan, epoch, seed, rank, shuffle_buffer, interleave, de
         raise DataError(f"{where}: the stream delivered {int(seen.sum())} distinct of the {expected} samples planned")
 
 
-def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, seed=0, desc="train (stream)",
+def train_stream(accelerator, model, split, recipe, *, norm, teacher=None, seed=0, desc="train (stream)",
                  on_epoch_end=None, on_batch=None, checkpoint=None, extra_state=None, shuffle_buffer=4096,
                  interleave=16):
     """Train `model` in place on the streamed `split` (a ShardPool) by `recipe` (a train.Recipe); return
@@ -191,13 +191,13 @@ def train_stream(accelerator, model, split, recipe, *, mean, std, teacher=None, 
     r = recipe
     device = accelerator.device
     rank, world = rank_world(accelerator)
-    kw = dict(mean=mean, std=std, teacher=teacher, seed=seed, desc=desc, on_epoch_end=on_epoch_end,
+    kw = dict(norm=norm, teacher=teacher, seed=seed, desc=desc, on_epoch_end=on_epoch_end,
               on_batch=on_batch, checkpoint=checkpoint, extra_state=extra_state)
     if held_whole(len(split), shuffle_buffer):   # the buffer would hold the whole pool: read it once (each rank
         images, labels = split.fetch(np.arange(len(split)), accelerator)     # a share, all-gathered) and train
         return train_model(accelerator, model, images, labels, r, **kw)      # as resident: rows = global ids
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    augment = Augment(mean, std, split.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop, padding=r.padding)
+    augment = Augment(norm, split.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop, padding=r.padding)
     plan = epoch_plan(len(split), r.batch_size, world)
     steps_per_epoch = len(plan)
     lo, hi = rank_slice(r.batch_size, rank, world)        # this rank's slots of every global batch

@@ -318,7 +318,7 @@ class Session:
         return model.eval()
 
 
-def train_model(accelerator, model, images, labels, recipe, *, mean, std, teacher=None, seed=0, desc="train",
+def train_model(accelerator, model, images, labels, recipe, *, norm, teacher=None, seed=0, desc="train",
                 on_epoch_end=None, on_batch=None, checkpoint=None, extra_state=None):
     """Train `model` in place on uint8 `images` (N,C,H,W) with int64 `labels` by `recipe` (a Recipe);
     return (model, stats).
@@ -327,6 +327,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     shared set (synthetic.Stored): then each chunk's rows are gathered on the host and only they are moved,
     with the same order and augmentation (the same result).
 
+    `norm` (a data.pool.Norm: mean, std per channel) normalises the uint8 images (in the Augment views).
     With `teacher` the loss is KD at the recipe's temperature (labels unused), else cross-entropy.
     `on_epoch_end(epoch, model)` is called on every rank after each epoch (for periodic evaluation).
     `on_batch(rows, logits)` is called on every rank after each forward pass, before the optimizer
@@ -347,7 +348,7 @@ def train_model(accelerator, model, images, labels, recipe, *, mean, std, teache
     if not on_host:
         images = images.to(device).contiguous(memory_format=memory_format)
     labels = labels.to(device)
-    augment = Augment(mean, std, images.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
+    augment = Augment(norm, images.shape[-1], scale_min=r.scale_min, flip=r.flip, crop=r.crop,
                       padding=r.padding)
     height, width = images.shape[2], images.shape[3]
     batch_size, epochs = r.batch_size, r.epochs

@@ -24,7 +24,7 @@ def main(out):
     subset = np.random.default_rng(1).permutation(full)[:1001]   # uneven, shuffled: what earlier phases left
     for name, index in (("full", full), ("subset", subset)):
         results, _ = predict(accelerator, model, data.train, index,
-                             mean=data.mean, std=data.std, batch_size=97)
+                             norm=data.norm, batch_size=97)
         if accelerator.is_main_process:
             np.savez(f"{out}/{name}.npz", world=accelerator.num_processes, **results)
     accelerator.wait_for_everyone()

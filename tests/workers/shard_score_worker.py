@@ -17,6 +17,7 @@ from ccfs_dist.data.sources import load_real
 from ccfs_dist.runtime.dist import exit_process, make_accelerator, relaunch_cpu_processes
 from ccfs_dist.training.models import build_model
 from ccfs_dist.training.predict import predict
+from ccfs_dist.data.pool import Norm
 from ccfs_dist.data.shards.reader import ShardPool
 
 
@@ -32,17 +33,17 @@ def main(cases_path, out_dir, memory):
         cases = json.load(f)
     for case in cases:
         split = ShardPool(case["train"], num_workers=case["workers"], decode=case.get("decode", "cpu"))
-        mean, std = tuple(split.meta["mean"]), tuple(split.meta["std"])
+        norm = Norm(tuple(split.meta["mean"]), tuple(split.meta["std"]))
         index = np.arange(len(split))
         if case["subset"]:               # an uneven, shuffled pool: what is left after earlier phases
             index = np.random.default_rng(1).permutation(index)[:len(index) * 2 // 3]
-        runs = {"stream": (split, mean, std)}
+        runs = {"stream": (split, norm)}
         if memory:
             data = load_real(case["memory"])
-            runs["memory"] = (data.train, data.mean, data.std)
-        for kind, (pool, m, s) in runs.items():
+            runs["memory"] = (data.train, data.norm)
+        for kind, (pool, pool_norm) in runs.items():
             model = model_for(len(split.classes), split.shape)
-            results, _ = predict(accelerator, model, pool, index, mean=m, std=s, batch_size=37)
+            results, _ = predict(accelerator, model, pool, index, norm=pool_norm, batch_size=37)
             if accelerator.is_main_process:
                 np.savez(os.path.join(out_dir, f"{case['name']}.{kind}.npz"),
                          world=accelerator.num_processes, **results)

@@ -40,7 +40,7 @@ def main(out):
                         data.channels, data.image_size)
     model, _ = train.train_model(acc, model, data.train.images[:512], data.train.labels[:512],
                                  train.Recipe(epochs=2, batch_size=64, lr=0.05, scale_min=0.5, flip=False),
-                                 mean=data.mean, std=data.std, seed=0)
+                                 norm=data.norm, seed=0)
     after = acc.gather(flat(model)[None])
 
     def lagging(job):                  # rank 0 sees the artifact, the other ranks' file system does not yet

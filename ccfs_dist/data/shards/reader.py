@@ -21,7 +21,7 @@ from ccfs_dist.config import MAX_SIDE      # stated limit of an image side (inde
 from ccfs_dist.runtime.dist import deal, rank_world
 from ccfs_dist.errors import ConfigError, DataError
 from ccfs_dist.data.images import decode_image, decode_jpeg_batch, is_jpeg
-from ccfs_dist.data.pool import RealData
+from ccfs_dist.data.pool import Norm, RealData
 from ccfs_dist.data.shards.index import HashingReader, check_shard_files, is_url, key_width, open_shard, read_index
 from ccfs_dist.data.shards.loader import (SLOTS, WORKER_TIMEOUT_S, Workers, pack, pack_encoded, start_fork_server, unpack,
                                           unpack_encoded)
@@ -471,4 +471,4 @@ def load_shards(data_cfg, num_workers=0):
     if mean is None or std is None or len(mean) != train.shape[0] or len(std) != train.shape[0]:
         raise DataError(f"{train.index_path} has no per-channel mean/std; rewrite the train shards with `ccfs shards`")
     return RealData(train.meta.get("name", "webdataset"), train.classes, train, test,
-                    tuple(float(v) for v in mean), tuple(float(v) for v in std))
+                    Norm(tuple(float(v) for v in mean), tuple(float(v) for v in std)))

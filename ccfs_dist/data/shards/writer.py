@@ -106,7 +106,7 @@ def _open_source(data_cfg, split, resize=None, jpeg_quality=RESIZE_JPEG_QUALITY)
                           f"stored at its own size as lossless PNG")
     real = set_normalisation(load_source(data_cfg), data_cfg)
     part = real.train if split == "train" else real.test
-    return _Source(real.name, split, list(real.classes), part.labels.numpy(), part.shape, real.mean, real.std,
+    return _Source(real.name, split, list(real.classes), part.labels.numpy(), part.shape, *real.norm,
                    images=part.images)
 
 
