@@ -254,7 +254,7 @@ FUSED_RUN = ["data.source=digits", "teacher.epochs=3", "distill.iterations=10", 
              "plan.fuse=3", "scores.runs=2", "scores.epochs=2"]
 
 
-def test_fused_runs_are_byte_identical_with_one_and_two_processes_and_after_a_kill(tmp_path):
+def test_fused_runs_are_byte_identical_with_one_and_two_processes_and_after_a_kill(tmp_path, capsys):
     """plan.fuse=3 on a tiny run (configs/default.yaml: forgetting scores): the 2 score runs fused, CCFS's 2
     evaluation runs fused, the baselines' (distilled+random 0, 1, random 0) fused, random 1 alone; 1 process
     and 2 processes write the same score-run and evaluation bytes, and no state file is left. A 1-process run
@@ -262,11 +262,14 @@ def test_fused_runs_are_byte_identical_with_one_and_two_processes_and_after_a_ki
     2 processes writes the same bytes too."""
     import subprocess
     import sys
-    from conftest import ROOT, accelerate_launch
+    from conftest import ROOT, accelerate_launch, run_here
     script = os.path.join(ROOT, "launch", "ccfs.py")
-    one = subprocess.run([sys.executable, script, "--out", str(tmp_path / "one"), *FUSED_RUN], cwd=ROOT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
-                         text=True, timeout=600)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # the 1-process run in this process, on one thread as a launched rank
+    try:
+        one = run_here(capsys, ["--out", str(tmp_path / "one"), *FUSED_RUN])
+    finally:
+        torch.set_num_threads(threads)
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch([script, "--out", str(tmp_path / "two"), *FUSED_RUN], processes=2)
     assert two.returncode == 0, two.stderr[-3000:]
