@@ -62,6 +62,19 @@ def run_here(capsys, args):
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
+def run_on_one_thread(args):
+    """`ccfs run ARGS` in this process on one thread, as a launched rank (OMP_NUM_THREADS=1), so that its
+    artifacts are byte for byte those of a launched run: the exit status (output left to pytest)."""
+    import torch
+    from ccfs_dist import cli
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main(["run", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def worker_main_in_process(script, *args, **kw):
     """`main(*args, **kw)` of the worker script `script` (tests/workers/...) called in this process, on one
     thread as a launched rank (OMP_NUM_THREADS=1): the 1-process side of a 1-vs-2-process comparison

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_here
+from conftest import ROOT, run_here, run_on_one_thread
 
 SCRIPT = os.path.join(ROOT, "launch", "ccfs.py")
 SLOW = os.path.join(ROOT, "tests", "workers", "slow_score_worker.py")
@@ -43,8 +43,9 @@ def kill_when(out, ready, script=SCRIPT, env=ENV, timeout=300, extra=()):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The uninterrupted run, in this process on one thread as the killed runs' processes."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    run(out)
+    assert run_on_one_thread(["--out", str(out), *SETTINGS]) == 0
     return {name: json.load(open(out / name)) for name in ("selected_indices.json", "eval_ccfs.json")}
 
 

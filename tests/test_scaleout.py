@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, accelerate_launch, free_port
+from conftest import ROOT, accelerate_launch, free_port, run_on_one_thread
 from ccfs_dist.config import load_config
 from ccfs_dist.runtime.plan import make_plan, runs_data_parallel
 
@@ -59,8 +59,10 @@ def assert_same(out, reference):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The 1-process run, in this process on one thread (the entry script's own start is tested in test_run.py
+    and by every launched run here)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    one_process(out)
+    assert run_on_one_thread(["--out", str(out), *SETTINGS]) == 0
     return artifacts(out)
 
 
