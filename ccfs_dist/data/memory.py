@@ -218,23 +218,26 @@ def _read_cifar_batch(path, label_key, num_classes):
 
 def _load_tiny_imagenet(root, image_size, test=True):
     """Tiny-ImageNet-200: train = ImageFolder over train/, test = val/ with val_annotations.txt."""
-    classes, (train_files, train_labels), (test_files, test_labels) = tiny_imagenet_files(root)
-    train = _read_split(train_files, train_labels, "RGB", image_size, "Tiny-ImageNet train")
-    if test:
-        test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
-                           "Tiny-ImageNet val", crop=image_size is not None)
-    return RealData("tiny-imagenet", classes, train, test or None, Norm(TINY_MEAN, TINY_STD))
+    classes, train, test = _read_folders(tiny_imagenet_files(root), image_size, test,
+                                         ("Tiny-ImageNet train", "Tiny-ImageNet val"))
+    return RealData("tiny-imagenet", classes, train, test, Norm(TINY_MEAN, TINY_STD))
 
 
 def _load_imagefolder(root, image_size, test=True):
     """root/train/<class>/... and root/val/<class>/... (or root/test/), ImageFolder order, RGB."""
-    classes, (train_files, train_labels), (test_files, test_labels) = imagefolder_files(root)
-    train = _read_split(train_files, train_labels, "RGB", image_size, "train images")
+    classes, train, test = _read_folders(imagefolder_files(root), image_size, test, ("train images", "test images"))
+    return RealData("imagefolder", classes, train, test, Norm(*channel_stats(train.images)))
+
+
+def _read_folders(found, image_size, test, descs):
+    """(classes, train, test or None) read from (classes, (train files, labels), (test files, labels)), RGB; the
+    test images at the train images' size (cropped only where data.image_size asks for a size)."""
+    classes, (train_files, train_labels), (test_files, test_labels) = found
+    train = _read_split(train_files, train_labels, "RGB", image_size, descs[0])
     if test:
         test = _read_split(test_files, test_labels, "RGB", image_size or train.images.shape[2],
-                           "test images", crop=image_size is not None)
-    mean, std = channel_stats(train.images)
-    return RealData("imagefolder", classes, train, test or None, Norm(mean, std))
+                           descs[1], crop=image_size is not None)
+    return classes, train, test or None
 
 
 def _read_split(files, labels, mode, size, desc, crop=True):
