@@ -131,8 +131,8 @@ MUTANTS = [
      "evaluation reports the best epoch instead of the final one"),
     ("summary-reports-best", E, 'final = [r["final"] for r in runs]', 'final = [r["official"] for r in runs]',
      "the summary's headline takes each run's best epoch"),
-    ("eval-model-init-one-seed", E, '    torch.manual_seed(seed)\n    model = build_model(',
-     '    torch.manual_seed(0)\n    model = build_model(', "every evaluation model starts from the same weights"),
+    ("eval-model-init-one-seed", E, 'model = seeded_model(model_cfg, data, seed)',
+     'model = seeded_model(model_cfg, data, 0)', "every evaluation model starts from the same weights"),
     ("eval-after-80-inclusive", E, 'if epoch > best_after * recipe.epochs:', 'if epoch >= best_after * recipe.epochs:',
      "the official protocol looks at one epoch too many"),
     # --- distiller and scores

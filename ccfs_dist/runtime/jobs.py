@@ -12,21 +12,14 @@ Trainings keep their mid-training state in <artifact stem>_state.pt (train.check
 loads on any rank, so a resumed run continues a killed training wherever the new plan puts it.
 """
 import numpy as np
-import torch
 
 from ccfs_dist.runtime import io, seeds
 from ccfs_dist.runtime.dist import OneRankAccelerator, main_says, wait_for_all
 from ccfs_dist.training.evaluate import evaluate_fused, evaluate_in_regime, regime_of
-from ccfs_dist.training.models import build_model, load_checkpoint, state_dict_of
+from ccfs_dist.training.models import build_model, load_checkpoint, seeded_model, state_dict_of
 from ccfs_dist.training.scores import DYNAMICS, dynamics_run, dynamics_runs_fused
 from ccfs_dist.training.stream_train import stream_options, train_stream
 from ccfs_dist.training.train import Recipe, train_model
-
-
-def build(cfg, data, seed):
-    """A freshly initialised model, identical on every rank."""
-    torch.manual_seed(seed)
-    return build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
 
 
 def model_factory(cfg, data):
@@ -74,9 +67,9 @@ def train_teacher(acc, run, cfg, data):
     rec = Recipe.for_teacher(cfg)
     kw = dict(norm=data.norm, seed=seed, desc="teacher", checkpoint=run.teacher_state())
     if data.train.in_memory:
-        model, stats = train_model(acc, build(cfg, data, seed), data.train.images, data.train.labels, rec, **kw)
+        model, stats = train_model(acc, seeded_model(cfg["model"], data, seed), data.train.images, data.train.labels, rec, **kw)
     else:             # a streamed pool: on the shards, over all ranks when it streams (stream_train.streams)
-        model, stats = train_stream(acc, build(cfg, data, seed), data.train, rec, **kw, **stream_options(cfg))
+        model, stats = train_stream(acc, seeded_model(cfg["model"], data, seed), data.train, rec, **kw, **stream_options(cfg))
     if acc.is_main_process:
         io.write_json(run.teacher_stats(), {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}})
         io.save_torch(run.teacher(), state_dict_of(model))
@@ -111,7 +104,7 @@ def score_runs(run, cfg):
 def train_filter(acc, run, cfg, data, j, *, synthetic, teacher, class_size):
     """filter_j on `synthetic` (S_{j-1}), with KD from `teacher` (train.kd): phase_<j>/filter.pt, steps.json."""
     seed = seeds.filter_model(cfg["seed"], j)
-    filt = build(cfg, data, seed)
+    filt = seeded_model(cfg["model"], data, seed)
     if cfg["ccfs"]["warm_start"] and j > 1:              # from phase j-1's filter, as saved
         load_checkpoint(filt, run.phase(j - 1, "filter.pt"))
     per_class = len(synthetic) / data.num_classes

@@ -9,10 +9,9 @@ itself is judged. The KD regime keeps the artifact names and summary keys it alw
 regime's carry "hard" (`regime_suffix`), so the two can never be mixed up.
 """
 import numpy as np
-import torch
 
 from ccfs_dist.training.fused import train_fused
-from ccfs_dist.training.models import build_model
+from ccfs_dist.training.models import seeded_model
 from ccfs_dist.training.predict import accuracy
 from ccfs_dist.runtime.rundir import regime_suffix
 from ccfs_dist.training.train import train_model
@@ -29,8 +28,7 @@ def evaluate_run(accelerator, images, labels, *, data, model_cfg, recipe, teache
     resume, over the epochs trained since, and always including the final epoch.)
     """
     seen, track = _tracker(accelerator, data, recipe, best_after)
-    torch.manual_seed(seed)
-    model = build_model(model_cfg, data.num_classes, data.channels, data.image_size)
+    model = seeded_model(model_cfg, data, seed)
     model, _ = train_model(accelerator, model, images, labels, recipe, norm=data.norm, teacher=teacher,
                            seed=seed, desc=desc, on_epoch_end=track, checkpoint=checkpoint)
     return _result(accelerator, model, data, recipe, seen)
@@ -59,11 +57,8 @@ def evaluate_fused(accelerator, sets, *, regime, teacher, data, model_cfg, recip
     labels), with its own state file `checkpoints[k]`; the K results in order."""
     if regime not in REGIMES:
         raise ValueError(f"unknown evaluation regime {regime!r}")
-    models, trackers = [], []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        models.append(build_model(model_cfg, data.num_classes, data.channels, data.image_size))
-        trackers.append(_tracker(accelerator, data, recipe, best_after))
+    models = [seeded_model(model_cfg, data, seed) for seed in seeds]
+    trackers = [_tracker(accelerator, data, recipe, best_after) for _ in seeds]
     trained = train_fused(accelerator, models, sets, recipe, norm=data.norm, seeds=seeds,
                           teacher=teacher if regime == "kd" else None, desc=desc,
                           on_epoch_end=[track for _, track in trackers], checkpoints=checkpoints)

@@ -63,6 +63,13 @@ def _replace_resnet_stem(model, channels, name):
     return model
 
 
+def seeded_model(model_cfg, data, seed):
+    """A freshly initialised model for `data` (its classes, channels, image size), its weights drawn from the
+    global generator seeded `seed`: identical on every rank and every device."""
+    torch.manual_seed(seed)
+    return build_model(model_cfg, data.num_classes, data.channels, data.image_size)
+
+
 def build_model(model_cfg, num_classes, channels, image_size):
     """Build the network named by model_cfg['name'] (see module docstring); no pretrained weights."""
     name = model_cfg.get("name", "convnet")

@@ -53,7 +53,7 @@ from ccfs_dist.ccfs.difficulty import CHECKPOINT, DYNAMICS, HARDER_IS_HIGHER, ME
 from ccfs_dist.runtime.dist import OneRankAccelerator, dealt, gather_rows, log, step_rank_key
 from ccfs_dist.errors import CCFSError, ConfigError, DataError
 from ccfs_dist.training.fused import train_fused
-from ccfs_dist.training.models import build_model, load_checkpoint
+from ccfs_dist.training.models import build_model, load_checkpoint, seeded_model
 from ccfs_dist.runtime.plan import runs_data_parallel
 from ccfs_dist.training.predict import predict
 from ccfs_dist.training.stream_train import stream_options, streams, train_stream
@@ -187,8 +187,7 @@ def _fresh_run(accelerator, cfg, data, r):
     """Score run r's seed, freshly initialised model and empty TrainingDynamics."""
     s = cfg["scores"]
     epochs, seed = s["epochs"], seeds.score_run(cfg["seed"], r)
-    torch.manual_seed(seed)
-    model = build_model(cfg["model"], data.num_classes, data.channels, data.image_size)
+    model = seeded_model(cfg["model"], data, seed)
     dyn = TrainingDynamics(accelerator, data.train.labels, epochs, el2n_epoch(s),
                            gaussian_last_weights(epochs, s["loss_sigma"]))
     return seed, model, dyn
