@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from ccfs_dist.runtime import seeds as seed_streams
 from ccfs_dist.training.augment import Augment
 from ccfs_dist.errors import DataError
 from ccfs_dist.runtime.io import save_torch
 from ccfs_dist.runtime.progress import track
-from ccfs_dist.training.train import AUG_CHUNK_BYTES, _sync, lr_lambda
+from ccfs_dist.training.train import AUG_CHUNK_BYTES, _sync, epoch_boxes, epoch_order, generators_of, lr_lambda
 
 
 def fusable(recipe, mixed_precision):
@@ -198,8 +197,7 @@ def train_fused(accelerator, models, sets, recipe, *, norm, seeds, teacher=None,
     if teacher is not None:
         teacher = teacher.to(device).eval()
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else None
-    generators = [{"order_gen": torch.Generator().manual_seed(s),
-                   "aug_gen": torch.Generator().manual_seed(seed_streams.augmentation(s))} for s in seeds]
+    generators = [generators_of(s) for s in seeds]
 
     first_epoch = 0
     states = _resume(paths)
@@ -224,11 +222,8 @@ def train_fused(accelerator, models, sets, recipe, *, norm, seeds, teacher=None,
         lrs.append(optimizer.param_groups[0]["lr"])
         rows, boxes, flips = [], [], []
         for k in range(count):              # as train_model draws them, from model k's own generators
-            n = len(images[k])
-            perm = torch.randperm(n, generator=generators[k]["order_gen"])
-            perm = perm.repeat(math.ceil(steps_per_epoch * batch / n))
-            rows.append(perm[:steps_per_epoch * batch].view(steps_per_epoch, batch).to(device))
-            b, f = augment.draw(steps_per_epoch * batch, height, width, generators[k]["aug_gen"], device)
+            rows.append(epoch_order(generators[k]["order_gen"], len(images[k]), steps_per_epoch, batch).to(device))
+            b, f = epoch_boxes(augment, steps_per_epoch * batch, height, width, generators[k]["aug_gen"], device)
             boxes.append(b.view(steps_per_epoch, batch, 4))
             flips.append(f.view(steps_per_epoch, batch))
         for step in range(steps_per_epoch):

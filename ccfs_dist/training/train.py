@@ -93,6 +93,21 @@ def kd_loss(student_logits, teacher_logits, temperature):
     return F.kl_div(log_p, q, reduction="batchmean") * (t * t)
 
 
+def generators_of(seed):
+    """A training's random generators, seeded from its seed: the data order and the augmentation (on the
+    CPU, so the same on every rank and every device; saved and restored with a mid-training state)."""
+    return {"order_gen": torch.Generator().manual_seed(seed),
+            "aug_gen": torch.Generator().manual_seed(seeds.augmentation(seed))}
+
+
+def epoch_order(order_gen, n, steps_per_epoch, batch_size):
+    """The rows of every global batch of an epoch (steps x batch, on the host): a permutation of the n
+    samples drawn from `order_gen`, repeated where the last batch wraps around."""
+    perm = torch.randperm(n, generator=order_gen)
+    perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n))
+    return perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)
+
+
 def epoch_boxes(augment, samples, height, width, generator, device):
     """Crop boxes and flips of all `samples` augmented views of an epoch (the generator advances alike
     on every rank; each rank slices its rows)."""
@@ -364,9 +379,7 @@ def train_model(accelerator, model, images, labels, recipe, *, norm, teacher=Non
     # batches augmented together (per-sample results are the same): fewer, larger kernels per step
     chunk_steps = max(1, min(steps_per_epoch, AUG_CHUNK_BYTES // max(1, share * math.prod(images.shape[1:]) * 4)))
 
-    # on the CPU, same on every rank and every device (augment._rand); the boxes are moved to the device
-    generators = {"order_gen": torch.Generator().manual_seed(seed),
-                  "aug_gen": torch.Generator().manual_seed(seeds.augmentation(seed))}
+    generators = generators_of(seed)       # on the CPU (augment._rand); the boxes are moved to the device
     order_gen, aug_gen = generators["order_gen"], generators["aug_gen"]
     first_epoch = session.resume(checkpoint, generators, extra_state)
     start = session.clock()
@@ -376,10 +389,8 @@ def train_model(accelerator, model, images, labels, recipe, *, norm, teacher=Non
     for epoch in track(range(first_epoch, epochs), desc=desc, main=accelerator.is_main_process,
                        initial=first_epoch, total=epochs, unit="epochs"):
         lrs.append(session.optimizer.param_groups[0]["lr"])
-        perm = torch.randperm(n, generator=order_gen)
-        perm = perm.repeat(math.ceil(steps_per_epoch * batch_size / n))   # the last batch wraps around
         # this rank's rows of every global batch of the epoch: steps x share (on the host; a copy on the device)
-        mine_host = perm[:steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)[:, lo:hi]
+        mine_host = epoch_order(order_gen, n, steps_per_epoch, batch_size)[:, lo:hi]
         mine = mine_host.to(device)
         boxes, flips = epoch_boxes(augment, steps_per_epoch * batch_size, height, width, aug_gen, device)
         my_boxes = boxes.view(steps_per_epoch, batch_size, 4)[:, lo:hi]
