@@ -326,3 +326,16 @@ def test_a_set_held_in_a_shared_file_trains_as_a_resident_one(local, tmp_path):
     resident, shared = (train_fused(local, [fresh(CONVNET, s) for s in (3, 4)], [(x, labels)] * 2, recipe, norm=NORM, seeds=[3, 4]) for x in (images, mapped))
     for (a, _), (b, _) in zip(resident, shared):
         assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_a_damaged_state_file_is_refused_with_one_error(local, tmp_path):
+    """A state file that does not load (damaged or foreign) stops the group with the message a training
+    alone gives, naming the file, before any model trains."""
+    recipe = Recipe(epochs=2, batch_size=8, lr=0.05, checkpoint_every=1)
+    paths = [str(tmp_path / f"run{k}_state.pt") for k in range(2)]
+    for p in paths:
+        with open(p, "wb") as f:
+            f.write(b"not a torch file")
+    with pytest.raises(DataError, match=f"training state {paths[0]} cannot be resumed"):
+        train_fused(local, [fresh(CONVNET, s) for s in (3, 4)], [tiny_set(1, n=16), tiny_set(2, n=16)], recipe,
+                    norm=NORM, seeds=[3, 4], checkpoints=paths)

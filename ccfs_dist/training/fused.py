@@ -38,7 +38,7 @@ from ccfs_dist.training.augment import Augment
 from ccfs_dist.errors import DataError
 from ccfs_dist.runtime.io import save_torch
 from ccfs_dist.runtime.progress import track
-from ccfs_dist.training.train import AUG_CHUNK_BYTES, _sync, epoch_boxes, epoch_order, generators_of, lr_lambda
+from ccfs_dist.training.train import AUG_CHUNK_BYTES, _sync, epoch_boxes, epoch_order, generators_of, lr_lambda, unresumable
 
 
 def fusable(recipe, mixed_precision):
@@ -104,9 +104,7 @@ def _load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:                  # noqa: BLE001 - a damaged or foreign file, not a bug here
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise DataError(f"training state {path} cannot be resumed ({type(exc).__name__}: {first}); "
-                        f"delete it to restart this training from its start") from None
+        raise unresumable(path, exc) from None
 
 
 def _resume(paths):

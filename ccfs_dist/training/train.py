@@ -93,6 +93,13 @@ def kd_loss(student_logits, teacher_logits, temperature):
     return F.kl_div(log_p, q, reduction="batchmean") * (t * t)
 
 
+def unresumable(path, exc):
+    """The DataError for a training state at `path` that failed to load with `exc` (a damaged or foreign file)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return DataError(f"training state {path} cannot be resumed ({type(exc).__name__}: {first}); "
+                     f"delete it to restart this training from its start")
+
+
 def generators_of(seed):
     """A training's random generators, seeded from its seed: the data order and the augmentation (on the
     CPU, so the same on every rank and every device; saved and restored with a mid-training state)."""
@@ -285,9 +292,7 @@ class Session:
                 extra_state.load_state_dict(state["extra"])
             return state["epoch"] + 1
         except Exception as exc:                 # noqa: BLE001 - a damaged or foreign file, not a bug here
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise DataError(f"training state {checkpoint} cannot be resumed ({type(exc).__name__}: {first}); "
-                            f"delete it to restart this training from its start") from None
+            raise unresumable(checkpoint, exc) from None
 
     def end_epoch(self, epoch, on_epoch_end, checkpoint, generators, extra_state=None):
         """The per-epoch schedule step, `on_epoch_end(epoch, model)`, and the periodic checkpoint."""
