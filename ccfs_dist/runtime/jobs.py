@@ -79,7 +79,7 @@ def train_score_run(acc, run, cfg, data, r):
     """Training-dynamics score run r: scores_runs/run<r>.npz."""
     result, info = dynamics_run(acc, cfg, data, r, checkpoint=run.score_run(r, state=True))
     if acc.is_main_process:
-        io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
+        _write_score_run(run, r, result, info)
 
 
 def train_score_group(acc, run, cfg, data, members):
@@ -89,7 +89,12 @@ def train_score_group(acc, run, cfg, data, members):
     if acc.is_main_process:
         for r, (result, info) in zip(rs, results):
             if not run.done(run.score_run(r)):
-                io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
+                _write_score_run(run, r, result, info)
+
+
+def _write_score_run(run, r, result, info):
+    """scores_runs/run<r>.npz: the run's per-sample scores and its (seconds, accuracy), as score_runs reads them."""
+    io.write_npz(run.score_run(r), **result, info=np.array([info["seconds"], info["accuracy"]]))
 
 
 def score_runs(run, cfg):
@@ -122,12 +127,10 @@ def train_eval(acc, run, cfg, data, name, r, regime="kd", *, held, teacher, clas
     """Evaluation model r of the set `name` (`held`: its images and labels) in `regime` (eval.labels): KD from
     `teacher`, or cross-entropy on the true labels without it; the same recipe, seed and augmentation in
     both. eval/<set>_run<r>.json (KD), eval/<set>_hard_run<r>.json."""
-    c = cfg["ccfs"]
     result = evaluate_in_regime(
         acc, held.images, held.labels, regime=regime, teacher=teacher, data=data, model_cfg=cfg["model"],
-        recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"]),
-        seed=seeds.eval_run(cfg["seed"], r), best_after=cfg["eval"]["best_after"],
-        desc=f"eval {name}{'' if regime == 'kd' else ' ' + regime} {r + 1}/{cfg['eval']['runs']}",
+        recipe=_eval_recipe(cfg, class_size), seed=seeds.eval_run(cfg["seed"], r),
+        best_after=cfg["eval"]["best_after"], desc=f"eval {name}{_regime_label(regime)} {r + 1}/{cfg['eval']['runs']}",
         checkpoint=run.eval_run(name, r, state=True, regime=regime))
     if acc.is_main_process:
         io.write_json(run.eval_run(name, r, regime=regime), result)
@@ -136,19 +139,30 @@ def train_eval(acc, run, cfg, data, name, r, regime="kd", *, held, teacher, clas
 def train_eval_group(acc, run, cfg, data, members, *, sets, teacher, class_size):
     """The evaluation runs `members` (Jobs of one regime, plan.fused_groups) as one fused training; each
     writes the JSON that train_eval writes for it (those missing)."""
-    c, regime = cfg["ccfs"], regime_of(members[0].key)
+    regime = regime_of(members[0].key)
     keys = [(job.key[0], job.key[1]) for job in members]
     results = evaluate_fused(
         acc, [(sets[name].images, sets[name].labels) for name, _ in keys], regime=regime, teacher=teacher,
         data=data, model_cfg=cfg["model"],
-        recipe=Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"]),
-        seeds=[seeds.eval_run(cfg["seed"], r) for _, r in keys], best_after=cfg["eval"]["best_after"],
-        desc=f"eval fused {', '.join(f'{name} {r + 1}' for name, r in keys)}{'' if regime == 'kd' else ' ' + regime}",
+        recipe=_eval_recipe(cfg, class_size), seeds=[seeds.eval_run(cfg["seed"], r) for _, r in keys],
+        best_after=cfg["eval"]["best_after"],
+        desc=f"eval fused {', '.join(f'{name} {r + 1}' for name, r in keys)}{_regime_label(regime)}",
         checkpoints=[run.eval_run(name, r, state=True, regime=regime) for name, r in keys])
     if acc.is_main_process:
         for (name, r), result in zip(keys, results):
             if not run.done(run.eval_run(name, r, regime=regime)):
                 io.write_json(run.eval_run(name, r, regime=regime), result)
+
+
+def _eval_recipe(cfg, class_size):
+    """The recipe of every evaluation model: the phase recipe at the full IPC (a final set's size)."""
+    ipc = cfg["ccfs"]["ipc"]
+    return Recipe.for_phase(cfg, ipc=ipc, class_size=class_size, per_class=ipc)
+
+
+def _regime_label(regime):
+    """What an evaluation's progress line adds for its regime: nothing for KD, " hard" for hard labels."""
+    return "" if regime == "kd" else " " + regime
 
 
 def run_stage(run, cfg, stage, trainers):
