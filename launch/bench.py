@@ -313,7 +313,7 @@ def run_bench(acc, cfg, data, *, steps=60, repeats=3, phases=PHASES, compile_bac
 
     if "eval_train" in phases:
         final = data.train.fetch(random_per_class(data.train.labels.numpy(), c["ipc"], seeds.random_baseline(cfg["seed"])))
-        rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+        rec = Recipe.for_evaluation(cfg, class_size=class_size)
         eval_teacher = teacher if cfg["eval"]["labels"] != "hard" else None     # eval.labels both: the KD one
         out["eval_train"] = bench_training(acc, cfg, data, eval_teacher, *final, rec, steps=steps, repeats=repeats,
                                            compile_arg=compile_arg, desc="bench eval", seed=bench_seeds.evaluation(cfg["seed"]))

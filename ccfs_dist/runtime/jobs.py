@@ -66,10 +66,11 @@ def train_teacher(acc, run, cfg, data):
     seed = seeds.teacher(cfg["seed"])
     rec = Recipe.for_teacher(cfg)
     kw = dict(norm=data.norm, seed=seed, desc="teacher", checkpoint=run.teacher_state())
+    model = seeded_model(cfg["model"], data, seed)
     if data.train.in_memory:
-        model, stats = train_model(acc, seeded_model(cfg["model"], data, seed), data.train.images, data.train.labels, rec, **kw)
+        model, stats = train_model(acc, model, data.train.images, data.train.labels, rec, **kw)
     else:             # a streamed pool: on the shards, over all ranks when it streams (stream_train.streams)
-        model, stats = train_stream(acc, seeded_model(cfg["model"], data, seed), data.train, rec, **kw, **stream_options(cfg))
+        model, stats = train_stream(acc, model, data.train, rec, **kw, **stream_options(cfg))
     if acc.is_main_process:
         io.write_json(run.teacher_stats(), {"source": "trained", **{k: v for k, v in stats.items() if k != "lrs"}})
         io.save_torch(run.teacher(), state_dict_of(model))
@@ -129,7 +130,7 @@ def train_eval(acc, run, cfg, data, name, r, regime="kd", *, held, teacher, clas
     both. eval/<set>_run<r>.json (KD), eval/<set>_hard_run<r>.json."""
     result = evaluate_in_regime(
         acc, held.images, held.labels, regime=regime, teacher=teacher, data=data, model_cfg=cfg["model"],
-        recipe=_eval_recipe(cfg, class_size), seed=seeds.eval_run(cfg["seed"], r),
+        recipe=Recipe.for_evaluation(cfg, class_size=class_size), seed=seeds.eval_run(cfg["seed"], r),
         best_after=cfg["eval"]["best_after"], desc=f"eval {name}{_regime_label(regime)} {r + 1}/{cfg['eval']['runs']}",
         checkpoint=run.eval_run(name, r, state=True, regime=regime))
     if acc.is_main_process:
@@ -144,20 +145,14 @@ def train_eval_group(acc, run, cfg, data, members, *, sets, teacher, class_size)
     results = evaluate_fused(
         acc, [(sets[name].images, sets[name].labels) for name, _ in keys], regime=regime, teacher=teacher,
         data=data, model_cfg=cfg["model"],
-        recipe=_eval_recipe(cfg, class_size), seeds=[seeds.eval_run(cfg["seed"], r) for _, r in keys],
-        best_after=cfg["eval"]["best_after"],
+        recipe=Recipe.for_evaluation(cfg, class_size=class_size),
+        seeds=[seeds.eval_run(cfg["seed"], r) for _, r in keys], best_after=cfg["eval"]["best_after"],
         desc=f"eval fused {', '.join(f'{name} {r + 1}' for name, r in keys)}{_regime_label(regime)}",
         checkpoints=[run.eval_run(name, r, state=True, regime=regime) for name, r in keys])
     if acc.is_main_process:
         for (name, r), result in zip(keys, results):
             if not run.done(run.eval_run(name, r, regime=regime)):
                 io.write_json(run.eval_run(name, r, regime=regime), result)
-
-
-def _eval_recipe(cfg, class_size):
-    """The recipe of every evaluation model: the phase recipe at the full IPC (a final set's size)."""
-    ipc = cfg["ccfs"]["ipc"]
-    return Recipe.for_phase(cfg, ipc=ipc, class_size=class_size, per_class=ipc)
 
 
 def _regime_label(regime):

@@ -112,8 +112,8 @@ def make_plan(cfg, world, *, n_train, num_classes, class_size, streamed=False):
 
     stages.append(Stage("final", local=[[] for _ in range(world)]))
     evals = eval_jobs(cfg, world, num_classes=num_classes, class_size=class_size)
-    fuse = cfg["plan"]["fuse"] if fusable(Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size,
-                                                           per_class=c["ipc"]), t["mixed_precision"]) else 1
+    evaluation = Recipe.for_evaluation(cfg, class_size=class_size)
+    fuse = cfg["plan"]["fuse"] if fusable(evaluation, t["mixed_precision"]) else 1
     _deal(stages[-1], fused_groups([j for j in evals if j.key[0] == "ccfs"], fuse))
     background = fused_groups([j for j in evals if j.key[0] != "ccfs"], fuse)
     split = any(j.split for j in evals)
@@ -128,7 +128,7 @@ def eval_jobs(cfg, world, *, num_classes, class_size):
     """The evaluation runs of every set in every regime (evaluate.regimes): KD ones first, each regime's
     in set order. A KD run costs the teacher's forward pass too (KD_COST), a hard-label run does not."""
     c = cfg["ccfs"]
-    rec = Recipe.for_phase(cfg, ipc=c["ipc"], class_size=class_size, per_class=c["ipc"])
+    rec = Recipe.for_evaluation(cfg, class_size=class_size)
     split = runs_data_parallel(rec.batch_size, world, cfg["train"]["min_batch_per_rank"])
     return [Job("eval", eval_key(name, r, regime),
                 training_cost(c["ipc"] * num_classes, rec.epochs, rec.batch_size, regime == "kd"), split)

@@ -220,6 +220,12 @@ class Recipe:
                    channels_last=t["channels_last"], compile=t["compile"], checkpoint_every=t["checkpoint_every"])
 
     @classmethod
+    def for_evaluation(cls, cfg, *, class_size):
+        """The recipe of every evaluation model: the phase recipe of a final set (ccfs.ipc per class)."""
+        ipc = cfg["ccfs"]["ipc"]
+        return cls.for_phase(cfg, ipc=ipc, class_size=class_size, per_class=ipc)
+
+    @classmethod
     def for_teacher(cls, cfg):
         """The teacher's recipe (section `teacher`; trained on the full real training set, never compiled)."""
         t, a = cfg["teacher"], cfg["aug"]
